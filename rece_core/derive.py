@@ -1,0 +1,88 @@
+"""The derive step: the embedding that makes the edited model reproduce the concept anyway."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import Tensor
+
+from .transform import LowRankTransform, spd_solve
+from .validation import check_matrix, check_scale, check_weights
+
+__all__ = ["derive_embedding", "derive_with_transform", "gram", "reach", "weighted_norm2"]
+
+
+def gram(weights: Iterable[Tensor], *, device: torch.device | None = None) -> Tensor:
+    """``S = Σ WᵀW: [d, d]`` in float64, accumulated from float32 (or better) products."""
+    s: Tensor | None = None
+    for w in weights:
+        w = w.to(device=device or w.device)
+        w = w if w.dtype in (torch.float32, torch.float64) else w.float()
+        term = (w.T @ w).to(torch.float64)
+        s = term if s is None else s + term
+    if s is None:
+        raise ValueError("no weights to form the Gram matrix from")
+    return s
+
+
+def weighted_norm2(x: Tensor, s: Tensor) -> Tensor:
+    """``Σ_layers ‖W x‖²`` summed over rows ``x: [n, d]``, as ``tr(x S xᵀ)``."""
+    x = x.to(s.dtype)
+    return ((x @ s) * x).sum()
+
+
+def derive_with_transform(s: Tensor, p: LowRankTransform, concept: Tensor, *, reg: float) -> Tensor:
+    """``c' = c · [(PᵀSP + ρI)⁻¹ PᵀS]ᵀ`` for ``concept: [n, d]``; returns float64 ``[n, d]``.
+
+    ``S = Σ WᵀW`` of the weights before any erasure, ``W' = W P`` the edited ones.
+    """
+    reg = check_scale("reg", reg)
+    c = concept.to(device=s.device, dtype=torch.float64)
+    up, down = p.up.to(s.device), p.down.to(s.device)
+    sp = s + (s @ up) @ down  # S P
+    a = sp + down.T @ (up.T @ sp)  # Pᵀ S P
+    a = 0.5 * (a + a.T) + reg * torch.eye(s.shape[0], dtype=s.dtype, device=s.device)
+    return spd_solve(a, sp.T @ c.T, "the derivation system ΣW'ᵀW' + ρI").T
+
+
+def reach(s: Tensor, p: LowRankTransform, concept: Tensor, derived: Tensor, guide: Tensor) -> float:
+    """How much of the concept the derived embedding still reaches on the edited model, in ``[0, 1]``.
+
+    ``1 − Σ‖W'c' − Wc‖² / Σ‖Wc − Wg‖²`` (all ``[n, d]`` rows; ``g`` the guide's): 1 means the
+    edited model reproduces the concept's original keys and values exactly, 0 that the derived
+    embedding misses them by at least as much as the guide differs from the concept.
+    """
+    c = concept.to(device=s.device, dtype=torch.float64)
+    scale = weighted_norm2(c - guide.to(device=s.device, dtype=torch.float64), s)
+    if float(scale) <= 0.0:
+        return 0.0
+    miss = weighted_norm2(p.apply_rows(derived.to(s.device)) - c, s)
+    return float((1.0 - miss / scale).clamp(0.0, 1.0))
+
+
+def derive_embedding(edited: Mapping[str, Tensor], original: Mapping[str, Tensor], concept: Tensor, *,
+                     reg: float) -> Tensor:
+    """``c' = argmin Σ‖W'c' − W c‖² + ρ‖c'‖²`` over all matrices together.
+
+    ``edited``/``original``: the same names → ``[out, d]``; ``concept: [n, d]``.
+    Returns ``[n, d]`` float32 (float64 if the concept is float64).
+    """
+    d = check_weights(edited)
+    if check_weights(original) != d or set(edited) != set(original):
+        raise ValueError("edited and original weights must have the same names and width")
+    check_matrix("concept", concept, d)
+    reg = check_scale("reg", reg)
+    dev = concept.device
+    a = torch.zeros(d, d, dtype=torch.float64, device=dev)
+    b = torch.zeros(d, d, dtype=torch.float64, device=dev)
+    for k, we in edited.items():
+        wo = original[k]
+        if wo.shape != we.shape:
+            raise ValueError(f"weight {k!r}: edited {tuple(we.shape)} vs original {tuple(wo.shape)}")
+        we32, wo32 = we.to(dev).float(), wo.to(dev).float()
+        a += (we32.T @ we32).double()
+        b += (we32.T @ wo32).double()
+    a += reg * torch.eye(d, dtype=torch.float64, device=dev)
+    out = spd_solve(a, b @ concept.T.to(torch.float64), "the derivation system ΣW'ᵀW' + ρI").T
+    return out.to(torch.float64 if concept.dtype == torch.float64 else torch.float32)

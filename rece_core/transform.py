@@ -1,0 +1,114 @@
+"""A RECE erasure as one transform of the text-embedding space.
+
+Every closed-form edit maps each cross-attention projection by the same right-multiplication
+``W' = W P`` (the targets ``W g`` and ``W r`` are the layer's own projections), so a whole
+erasure is a single ``d × d`` matrix ``P = I + U Vᵀ`` whose perturbation of the identity is
+kept as two thin factors ``up = U: [d, r]`` and ``down = Vᵀ: [r, d]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["LowRankTransform", "spd_solve"]
+
+
+def spd_solve(a: Tensor, b: Tensor, what: str) -> Tensor:
+    """Solve ``a x = b`` for symmetric positive-definite ``a: [d, d]`` in float64 (Cholesky)."""
+    a64, b64 = a.to(torch.float64), b.to(torch.float64)
+    chol, info = torch.linalg.cholesky_ex(a64)
+    if int(info) != 0:
+        raise ValueError(
+            f"{what} is singular or not positive definite; increase the regularisation "
+            "(lamb for the erase step, reg for the derivation)"
+        )
+    x = torch.cholesky_solve(b64, chol)
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{what} is too ill-conditioned to solve; increase the regularisation")
+    return x
+
+
+@dataclass(frozen=True)
+class LowRankTransform:
+    """``P = I + up @ down`` with ``up: [d, r]``, ``down: [r, d]``; weights map as ``W ↦ W P``."""
+
+    up: Tensor
+    down: Tensor
+
+    @property
+    def dim(self) -> int:
+        return self.up.shape[0]
+
+    @property
+    def rank(self) -> int:
+        return self.up.shape[1]
+
+    @classmethod
+    def identity(cls, d: int, *, device: torch.device | str | None = None,
+                 dtype: torch.dtype = torch.float64) -> "LowRankTransform":
+        z = torch.zeros(d, 0, device=device, dtype=dtype)
+        return cls(z, z.T.clone())
+
+    @classmethod
+    def from_edit(cls, erase: Tensor, guide: Tensor, preserve: Tensor, *, lamb: float,
+                  erase_scale: float, preserve_scale: float) -> "LowRankTransform":
+        """The UCE edit as a transform.
+
+        ``W' = (λW + s W Gᵀ E + p W Rᵀ R) M⁻¹ = W (I + s (G − E)ᵀ E M⁻¹)``,
+        ``M = λI + s EᵀE + p RᵀR``; ``erase, guide: [n, d]`` paired row by row, ``preserve: [m, d]``.
+        """
+        d = erase.shape[1]
+        e = erase.to(torch.float64)
+        g = guide.to(torch.float64)
+        r = preserve.to(torch.float64)
+        m = lamb * torch.eye(d, dtype=torch.float64, device=e.device)
+        m = m + erase_scale * (e.T @ e) + preserve_scale * (r.T @ r)
+        down = spd_solve(m, e.T, "the erase system λI + s·Σeeᵀ + p·Σrrᵀ").T  # E M⁻¹ (M symmetric)
+        up = erase_scale * (g - e).T
+        return cls(up.contiguous(), down.contiguous())
+
+    def then(self, other: "LowRankTransform") -> "LowRankTransform":
+        """The transform of applying ``self`` and then ``other``: ``P_self · P_other``."""
+        up = torch.cat([self.up, self.apply_columns(other.up)], dim=1)
+        return LowRankTransform(up, torch.cat([self.down, other.down], dim=0))
+
+    def apply_columns(self, x: Tensor) -> Tensor:
+        """``P x`` for ``x: [d, k]``."""
+        return x + self.up @ (self.down @ x)
+
+    def apply_rows(self, x: Tensor) -> Tensor:
+        """``x Pᵀ`` for embedding rows ``x: [n, d]``: what ``W'`` sees equals ``W`` on these rows."""
+        x = x.to(self.up.dtype)
+        return x + (x @ self.down.T) @ self.up.T
+
+    def apply_weight(self, w: Tensor) -> Tensor:
+        """``W P`` for ``w: [out, d]``, computed as ``W + (W U) Vᵀ`` in the factors' dtype."""
+        w64 = w.to(self.up.dtype)
+        return w64 + (w64 @ self.up) @ self.down
+
+    def dense(self) -> Tensor:
+        """``P: [d, d]``."""
+        return torch.eye(self.dim, dtype=self.up.dtype, device=self.up.device) + self.up @ self.down
+
+    def compressed(self, rtol: float = 1e-10) -> "LowRankTransform":
+        """The same ``P`` with the fewest factors: thin QR of both, SVD of the small core.
+
+        Singular values of ``U Vᵀ`` below ``rtol · σ_max`` are exact cancellations (round-off).
+        """
+        if self.rank == 0:
+            return self
+        qu, ru = torch.linalg.qr(self.up)
+        qv, rv = torch.linalg.qr(self.down.T)
+        u, s, vh = torch.linalg.svd(ru @ rv.T)
+        keep = int((s > rtol * s[0]).sum()) if s.numel() and s[0] > 0 else 0
+        up = (qu @ u[:, :keep]) * s[:keep]
+        down = vh[:keep] @ qv.T
+        return LowRankTransform(up.contiguous(), down.contiguous())
+
+    def to(self, device: torch.device | str | None = None,
+           dtype: torch.dtype | None = None) -> "LowRankTransform":
+        return LowRankTransform(self.up.to(device=device, dtype=dtype),
+                                self.down.to(device=device, dtype=dtype))
