@@ -14,7 +14,10 @@ __all__ = ["derive_embedding", "derive_with_transform", "gram", "reach", "weight
 
 
 def gram(weights: Iterable[Tensor], *, device: torch.device | None = None) -> Tensor:
-    """``S = Σ WᵀW: [d, d]`` in float64, accumulated from float32 (or better) products."""
+    """``S = Σ WᵀW: [d, d]`` in float64, accumulated from float32 (or better) products.
+
+    Raises ``ValueError`` if any weight holds NaN or Inf (they surface in ``S``).
+    """
     s: Tensor | None = None
     for w in weights:
         w = w.to(device=device or w.device)
@@ -23,13 +26,21 @@ def gram(weights: Iterable[Tensor], *, device: torch.device | None = None) -> Te
         s = term if s is None else s + term
     if s is None:
         raise ValueError("no weights to form the Gram matrix from")
+    if not bool(torch.isfinite(s).all()):
+        raise ValueError("the cross-attention weights contain NaN or Inf (or overflow)")
     return s
 
 
-def weighted_norm2(x: Tensor, s: Tensor) -> Tensor:
-    """``Σ_layers ‖W x‖²`` summed over rows ``x: [n, d]``, as ``tr(x S xᵀ)``."""
+def weighted_norm2(x: Tensor, s: Tensor, sizes: list[int] | None = None) -> Tensor:
+    """``Σ_layers ‖W x‖²`` summed over rows ``x: [n, d]``, as ``tr(x S xᵀ)``.
+
+    With ``sizes``, one sum per consecutive block of rows: ``[len(sizes)]``.
+    """
     x = x.to(s.dtype)
-    return ((x @ s) * x).sum()
+    per_row = ((x @ s) * x).sum(dim=1)
+    if sizes is None:
+        return per_row.sum()
+    return torch.stack([b.sum() for b in per_row.split(sizes)])
 
 
 def derive_with_transform(s: Tensor, p: LowRankTransform, concept: Tensor, *, reg: float) -> Tensor:
@@ -46,19 +57,19 @@ def derive_with_transform(s: Tensor, p: LowRankTransform, concept: Tensor, *, re
     return spd_solve(a, sp.T @ c.T, "the derivation system ΣW'ᵀW' + ρI").T
 
 
-def reach(s: Tensor, p: LowRankTransform, concept: Tensor, derived: Tensor, guide: Tensor) -> float:
+def reach(s: Tensor, p: LowRankTransform, concept: Tensor, derived: Tensor, guide: Tensor,
+          sizes: list[int] | None = None) -> Tensor:
     """How much of the concept the derived embedding still reaches on the edited model, in ``[0, 1]``.
 
     ``1 − Σ‖W'c' − Wc‖² / Σ‖Wc − Wg‖²`` (all ``[n, d]`` rows; ``g`` the guide's): 1 means the
     edited model reproduces the concept's original keys and values exactly, 0 that the derived
     embedding misses them by at least as much as the guide differs from the concept.
+    With ``sizes`` (rows of several concepts stacked), one value per concept.
     """
     c = concept.to(device=s.device, dtype=torch.float64)
-    scale = weighted_norm2(c - guide.to(device=s.device, dtype=torch.float64), s)
-    if float(scale) <= 0.0:
-        return 0.0
-    miss = weighted_norm2(p.apply_rows(derived.to(s.device)) - c, s)
-    return float((1.0 - miss / scale).clamp(0.0, 1.0))
+    scale = weighted_norm2(c - guide.to(device=s.device, dtype=torch.float64), s, sizes)
+    miss = weighted_norm2(p.apply_rows(derived.to(s.device)) - c, s, sizes)
+    return (1.0 - miss / scale.clamp_min(torch.finfo(torch.float64).tiny)).clamp(0.0, 1.0)
 
 
 def derive_embedding(edited: Mapping[str, Tensor], original: Mapping[str, Tensor], concept: Tensor, *,
@@ -80,9 +91,9 @@ def derive_embedding(edited: Mapping[str, Tensor], original: Mapping[str, Tensor
         wo = original[k]
         if wo.shape != we.shape:
             raise ValueError(f"weight {k!r}: edited {tuple(we.shape)} vs original {tuple(wo.shape)}")
-        we32, wo32 = we.to(dev).float(), wo.to(dev).float()
-        a += (we32.T @ we32).double()
-        b += (we32.T @ wo32).double()
+        we64, wo64 = we.to(dev, torch.float64), wo.to(dev, torch.float64)
+        a += we64.T @ we64
+        b += we64.T @ wo64
     a += reg * torch.eye(d, dtype=torch.float64, device=dev)
     out = spd_solve(a, b @ concept.T.to(torch.float64), "the derivation system ΣW'ᵀW' + ρI").T
     return out.to(torch.float64 if concept.dtype == torch.float64 else torch.float32)

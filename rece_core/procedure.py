@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -146,7 +145,7 @@ def _as_gram(weights: Mapping[str, Tensor] | Tensor, device: torch.device | None
         if s.shape[0] != s.shape[1]:
             raise ValueError(f"a Gram matrix must be square, got {tuple(s.shape)}")
         return s.to(device=device or s.device, dtype=torch.float64)
-    check_weights(weights)
+    check_weights(weights, finite=False)  # gram() refuses NaN/Inf from S, one scan instead of 32
     return gram(weights.values(), device=device)
 
 
@@ -213,34 +212,48 @@ def rece(weights: Mapping[str, Tensor] | Tensor, encode: Callable[[str], TextEmb
     pairs = [erase_rows(c, g) for c, g in zip(concept_emb, guide_emb)]
     tick()
 
-    def report(step: int, p: LowRankTransform, derived: list[Tensor]) -> RoundReport:
-        gaps = tuple(
-            math.sqrt(float(weighted_norm2(p.apply_rows(e - g), s) / weighted_norm2(e - g, s).clamp_min(1e-300)))
-            for e, g in pairs)
-        reaches = tuple(reach(s, p, c.rows, dc, g.rows) for c, dc, g in zip(concept_emb, derived, guide_emb))
-        drift = {
-            name: math.sqrt(float(weighted_norm2(p.apply_rows(r) - r, s) / weighted_norm2(r, s).clamp_min(1e-300)))
-            for name, r in preserved.items()}
-        return RoundReport(step, gaps, reaches, drift)
+    concept_rows = torch.cat([c.rows for c in concept_emb])
+    guide_rows = torch.cat([g.rows for g in guide_emb])
+    concept_sizes = [c.rows.shape[0] for c in concept_emb]
+    gap_rows = torch.cat([e - g for e, g in pairs])
+    gap_sizes = [e.shape[0] for e, _ in pairs]
+    preserve_rows = torch.cat(list(preserved.values()))
+    preserve_sizes = [r.shape[0] for r in preserved.values()]
+    gap_before = weighted_norm2(gap_rows, s, gap_sizes).clamp_min(1e-300)
+    preserve_norm = weighted_norm2(preserve_rows, s, preserve_sizes).clamp_min(1e-300)
+
+    def derive_all(p: LowRankTransform) -> Tensor:
+        # one solve for every concept: the system depends only on S, P and ρ
+        return derive_with_transform(s, p, concept_rows, reg=reg)
+
+    def report(step: int, p: LowRankTransform, derived: Tensor) -> RoundReport:
+        gaps = (weighted_norm2(p.apply_rows(gap_rows), s, gap_sizes) / gap_before).sqrt()
+        reaches = reach(s, p, concept_rows, derived, guide_rows, concept_sizes)
+        drift = (weighted_norm2(p.apply_rows(preserve_rows) - preserve_rows, s, preserve_sizes)
+                 / preserve_norm).sqrt()
+        return RoundReport(step, tuple(gaps.tolist()), tuple(reaches.tolist()),
+                           dict(zip(preserved, drift.tolist())))
 
     p = LowRankTransform.from_edit(
         stack_rows("erase", [e for e, _ in pairs], d, device=dev),
         stack_rows("guide", [g for _, g in pairs], d, device=dev),
         stack_rows("preserve", list(preserved.values()), d, device=dev),
         lamb=lamb, erase_scale=erase_scale, preserve_scale=preserve_scale)
-    derived = [derive_with_transform(s, p, c.rows, reg=reg) for c in concept_emb]
+    if p.rank > d:
+        p = p.compressed()
+    derived = derive_all(p)
     rounds = [report(0, p, derived)]
     tick()
 
     round_preserve = [emb(x).rows for x in preserve] if preserve else [emb(" ").rows] * len(concepts)
     for epoch in range(1, epochs + 1):
         step = LowRankTransform.from_edit(
-            torch.cat(derived), torch.cat([g.rows for g in guide_emb]), torch.cat(round_preserve),
+            derived, guide_rows, torch.cat(round_preserve),
             lamb=lamb, erase_scale=erase_scale, preserve_scale=preserve_scale)
         p = p.then(step)
         if p.rank > d:
             p = p.compressed()
-        derived = [derive_with_transform(s, p, c.rows, reg=reg) for c in concept_emb]
+        derived = derive_all(p)
         rounds.append(report(epoch, p, derived))
         tick()
 

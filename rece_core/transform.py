@@ -94,12 +94,17 @@ class LowRankTransform:
         return torch.eye(self.dim, dtype=self.up.dtype, device=self.up.device) + self.up @ self.down
 
     def compressed(self, rtol: float = 1e-10) -> "LowRankTransform":
-        """The same ``P`` with the fewest factors: thin QR of both, SVD of the small core.
+        """The same ``P`` with the fewest factors.
 
-        Singular values of ``U Vᵀ`` below ``rtol · σ_max`` are exact cancellations (round-off).
+        Rank below ``d``: thin QR of both factors and an SVD of the small core, dropping singular
+        values of ``U Vᵀ`` under ``rtol · σ_max`` (exact cancellations, i.e. round-off).
+        Rank ``d`` or more: the dense ``P − I`` with ``down = I``, exact and no larger than ``P``.
         """
         if self.rank == 0:
             return self
+        if self.rank >= self.dim:
+            eye = torch.eye(self.dim, dtype=self.up.dtype, device=self.up.device)
+            return LowRankTransform((self.up @ self.down).contiguous(), eye)
         qu, ru = torch.linalg.qr(self.up)
         qv, rv = torch.linalg.qr(self.down.T)
         u, s, vh = torch.linalg.svd(ru @ rv.T)

@@ -21,8 +21,8 @@ def check_scale(name: str, value: float, *, positive: bool = False) -> float:
     return value
 
 
-def check_matrix(name: str, w: Tensor, d: int | None = None) -> Tensor:
-    """A finite 2-D floating tensor ``[out, d]``."""
+def check_matrix(name: str, w: Tensor, d: int | None = None, *, finite: bool = True) -> Tensor:
+    """A 2-D floating tensor ``[out, d]``, finite unless ``finite=False`` (checked later)."""
     if not isinstance(w, Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(w).__name__}")
     if w.ndim != 2:
@@ -33,18 +33,21 @@ def check_matrix(name: str, w: Tensor, d: int | None = None) -> Tensor:
         raise ValueError(f"{name} must be a floating-point tensor, got {w.dtype}")
     if d is not None and w.shape[1] != d:
         raise ValueError(f"{name} has width {w.shape[1]}, expected {d} (the text-embedding width)")
-    if not bool(torch.isfinite(w).all()):
+    if finite and not bool(torch.isfinite(w).all()):
         raise ValueError(f"{name} contains NaN or Inf")
     return w
 
 
-def check_weights(weights: Mapping[str, Tensor]) -> int:
-    """Validate a name → ``[out, d]`` mapping; return the common width ``d``."""
+def check_weights(weights: Mapping[str, Tensor], *, finite: bool = True) -> int:
+    """Validate a name → ``[out, d]`` mapping; return the common width ``d``.
+
+    ``finite=False`` skips the NaN/Inf scan, for callers that check the Gram matrix instead.
+    """
     if not isinstance(weights, Mapping) or len(weights) == 0:
         raise ValueError("weights must be a non-empty mapping of name -> [out, d] tensor")
     d: int | None = None
     for name, w in weights.items():
-        check_matrix(f"weight {name!r}", w, d)
+        check_matrix(f"weight {name!r}", w, d, finite=finite)
         d = w.shape[1]
     assert d is not None
     return d

@@ -1,0 +1,127 @@
+"""Time rece_core's engine against the literal per-layer formulation, in the same run.
+
+    python benchmarks/bench_core.py [--arch sd15 sdxl] [--device cpu|cuda] [--repeats 3]
+
+Prints medians, the speed-up ratios, peak memory and the largest relative difference of the
+edited weights' change from a float64 evaluation of the literal equations (the result to match):
+the engine's, and that of the same literal loop in float32 as the authors compute it.
+Peak memory is the growth of the process's peak resident set on CPU (Linux VmHWM) and torch.cuda.max_memory_allocated on CUDA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from rece_core import erase_rows, rece  # noqa: E402
+from rece_core.baseline import literal_rece  # noqa: E402
+from rece_core.toy import ARCHITECTURES, ToyTextEncoder, cross_attention_weights  # noqa: E402
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field))
+
+
+def timed(fn, device: str, repeats: int):
+    times, peak, out = [], 0, None
+    for _ in range(repeats):
+        out = None
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets the peak resident set size (VmHWM)
+            base = _rss_kib("VmRSS:")
+        sync(device)
+        t0 = time.perf_counter()
+        out = fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+        if device.startswith("cuda"):
+            peak = max(peak, torch.cuda.max_memory_allocated())
+        else:
+            peak = max(peak, (_rss_kib("VmHWM:") - base) * 1024)
+    return statistics.median(times), peak, out
+
+
+def case(arch: str, n_concepts: int, epochs: int, device: str, repeats: int) -> None:
+    _, d = ARCHITECTURES[arch]
+    weights = cross_attention_weights(arch, seed=0, device=device)
+    enc = ToyTextEncoder(d, seed=0)
+    cache = {}
+
+    def encode(text):
+        if text not in cache:
+            e = enc(text)
+            cache[text] = type(e)(e.rows.to(device), e.last_token)
+        return cache[text]
+
+    concepts = [f"concept number {i}" for i in range(n_concepts)]
+    for t in concepts + ["", " "]:
+        encode(t)
+    kw = dict(lamb=0.1, erase_scale=1.0, preserve_scale=0.1, reg=0.1, epochs=epochs)
+
+    def engine():
+        return rece(weights, encode, concepts, "", **kw, device=device).apply(weights)
+
+    pairs = [erase_rows(encode(c), encode(" ")) for c in concepts]
+
+    # The literal loop costs the same for every matrix; on huge cases time it on a slice of them
+    # and scale by the matrix count (printed), so the run stays within minutes.
+    sliced = n_concepts * len(weights) * d > 100 * 32 * 768
+    lit_weights = dict(list(weights.items())[:8]) if sliced else weights
+    scale = len(weights) / len(lit_weights)
+
+    def literal(dtype):
+        def run():
+            out, _ = literal_rece(lit_weights, [e for e, _ in pairs], [g for _, g in pairs], [encode("").rows],
+                                  [encode(c).rows for c in concepts], [encode(" ").rows] * n_concepts,
+                                  [encode(" ").rows] * n_concepts, **kw, dtype=dtype)
+            return out
+        return run
+
+    def worst(got):
+        return max(float((got[k].double() - w64[k]).norm() / (w64[k] - weights[k].double()).norm())
+                   for k in lit_weights)
+
+    t_e, m_e, w_e = timed(engine, device, repeats)
+    lit_repeats = max(1, repeats if arch != "sdxl" else 1)
+    t_64, m_64, w64 = timed(literal(torch.float64), device, lit_repeats)
+    t_32, _, w_32 = timed(literal(torch.float32), device, lit_repeats)
+    t_64, t_32 = t_64 * scale, t_32 * scale
+    note = f" (literal timed on {len(lit_weights)} matrices, scaled x{scale:.1f})" if sliced else ""
+    print(f"{arch:5} {len(weights):3} mats d={d:4} | {n_concepts:3} concept(s) x {epochs} round(s){note}\n"
+          f"    engine {t_e * 1e3:9.1f} ms | literal float64 {t_64 * 1e3:9.1f} ms ({t_64 / t_e:5.1f}x) | "
+          f"literal float32 {t_32 * 1e3:9.1f} ms ({t_32 / t_e:5.1f}x)\n"
+          f"    peak memory above start: engine {m_e / 2**20:.1f} MiB, literal float64 {m_64 / 2**20:.1f} MiB | "
+          f"largest relative difference of the edit vs float64 literal: engine {worst(w_e):.1e}, "
+          f"float32 literal {worst(w_32):.1e}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--arch", nargs="+", default=["sd15", "sdxl"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}")
+    for arch in args.arch:
+        case(arch, 1, 3, args.device, args.repeats)
+        case(arch, 100, 1, args.device, args.repeats)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,209 @@
+"""The node classes: thin adapters from ComfyUI's MODEL/CLIP to ``rece_core``."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..rece_core import PRESETS, Erasure, rece
+from ..rece_core.derive import derive_with_transform, reach
+from . import bridge
+from .patch import ErasurePatch
+
+ERASURE = "RECE_ERASURE"
+KINDS = ["nudity", "unsafe", "artistic_style", "object", "custom"]
+CATEGORY = "model_patches/rece"
+
+
+def split_lines(text: str) -> list[str]:
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def patched(model, erasure: Erasure, keys: list[str], strength: float):
+    """A clone of ``model`` carrying ``erasure`` as a weight patch on every key; ``model`` untouched."""
+    out = model.clone()
+    patch = ErasurePatch(erasure)
+    added = out.add_patches({k: patch for k in keys}, strength)
+    if len(added) != len(keys):
+        raise ValueError(f"only {len(added)} of {len(keys)} cross-attention weights could be patched")
+    return out
+
+
+def round_ui(erasure: Erasure) -> dict:
+    """The report as plain JSON for the node's ``ui`` output (the canvas and the history API)."""
+    return {
+        "concepts": list(erasure.concepts), "guides": list(erasure.guides), "preserve": list(erasure.preserve),
+        "params": {"lamb": erasure.lamb, "erase_scale": erasure.erase_scale,
+                   "preserve_scale": erasure.preserve_scale, "reg": erasure.reg, "epochs": erasure.epochs},
+        "rounds": [{"step": r.step, "reach": list(r.reach), "guide_gap": list(r.guide_gap),
+                    "drift": r.drift} for r in erasure.rounds],
+        "rank": erasure.rank, "dim": erasure.dim, "seconds": round(erasure.seconds, 3), "device": erasure.device,
+    }
+
+
+class RECEEraseConcept:
+    """Erase concepts from a model's cross-attention in closed form (RECE)."""
+
+    DESCRIPTION = ("Erases concepts (one per line) from the model's cross-attention keys and values with "
+                   "RECE's closed-form edit, then closes the holes an attacker's embedding could use.")
+    CATEGORY = CATEGORY
+    FUNCTION = "erase"
+    RETURN_TYPES = ("MODEL", ERASURE, "STRING")
+    RETURN_NAMES = ("model", "erasure", "report")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The diffusion model to erase from (SD1.x, SD2.x, SDXL)."}),
+            "clip": ("CLIP", {"tooltip": "The text encoder that goes with the model."}),
+            "concepts": ("STRING", {"multiline": True, "default": "nudity",
+                                    "tooltip": "Concepts to erase, one per line."}),
+            "guide": ("STRING", {"default": "", "tooltip": "What the concepts should become; empty = "
+                                 "unconditional, as in the paper."}),
+            "preserve": ("STRING", {"multiline": True, "default": "",
+                                    "tooltip": "Concepts to keep unchanged, one per line (optional)."}),
+            "concept_kind": (KINDS, {"default": "nudity", "tooltip": "The concept kinds tuned in the paper; "
+                                     "the report notes when reg/rounds differ from the paper's values."}),
+            "rounds": ("INT", {"default": 3, "min": 0, "max": 20,
+                               "tooltip": "RECE rounds of derive + erase after the first erase (epochs)."}),
+            "reg": ("FLOAT", {"default": 0.1, "min": 0.0, "max": 100.0, "step": 0.0001, "round": False,
+                              "tooltip": "ρ: regularisation of the derived embedding."}),
+            "lamb": ("FLOAT", {"default": 0.1, "min": 0.0, "max": 1e6, "step": 0.01, "round": False,
+                               "tooltip": "λ: how strongly the original weights are kept."}),
+            "erase_scale": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1e6, "step": 0.01, "round": False}),
+            "preserve_scale": ("FLOAT", {"default": 0.1, "min": 0.0, "max": 1e6, "step": 0.01, "round": False}),
+        }}
+
+    def erase(self, model, clip, concepts, guide, preserve, concept_kind, rounds, reg, lamb, erase_scale,
+              preserve_scale):
+        start = time.perf_counter()
+        concept_list = split_lines(concepts)
+        if not concept_list:
+            raise ValueError("RECE Erase Concept: enter at least one concept to erase (one per line).")
+        keys = bridge.cross_attention_keys(model)
+        d = bridge.text_width(model, keys)
+        device = bridge.compute_device()
+        solve = bridge.solve_device(device)
+        progress = bridge.Progress(len(keys) + rounds + 2)
+
+        def encode(text: str):
+            emb, _, _ = bridge.encode(clip, text, solve)
+            if emb.rows.shape[-1] != d:
+                raise ValueError(f"the CLIP gives {emb.rows.shape[-1]}-wide text embeddings but this "
+                                 f"{bridge.model_type(model)} model's cross-attention reads {d}; "
+                                 "use the CLIP that belongs to the model")
+            return emb
+
+        encode(concept_list[0])  # refuse a mismatched CLIP before reading any weight
+        s = bridge.gram_of(model, keys, device, tick=progress.tick).to(solve)
+        erasure = rece(s, encode, concept_list, guide, split_lines(preserve), lamb=lamb,
+                       erase_scale=erase_scale, preserve_scale=preserve_scale, reg=reg, epochs=rounds,
+                       progress=lambda done, total: progress.tick())
+        erasure = Erasure(**{**erasure.__dict__, "seconds": time.perf_counter() - start,
+                             "device": str(device), "extra": {"kind": concept_kind,
+                                                              "model": bridge.model_type(model)}})
+        out = patched(model, erasure, keys, 1.0)
+        report = erasure.summary()
+        preset = PRESETS.get(concept_kind)
+        if preset is not None and (preset.reg != reg or preset.epochs != rounds):
+            report += (f"\nnote: the paper uses reg={preset.reg:g} and {preset.epochs} round(s) for "
+                       f"{concept_kind}; this run used reg={reg:g}, {rounds} round(s)")
+        ui = round_ui(erasure) | {"kind": concept_kind, "model": bridge.model_type(model)}
+        return {"ui": {"rece_report": [ui]}, "result": (out, erasure, report)}
+
+
+class RECEDeriveEmbedding:
+    """The paper's closed-form attack: the embedding with which the erased model comes closest to a concept."""
+
+    DESCRIPTION = ("Derives the text embedding with which an erased model best reproduces a concept "
+                   "(RECE's closed-form attack). Sample with it to see what the erased model can still draw.")
+    CATEGORY = CATEGORY
+    FUNCTION = "derive"
+    RETURN_TYPES = ("CONDITIONING", "FLOAT", "STRING")
+    RETURN_NAMES = ("conditioning", "reach", "report")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "A model erased by RECE Erase Concept or Apply Erased Weights."}),
+            "clip": ("CLIP",),
+            "concept": ("STRING", {"multiline": True, "default": "nudity"}),
+            "reg": ("FLOAT", {"default": 0.1, "min": 0.0, "max": 100.0, "step": 0.0001, "round": False,
+                              "tooltip": "ρ: regularisation toward the zero embedding."}),
+        }}
+
+    def derive(self, model, clip, concept, reg):
+        text = concept.strip()
+        if not text:
+            raise ValueError("RECE Derive Embedding: enter the concept to derive an embedding for.")
+        keys = bridge.cross_attention_keys(model)
+        erasures = bridge.applied_erasures(model)
+        if not erasures:
+            raise ValueError("RECE Derive Embedding: this model carries no RECE erasure; connect the MODEL "
+                             "output of RECE Erase Concept or Apply Erased Weights.")
+        d = bridge.text_width(model, keys)
+        device = bridge.compute_device()
+        solve = bridge.solve_device(device)
+        progress = bridge.Progress(len(keys) + 1)
+        emb, cond, pooled = bridge.encode(clip, text, solve)
+        if emb.rows.shape[-1] != d:
+            raise ValueError(f"the CLIP gives {emb.rows.shape[-1]}-wide embeddings but the model reads {d}")
+        guide, _, _ = bridge.encode(clip, " ", solve)
+        s = bridge.gram_of(model, keys, device, tick=progress.tick).to(solve)
+        p = bridge.combined_transform(erasures, d, solve)
+        derived = derive_with_transform(s, p, emb.rows, reg=reg)
+        value = float(reach(s, p, emb.rows, derived, guide.rows))
+        progress.tick()
+        rows = derived.to(device=cond.device, dtype=cond.dtype).unsqueeze(0)
+        extra = {"pooled_output": pooled} if pooled is not None else {}
+        report = (f"derived embedding for {text!r} (ρ={reg:g}) reaches {value:.1%} of it on the erased model "
+                  f"({len(erasures)} erasure(s))")
+        ui = {"concept": text, "reg": reg, "reach": value, "erasures": len(erasures)}
+        return {"ui": {"rece_report": [ui]}, "result": ([[rows, extra]], value, report)}
+
+
+class ApplyErasedWeights:
+    """Apply an erasure (from RECE Erase Concept or a file) to a model, at a strength."""
+
+    DESCRIPTION = ("Applies an erasure to a model with the same text width (e.g. a fine-tune of the base it "
+                   "was made on), computed from that model's own weights.")
+    CATEGORY = CATEGORY
+    FUNCTION = "apply"
+    RETURN_TYPES = ("MODEL", "STRING")
+    RETURN_NAMES = ("model", "report")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL",),
+            "erasure": (ERASURE,),
+            "strength": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01,
+                                   "tooltip": "1 = as computed, 0 = none; negative allowed."}),
+        }}
+
+    def apply(self, model, erasure, strength):
+        if not isinstance(erasure, Erasure):
+            raise ValueError("Apply Erased Weights: the erasure input is not a RECE erasure")
+        keys = bridge.cross_attention_keys(model)
+        d = bridge.text_width(model, keys)
+        if erasure.dim != d:
+            raise ValueError(f"this erasure was made for {erasure.dim}-wide text embeddings but this "
+                             f"{bridge.model_type(model)} model's cross-attention reads {d}")
+        out = patched(model, erasure, keys, strength)
+        report = (f"applied erasure of {', '.join(map(repr, erasure.concepts))} at strength {strength:g} "
+                  f"to {len(keys)} cross-attention weights")
+        ui = {"concepts": list(erasure.concepts), "strength": strength, "weights": len(keys)}
+        return {"ui": {"rece_report": [ui]}, "result": (out, report)}
+
+
+NODE_CLASS_MAPPINGS = {
+    "RECEEraseConcept": RECEEraseConcept,
+    "RECEDeriveEmbedding": RECEDeriveEmbedding,
+    "RECEApplyErasedWeights": ApplyErasedWeights,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "RECEEraseConcept": "RECE Erase Concept",
+    "RECEDeriveEmbedding": "RECE Derive Embedding",
+    "RECEApplyErasedWeights": "Apply Erased Weights",
+}
