@@ -1,7 +1,13 @@
-"""Shared fixtures: the authors' reference vectors and seeded SD-shaped weights."""
+"""Shared fixtures and the two test tiers.
+
+CI tier (default): ``tests/standin`` stands in for ComfyUI's modules.
+Real tier: ``COMFYUI_PATH=/path/to/ComfyUI`` runs the same tests against the real modules.
+The pack itself is loaded as the package ``rece_comfyui``, as ComfyUI loads a custom node folder.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import sys
@@ -10,9 +16,27 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, COMFYUI_PATH if COMFYUI_PATH else str(ROOT / "tests" / "standin"))
+sys.path.insert(0, str(ROOT / "tests"))
 
 REFERENCE = Path(os.environ.get("RECE_REFERENCE", ROOT.parent / "shared" / "reference" / "rece_tiny.safetensors"))
+
+
+def load_pack():
+    """Import the repository as the custom-node package ``rece_comfyui``."""
+    if "rece_comfyui" not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            "rece_comfyui", ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["rece_comfyui"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["rece_comfyui"]
+
+
+def pytest_report_header(config):
+    return f"ComfyUI tier: {'real, ' + COMFYUI_PATH if COMFYUI_PATH else 'stand-in (tests/standin)'}"
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,48 @@
+"""Stand-in for ``comfy.model_management``: devices, casting, interruption."""
+
+import threading
+
+import torch
+
+interrupt_processing = False
+interrupt_processing_mutex = threading.RLock()
+
+
+class InterruptProcessingException(Exception):
+    pass
+
+
+def get_torch_device():
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def unet_offload_device():
+    return torch.device("cpu")
+
+
+def intermediate_device():
+    return torch.device("cpu")
+
+
+def cast_to(weight, dtype=None, device=None, non_blocking=False, copy=False):
+    if not copy and (dtype is None or weight.dtype == dtype) and (device is None or weight.device == device):
+        return weight
+    return weight.to(device=device, dtype=dtype, copy=copy)
+
+
+def cast_to_device(tensor, device, dtype, copy=False):
+    return cast_to(tensor, dtype=dtype, device=device, copy=copy)
+
+
+def interrupt_current_processing(value=True):
+    global interrupt_processing
+    with interrupt_processing_mutex:
+        interrupt_processing = value
+
+
+def throw_exception_if_processing_interrupted():
+    global interrupt_processing
+    with interrupt_processing_mutex:
+        if interrupt_processing:
+            interrupt_processing = False
+            raise InterruptProcessingException()

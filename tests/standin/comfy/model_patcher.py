@@ -1,0 +1,77 @@
+"""Stand-in for ``comfy.model_patcher.ModelPatcher``: clone, weight patches, patching for use."""
+
+import copy
+import uuid
+
+import torch
+
+import comfy.lora
+import comfy.model_management
+import comfy.utils
+
+
+def get_key_weight(model, key):
+    op_keys = key.rsplit(".", 1)
+    op = comfy.utils.get_attr(model, op_keys[0])
+    return getattr(op, op_keys[1]), None, getattr(op, f"convert_{op_keys[1]}", None)
+
+
+class ModelPatcher:
+    def __init__(self, model, load_device, offload_device, size=0, weight_inplace_update=False):
+        self.model = model
+        self.load_device = load_device
+        self.offload_device = offload_device
+        self.size = size
+        self.weight_inplace_update = weight_inplace_update
+        self.patches = {}
+        self.backup = {}
+        self.hook_backup = {}
+        self.object_patches = {}
+        self.model_options = {"transformer_options": {}}
+        self.patches_uuid = uuid.uuid4()
+        self.parent = None
+
+    def clone(self):
+        n = self.__class__(self.model, self.load_device, self.offload_device, self.size,
+                           weight_inplace_update=self.weight_inplace_update)
+        n.patches = {k: v[:] for k, v in self.patches.items()}
+        n.patches_uuid = self.patches_uuid
+        n.object_patches = self.object_patches.copy()
+        n.model_options = copy.deepcopy(self.model_options)
+        n.backup = self.backup
+        n.parent = self
+        return n
+
+    def add_patches(self, patches, strength_patch=1.0, strength_model=1.0):
+        p = set()
+        model_sd = self.model.state_dict()
+        for k in patches:
+            offset = function = None
+            if isinstance(k, str):
+                key = k
+            else:
+                offset, key = k[1], k[0]
+                if len(k) > 2:
+                    function = k[2]
+            if key in model_sd:
+                p.add(k)
+                self.patches.setdefault(key, []).append((strength_patch, patches[k], strength_model, offset, function))
+        self.patches_uuid = uuid.uuid4()
+        return list(p)
+
+    def model_state_dict(self, filter_prefix=None):
+        sd = self.model.state_dict()
+        if filter_prefix is not None:
+            sd = {k: v for k, v in sd.items() if k.startswith(filter_prefix)}
+        return sd
+
+    def get_key_patches(self, filter_prefix=None):
+        p = {}
+        for k in self.model_state_dict(filter_prefix):
+            weight, _, convert_func = get_key_weight(self.model, k)
+            if k in self.backup:
+                weight = self.backup[k].weight
+            if convert_func is None:
+                convert_func = lambda a, **kwargs: a  # noqa: E731
+            p[k] = [(weight, convert_func)] + self.patches.get(k, [])
+        return p
