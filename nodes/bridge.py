@@ -11,7 +11,7 @@ import comfy.lora
 import comfy.model_management
 import comfy.utils
 
-from ..rece_core import Erasure, LowRankTransform, TextEmbedding
+from ..rece_core import Erasure, LowRankTransform, TextEmbedding, gram
 from .patch import ErasurePatch
 
 KEY_SUFFIXES = ("attn2.to_k.weight", "attn2.to_v.weight")
@@ -73,13 +73,11 @@ def key_weights(model, keys: list[str], device: torch.device, *, include_erasure
 def gram_of(model, keys: list[str], device: torch.device, *, include_erasures: bool = False,
             tick: Callable[[], None] | None = None) -> Tensor:
     """``S = Σ WᵀW`` (float64 ``[d, d]``) over the model's effective cross-attention weights."""
-    s = None
-    for _, w in key_weights(model, keys, device, include_erasures=include_erasures, tick=tick):
-        term = (w.T @ w).to(torch.float64)
-        s = term if s is None else s + term
-    if not bool(torch.isfinite(s).all()):
-        raise ValueError("the model's cross-attention weights contain NaN or Inf")
-    return s
+    weights = (w for _, w in key_weights(model, keys, device, include_erasures=include_erasures, tick=tick))
+    try:
+        return gram(weights)
+    except ValueError as exc:
+        raise ValueError(f"this model's {exc}") from None
 
 
 def applied_erasures(model) -> list[tuple[Erasure, float]]:

@@ -18,16 +18,18 @@ def gram(weights: Iterable[Tensor], *, device: torch.device | None = None) -> Te
 
     Raises ``ValueError`` if any weight holds NaN or Inf (they surface in ``S``).
     """
-    s: Tensor | None = None
+    acc: Tensor | None = None
     for w in weights:
         w = w.to(device=device or w.device)
         w = w if w.dtype in (torch.float32, torch.float64) else w.float()
-        term = (w.T @ w).to(torch.float64)
-        s = term if s is None else s + term
-    if s is None:
+        if acc is None:
+            acc = torch.zeros(w.shape[1], w.shape[1], dtype=w.dtype, device=w.device)
+        acc.addmm_(w.T, w.to(acc.dtype))  # one fused multiply-accumulate per matrix
+    if acc is None:
         raise ValueError("no weights to form the Gram matrix from")
+    s = acc.to(torch.float64)
     if not bool(torch.isfinite(s).all()):
-        raise ValueError("the cross-attention weights contain NaN or Inf (or overflow)")
+        raise ValueError("cross-attention weights contain NaN or Inf (or overflow)")
     return s
 
 

@@ -21,6 +21,13 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, COMFYUI_PATH if COMFYUI_PATH else str(ROOT / "tests" / "standin"))
 sys.path.insert(0, str(ROOT / "tests"))
 
+if COMFYUI_PATH:
+    import torch
+    import comfy.cli_args
+
+    if not torch.cuda.is_available():
+        comfy.cli_args.args.cpu = True  # what `python main.py --cpu` sets
+
 REFERENCE = Path(os.environ.get("RECE_REFERENCE", ROOT.parent / "shared" / "reference" / "rece_tiny.safetensors"))
 
 
