@@ -258,7 +258,7 @@ def rece(weights: Mapping[str, Tensor] | Tensor, encode: Callable[[str], TextEmb
         tick()
 
     return Erasure(
-        transform=p.compressed().to(dtype=torch.float32), concepts=concepts, guides=guides,
+        transform=(p.compressed() if p.rank >= d else p).to(dtype=torch.float32), concepts=concepts, guides=guides,
         preserve=preserve, lamb=lamb, erase_scale=erase_scale, preserve_scale=preserve_scale,
         reg=reg, epochs=epochs, rounds=tuple(rounds), seconds=time.perf_counter() - start,
         device=str(dev))

@@ -19,6 +19,7 @@ __all__ = ["LowRankTransform", "spd_solve"]
 def spd_solve(a: Tensor, b: Tensor, what: str) -> Tensor:
     """Solve ``a x = b`` for symmetric positive-definite ``a: [d, d]`` in float64 (Cholesky)."""
     a64, b64 = a.to(torch.float64), b.to(torch.float64)
+    # Cholesky reads the lower triangle only: a tiny asymmetry from round-off does no harm
     chol, info = torch.linalg.cholesky_ex(a64)
     if int(info) != 0:
         raise ValueError(
@@ -59,15 +60,31 @@ class LowRankTransform:
 
         ``W' = (λW + s W Gᵀ E + p W Rᵀ R) M⁻¹ = W (I + s (G − E)ᵀ E M⁻¹)``,
         ``M = λI + s EᵀE + p RᵀR``; ``erase, guide: [n, d]`` paired row by row, ``preserve: [m, d]``.
+        With fewer rows than ``d`` and ``λ > 0``, ``E M⁻¹`` comes from the small
+        ``[n+m, n+m]`` system (Woodbury): ``E M⁻¹ = (E − E Xᵀ (λ C⁻¹ + X Xᵀ)⁻¹ X) / λ``,
+        ``X = [E; R]``, ``C = diag(s, p)``.
         """
         d = erase.shape[1]
         e = erase.to(torch.float64)
         g = guide.to(torch.float64)
-        r = preserve.to(torch.float64)
-        m = lamb * torch.eye(d, dtype=torch.float64, device=e.device)
-        m = m + erase_scale * (e.T @ e) + preserve_scale * (r.T @ r)
-        down = spd_solve(m, e.T, "the erase system λI + s·Σeeᵀ + p·Σrrᵀ").T  # E M⁻¹ (M symmetric)
+        r = preserve.to(torch.float64) if preserve_scale > 0 else preserve[:0].to(torch.float64)
         up = erase_scale * (g - e).T
+        n_rows = e.shape[0] + r.shape[0]
+        x = torch.cat([e, r])
+        # the Woodbury form subtracts two nearly equal terms when λ is tiny next to the rows: keep
+        # it to where float64 keeps ≥ 8 digits
+        scale = float((x * x).sum(dim=1).max()) * max(erase_scale, preserve_scale) if n_rows else 0.0
+        if 2 * n_rows <= d and lamb > 0 and erase_scale > 0 and lamb >= 1e-8 * scale:
+            weights = torch.cat([torch.full((e.shape[0],), lamb / erase_scale, dtype=x.dtype, device=x.device),
+                                 torch.full((r.shape[0],), lamb / max(preserve_scale, 1e-300),
+                                            dtype=x.dtype, device=x.device)])
+            small = x @ x.T
+            small.diagonal().add_(weights)
+            down = (e - spd_solve(small, x @ e.T, "the erase system λI + s·Σeeᵀ + p·Σrrᵀ").T @ x) / lamb
+        else:
+            m = lamb * torch.eye(d, dtype=torch.float64, device=e.device)
+            m = m + erase_scale * (e.T @ e) + preserve_scale * (r.T @ r)
+            down = spd_solve(m, e.T, "the erase system λI + s·Σeeᵀ + p·Σrrᵀ").T  # E M⁻¹ (M symmetric)
         return cls(up.contiguous(), down.contiguous())
 
     def then(self, other: "LowRankTransform") -> "LowRankTransform":
