@@ -118,7 +118,7 @@ def encode(clip, text: str, device: torch.device) -> tuple[TextEmbedding, Tensor
     if end is None or end not in ids:
         raise ValueError(f"cannot find the end token of the {name!r} tokenizer to align token rows")
     cond, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
-    rows = cond[0].to(device=device, dtype=torch.float32)
+    rows = cond[0].detach().to(device=device, dtype=torch.float32)
     return TextEmbedding(rows, max(ids.index(end) - 1, 0)), cond, pooled
 
 

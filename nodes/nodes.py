@@ -75,6 +75,7 @@ class RECEEraseConcept:
             "preserve_scale": ("FLOAT", {"default": 0.1, "min": 0.0, "max": 1e6, "step": 0.01, "round": False}),
         }}
 
+    @torch.no_grad()
     def erase(self, model, clip, concepts, guide, preserve, concept_kind, rounds, reg, lamb, erase_scale,
               preserve_scale):
         start = time.perf_counter()
@@ -133,6 +134,7 @@ class RECEDeriveEmbedding:
                               "tooltip": "ρ: regularisation toward the zero embedding."}),
         }}
 
+    @torch.no_grad()
     def derive(self, model, clip, concept, reg):
         text = concept.strip()
         if not text:

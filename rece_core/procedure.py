@@ -160,7 +160,7 @@ def rece(weights: Mapping[str, Tensor] | Tensor, encode: Callable[[str], TextEmb
        ``''`` and every ``preserve`` prompt.
     2. ``epochs`` rounds: derive each concept's embedding against the weights before any erasure
        (all token rows, regularised toward zero by ``reg``), then erase the derived rows toward the
-       guide's full embedding, preserving ``' '`` once per concept (or the ``preserve`` prompts).
+       guide's full embedding, preserving ``' '`` once per concept and the ``preserve`` prompts.
 
     ``weights``: name → ``[out, d]`` of every ``attn2.to_k``/``to_v`` (or their Gram ``Σ WᵀW``);
     ``encode``: the text encoder; an empty guide means the unconditional ``' '``.
@@ -245,7 +245,9 @@ def rece(weights: Mapping[str, Tensor] | Tensor, encode: Callable[[str], TextEmb
     rounds = [report(0, p, derived)]
     tick()
 
-    round_preserve = [emb(x).rows for x in preserve] if preserve else [emb(" ").rows] * len(concepts)
+    # The authors preserve ' ' once per concept; given preserve prompts are kept as well (the empty
+    # prompt is every negative/unconditional branch, so it must not drift either)
+    round_preserve = [emb(" ").rows] * len(concepts) + [emb(x).rows for x in preserve]
     for epoch in range(1, epochs + 1):
         step = LowRankTransform.from_edit(
             derived, guide_rows, torch.cat(round_preserve),
