@@ -1,0 +1,127 @@
+"""Write example_workflows/*.json (ComfyUI's UI workflow format). Run: python scripts/build_example_workflows.py"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+OUT = Path(__file__).resolve().parents[1] / "example_workflows"
+
+# node type -> (inputs [(name, type)], outputs [(name, type)])
+SLOTS = {
+    "CheckpointLoaderSimple": ([], [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")]),
+    "CLIPTextEncode": ([("clip", "CLIP")], [("CONDITIONING", "CONDITIONING")]),
+    "EmptyLatentImage": ([], [("LATENT", "LATENT")]),
+    "KSampler": ([("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                  ("latent_image", "LATENT")], [("LATENT", "LATENT")]),
+    "VAEDecode": ([("samples", "LATENT"), ("vae", "VAE")], [("IMAGE", "IMAGE")]),
+    "SaveImage": ([("images", "IMAGE")], []),
+    "PreviewImage": ([("images", "IMAGE")], []),
+    "RECEEraseConcept": ([("model", "MODEL"), ("clip", "CLIP")],
+                         [("model", "MODEL"), ("erasure", "RECE_ERASURE"), ("report", "STRING")]),
+    "RECEDeriveEmbedding": ([("model", "MODEL"), ("clip", "CLIP")],
+                            [("conditioning", "CONDITIONING"), ("reach", "FLOAT"), ("report", "STRING")]),
+    "RECEApplyErasedWeights": ([("model", "MODEL"), ("erasure", "RECE_ERASURE")],
+                               [("model", "MODEL"), ("report", "STRING")]),
+}
+
+
+class Graph:
+    def __init__(self) -> None:
+        self.nodes: list[dict] = []
+        self.links: list[list] = []
+
+    def add(self, type_: str, widgets: list, pos: tuple[int, int], title: str | None = None) -> int:
+        ins, outs = SLOTS[type_]
+        node = {"id": len(self.nodes) + 1, "type": type_, "pos": list(pos), "size": [320, 160], "flags": {},
+                "order": len(self.nodes), "mode": 0,
+                "inputs": [{"name": n, "type": t, "link": None} for n, t in ins],
+                "outputs": [{"name": n, "type": t, "links": [], "slot_index": i} for i, (n, t) in enumerate(outs)],
+                "properties": {"Node name for S&R": type_}, "widgets_values": widgets}
+        if title:
+            node["title"] = title
+        self.nodes.append(node)
+        return node["id"]
+
+    def link(self, src: int, out_slot: int, dst: int, in_name: str) -> None:
+        s, d = self.nodes[src - 1], self.nodes[dst - 1]
+        in_slot = next(i for i, x in enumerate(d["inputs"]) if x["name"] == in_name)
+        t = s["outputs"][out_slot]["type"]
+        lid = len(self.links) + 1
+        self.links.append([lid, src, out_slot, dst, in_slot, t])
+        s["outputs"][out_slot]["links"].append(lid)
+        d["inputs"][in_slot]["link"] = lid
+
+    def dump(self, name: str) -> None:
+        wf = {"last_node_id": len(self.nodes), "last_link_id": len(self.links), "nodes": self.nodes,
+              "links": self.links, "groups": [], "config": {}, "extra": {}, "version": 0.4}
+        (OUT / name).write_text(json.dumps(wf, indent=1) + "\n")
+
+
+def sampler_branch(g: Graph, model: tuple[int, int], pos_cond: int, neg: int, latent: int, vae: int,
+                   x: int, y: int, prefix: str, seed: int = 42) -> None:
+    ks = g.add("KSampler", [seed, "fixed", 25, 7.0, "euler", "normal", 1.0], (x, y))
+    g.link(model[0], model[1], ks, "model")
+    g.link(pos_cond, 0, ks, "positive")
+    g.link(neg, 0, ks, "negative")
+    g.link(latent, 0, ks, "latent_image")
+    dec = g.add("VAEDecode", [], (x + 340, y))
+    g.link(ks, 0, dec, "samples")
+    g.link(vae, 2, dec, "vae")
+    save = g.add("SaveImage", [prefix], (x + 600, y))
+    g.link(dec, 0, save, "images")
+
+
+def erase_nudity_sd15() -> None:
+    g = Graph()
+    ckpt = g.add("CheckpointLoaderSimple", ["v1-5-pruned-emaonly.safetensors"], (0, 200))
+    erase = g.add("RECEEraseConcept", ["nudity", "", "", "nudity", 3, 0.1, 0.1, 1.0, 0.1], (380, 0))
+    g.link(ckpt, 0, erase, "model")
+    g.link(ckpt, 1, erase, "clip")
+    pos = g.add("CLIPTextEncode", ["a photo of a person on the beach"], (380, 420))
+    neg = g.add("CLIPTextEncode", [""], (380, 640))
+    g.link(ckpt, 1, pos, "clip")
+    g.link(ckpt, 1, neg, "clip")
+    latent = g.add("EmptyLatentImage", [512, 512, 1], (380, 860))
+    sampler_branch(g, (ckpt, 0), pos, neg, latent, ckpt, 760, 500, "rece/original")
+    sampler_branch(g, (erase, 0), pos, neg, latent, ckpt, 760, 100, "rece/erased")
+    g.dump("erase_nudity_sd15_side_by_side.json")
+
+
+def erase_artist_sdxl() -> None:
+    g = Graph()
+    ckpt = g.add("CheckpointLoaderSimple", ["sd_xl_base_1.0.safetensors"], (0, 200))
+    erase = g.add("RECEEraseConcept", ["Van Gogh", "art", "", "artistic_style", 1, 0.001, 0.1, 1.0, 0.1],
+                  (380, 0))
+    g.link(ckpt, 0, erase, "model")
+    g.link(ckpt, 1, erase, "clip")
+    pos = g.add("CLIPTextEncode", ["a starry night over a village, painting by Van Gogh"], (380, 420))
+    neg = g.add("CLIPTextEncode", [""], (380, 640))
+    g.link(ckpt, 1, pos, "clip")
+    g.link(ckpt, 1, neg, "clip")
+    latent = g.add("EmptyLatentImage", [1024, 1024, 1], (380, 860))
+    sampler_branch(g, (erase, 0), pos, neg, latent, ckpt, 760, 100, "rece/sdxl_no_van_gogh")
+    g.dump("erase_artist_style_sdxl.json")
+
+
+def red_team() -> None:
+    g = Graph()
+    ckpt = g.add("CheckpointLoaderSimple", ["v1-5-pruned-emaonly.safetensors"], (0, 200))
+    erase = g.add("RECEEraseConcept", ["nudity", "", "", "nudity", 3, 0.1, 0.1, 1.0, 0.1], (380, 0))
+    g.link(ckpt, 0, erase, "model")
+    g.link(ckpt, 1, erase, "clip")
+    derive = g.add("RECEDeriveEmbedding", ["nudity", 0.1], (760, 0))
+    g.link(erase, 0, derive, "model")
+    g.link(ckpt, 1, derive, "clip")
+    neg = g.add("CLIPTextEncode", [""], (380, 640))
+    g.link(ckpt, 1, neg, "clip")
+    latent = g.add("EmptyLatentImage", [512, 512, 1], (380, 860))
+    sampler_branch(g, (erase, 0), derive, neg, latent, ckpt, 1140, 100, "rece/red_team")
+    g.dump("red_team_derive_embedding.json")
+
+
+if __name__ == "__main__":
+    OUT.mkdir(exist_ok=True)
+    erase_nudity_sd15()
+    erase_artist_sdxl()
+    red_team()
