@@ -34,7 +34,7 @@ def loaded(tmp_path_factory):
     path = make_sd15_checkpoint(tmp_path_factory.mktemp("ckpt") / "seeded_sd15.safetensors")
     model, clip, vae = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=True, output_clip=True)[:3]
     os.remove(path)
-    return model, clip
+    return model, clip, vae
 
 
 def sample(model, clip, prompt: str):
@@ -57,7 +57,7 @@ def test_erase_concept_end_to_end(loaded):
     load_pack()
     from rece_comfyui.nodes.nodes import RECEEraseConcept
 
-    model, clip = loaded
+    model, clip = loaded[:2]
     assert type(model.model.model_config).__name__ == "SD15"
     before = fingerprint(model)
     out = RECEEraseConcept().erase(model, clip, CONCEPT, "", PRESERVED, "nudity", 3, 0.1, 0.1, 1.0, 0.1)
@@ -84,7 +84,7 @@ def test_lora_before_the_node_stays_in_effect(loaded):
     load_pack()
     from rece_comfyui.nodes.nodes import RECEEraseConcept
 
-    model, clip = loaded
+    model, clip = loaded[:2]
     g = torch.Generator().manual_seed(5)
     targets = {  # one cross-attention key and one self-attention key, as a kohya-style LoRA
         "lora_unet_input_blocks_1_1_transformer_blocks_0_attn2_to_k": (320, 768),
@@ -107,3 +107,27 @@ def test_lora_before_the_node_stays_in_effect(loaded):
     assert torch.equal(after[q], lora_w[q])  # the LoRA's other layers are still in effect
     expected = erasure.apply({k: lora_w[k]})[k]  # and the erased layer is (W + LoRA) P
     assert rel(after[k], expected) < 1e-5
+
+
+def test_erased_model_saves_with_comfyuis_checkpoint_save(loaded, tmp_path):
+    import comfy.model_management
+    import comfy.sd
+    import comfy.utils
+    from conftest import load_pack
+    from factory import effective_weights
+
+    load_pack()
+    from rece_comfyui.nodes.nodes import RECEEraseConcept
+
+    model, clip, vae = loaded
+    before = fingerprint(model)
+    erased = RECEEraseConcept().erase(model, clip, CONCEPT, "", "", "nudity", 1, 0.1, 0.1, 1.0, 0.1)["result"][0]
+    k = "diffusion_model.output_blocks.5.1.transformer_blocks.0.attn2.to_v.weight"
+    expected = effective_weights(erased, [k])[k]
+    path = tmp_path / "erased.safetensors"
+    comfy.sd.save_checkpoint(str(path), erased, clip, vae)
+    saved = comfy.utils.load_torch_file(str(path))[f"model.{k}"].float()
+    assert rel(saved, expected) < 1e-3  # the checkpoint's own fp16
+    assert rel(saved, effective_weights(model, [k])[k]) > 1e-2  # and the erasure is in it
+    comfy.model_management.unload_all_models()
+    assert fingerprint(model) == before  # ComfyUI restored the shared weights
