@@ -133,3 +133,11 @@ class Progress:
         comfy.model_management.throw_exception_if_processing_interrupted()
         self.done += 1
         self.bar.update_absolute(self.done)
+
+
+def base_fingerprint(model, keys: list[str]) -> str:
+    """Fingerprint of the checkpoint's own cross-attention weights (patches not applied)."""
+    from ..rece_core.files import fingerprint
+
+    patches = model.get_key_patches("diffusion_model.")
+    return fingerprint({k: patches[k][0][0] for k in keys})

@@ -103,7 +103,8 @@ class RECEEraseConcept:
                        progress=lambda done, total: progress.tick())
         erasure = Erasure(**{**erasure.__dict__, "seconds": time.perf_counter() - start,
                              "device": str(device), "extra": {"kind": concept_kind,
-                                                              "model": bridge.model_type(model)}})
+                                                              "model": bridge.model_type(model),
+                                                              "fingerprint": bridge.base_fingerprint(model, keys)}})
         out = patched(model, erasure, keys, 1.0)
         report = erasure.summary()
         preset = PRESETS.get(concept_kind)
@@ -195,7 +196,16 @@ class ApplyErasedWeights:
         out = patched(model, erasure, keys, strength)
         report = (f"applied erasure of {', '.join(map(repr, erasure.concepts))} at strength {strength:g} "
                   f"to {len(keys)} cross-attention weights")
-        ui = {"concepts": list(erasure.concepts), "strength": strength, "weights": len(keys)}
+        made_on = erasure.extra.get("fingerprint")
+        here = bridge.base_fingerprint(model, keys)
+        warning = None
+        if made_on and made_on != here:
+            warning = (f"warning: this erasure was computed on another base model (fingerprint {made_on}, this "
+                       f"model {here}); it is applied to this model's own weights, but its guarantees were "
+                       "measured on the other one")
+            report += "\n" + warning
+        ui = {"concepts": list(erasure.concepts), "strength": strength, "weights": len(keys),
+              "file": erasure.extra.get("file", ""), "warning": warning}
         return {"ui": {"rece_report": [ui]}, "result": (out, report)}
 
 

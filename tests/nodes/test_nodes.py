@@ -38,10 +38,13 @@ def rel(a, b):
 
 
 def test_registered_with_stable_ids_and_display_names():
-    assert set(pack.NODE_CLASS_MAPPINGS) == {"RECEEraseConcept", "RECEDeriveEmbedding", "RECEApplyErasedWeights"}
     assert pack.NODE_DISPLAY_NAME_MAPPINGS == {"RECEEraseConcept": "RECE Erase Concept",
                                                "RECEDeriveEmbedding": "RECE Derive Embedding",
-                                               "RECEApplyErasedWeights": "Apply Erased Weights"}
+                                               "RECEApplyErasedWeights": "Apply Erased Weights",
+                                               "RECESaveErasedWeights": "Save Erased Weights",
+                                               "RECELoadErasedWeights": "Load Erased Weights",
+                                               "RECEExportErasureAsLoRA": "Export Erasure as LoRA"}
+    assert set(pack.NODE_CLASS_MAPPINGS) == set(pack.NODE_DISPLAY_NAME_MAPPINGS)
     assert pack.WEB_DIRECTORY == "./web"
 
 
