@@ -1,0 +1,66 @@
+// Unit tests of web/report.js with Node's built-in test runner (node --test tests/web/).
+import assert from "node:assert/strict";
+import { test } from "node:test";
+import { PRESETS, applyPreset, renderHTML, reportModel } from "../../web/report.js";
+
+const ERASE = {
+  concepts: ["nudity", "blood"], guides: [" ", " "], preserve: ["a cat"],
+  params: { lamb: 0.1, erase_scale: 1, preserve_scale: 0.1, reg: 0.1, epochs: 2 },
+  rounds: [
+    { step: 0, reach: [0.6, 0.5], guide_gap: [0.05, 0.04], drift: { "": 0.01, "a cat": 0.02 } },
+    { step: 1, reach: [0.55, 0.45], guide_gap: [0.5, 0.6], drift: { "": 0.012, "a cat": 0.03 } },
+    { step: 2, reach: [0.5, 1.7], guide_gap: [0.4, 0.5], drift: { "": 0.013, "a cat": 0.031 } },
+  ],
+  rank: 300, dim: 768, seconds: 0.61, device: "cpu",
+};
+
+test("presets are the paper's and match rece_core", () => {
+  assert.deepEqual(PRESETS.nudity, { reg: 0.1, rounds: 3 });
+  assert.deepEqual(PRESETS.unsafe, { reg: 0.1, rounds: 2 });
+  assert.deepEqual(PRESETS.artistic_style, { reg: 0.001, rounds: 1 });
+  assert.deepEqual(PRESETS.object, { reg: 0.001, rounds: 1 });
+});
+
+test("choosing a kind fills reg and rounds; custom changes nothing", () => {
+  const widgets = { reg: { value: 0.1 }, rounds: { value: 3 }, lamb: { value: 0.5 } };
+  assert.equal(applyPreset("artistic_style", widgets), true);
+  assert.equal(widgets.reg.value, 0.001);
+  assert.equal(widgets.rounds.value, 1);
+  assert.equal(widgets.lamb.value, 0.5);
+  assert.equal(applyPreset("artistic_style", widgets), false);
+  widgets.reg.value = 0.05; // the user can still change it afterwards
+  assert.equal(applyPreset("custom", widgets), false);
+  assert.equal(widgets.reg.value, 0.05);
+});
+
+test("erase report: one bar per concept and round, drift of the last round, time and device", () => {
+  const m = reportModel("RECEEraseConcept", ERASE);
+  assert.equal(m.bars.length, 6);
+  assert.equal(m.bars[0].label, "erase · nudity");
+  assert.equal(m.bars[5].label, "round 2 · blood");
+  assert.equal(m.bars[5].value, 1); // clamped
+  assert.equal(m.bars[2].text, "reach 55.0%");
+  assert.ok(m.lines.some((l) => l.includes("“nudity”, “blood” → “∅”")));
+  assert.ok(m.lines.some((l) => l.includes("preserving “a cat”")));
+  assert.ok(m.lines.some((l) => l === "preserved drift ≤ 3.1%"));
+  assert.ok(m.lines.some((l) => l === "0.61 s on cpu"));
+});
+
+test("derive and apply reports", () => {
+  const d = reportModel("RECEDeriveEmbedding", { concept: "nudity", reg: 0.1, reach: 0.42, erasures: 1 });
+  assert.deepEqual(d.bars, [{ label: "reach", value: 0.42, text: "42.0%" }]);
+  const a = reportModel("RECEApplyErasedWeights", { concepts: ["x"], strength: 0.5, weights: 32, file: "e.safetensors",
+    warning: "warning: other base" });
+  assert.ok(a.lines.includes("“x” at strength 0.5"));
+  assert.equal(a.warning, "warning: other base");
+  assert.equal(reportModel("RECEEraseConcept", undefined), null);
+});
+
+test("HTML is escaped and bars have the value as width", () => {
+  const html = renderHTML(reportModel("RECEEraseConcept", { ...ERASE, concepts: ["<script>x</script>", "b"] }));
+  assert.ok(!html.includes("<script>"));
+  assert.ok(html.includes("&lt;script&gt;"));
+  assert.ok(html.includes('style="width:60.0%"'));
+  assert.equal((html.match(/class="rece-bar"/g) || []).length, 6);
+  assert.equal(renderHTML(null), "");
+});
