@@ -27,7 +27,7 @@ function showReport(node, nodeType, payload) {
   }
   widget.element.innerHTML = html;
   const rows = widget.element.children.length;
-  widget.computeSize = (width) => [width, Math.min(24 + rows * 16, 320)];
+  widget.computeSize = (width) => [width, Math.min(32 + rows * 20, 420)]; // wrapped lines need room
   node.setSize?.(node.computeSize());
   node.setDirtyCanvas?.(true, true);
 }
