@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import torch
@@ -88,12 +89,17 @@ class RECEEraseConcept:
         solve = bridge.solve_device(device)
         progress = bridge.Progress(len(keys) + rounds + 2)
 
+        encoded: dict[str, object] = {}
+
         def encode(text: str):
+            if text in encoded:
+                return encoded[text]
             emb, _, _ = bridge.encode(clip, text, solve)
             if emb.rows.shape[-1] != d:
                 raise ValueError(f"the CLIP gives {emb.rows.shape[-1]}-wide text embeddings but this "
                                  f"{bridge.model_type(model)} model's cross-attention reads {d}; "
                                  "use the CLIP that belongs to the model")
+            encoded[text] = emb
             return emb
 
         encode(concept_list[0])  # refuse a mismatched CLIP before reading any weight
@@ -101,10 +107,10 @@ class RECEEraseConcept:
         erasure = rece(s, encode, concept_list, guide, split_lines(preserve), lamb=lamb,
                        erase_scale=erase_scale, preserve_scale=preserve_scale, reg=reg, epochs=rounds,
                        progress=lambda done, total: progress.tick())
-        erasure = Erasure(**{**erasure.__dict__, "seconds": time.perf_counter() - start,
-                             "device": str(device), "extra": {"kind": concept_kind,
-                                                              "model": bridge.model_type(model),
-                                                              "fingerprint": bridge.base_fingerprint(model, keys)}})
+        erasure = dataclasses.replace(
+            erasure, seconds=time.perf_counter() - start, device=str(device),
+            extra={"kind": concept_kind, "model": bridge.model_type(model),
+                   "fingerprint": bridge.base_fingerprint(model, keys)})
         out = patched(model, erasure, keys, 1.0)
         report = erasure.summary()
         preset = PRESETS.get(concept_kind)
