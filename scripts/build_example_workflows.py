@@ -26,6 +26,9 @@ SLOTS = {
 }
 
 
+NUDITY = ["nudity", "", "", "nudity", 3, 0.1, 0.1, 1.0, 0.1]  # RECE Erase Concept widgets, paper defaults
+
+
 class Graph:
     def __init__(self) -> None:
         self.nodes: list[dict] = []
@@ -72,17 +75,30 @@ def sampler_branch(g: Graph, model: tuple[int, int], pos_cond: int, neg: int, la
     g.link(dec, 0, save, "images")
 
 
-def erase_nudity_sd15() -> None:
-    g = Graph()
-    ckpt = g.add("CheckpointLoaderSimple", ["v1-5-pruned-emaonly.safetensors"], (0, 200))
-    erase = g.add("RECEEraseConcept", ["nudity", "", "", "nudity", 3, 0.1, 0.1, 1.0, 0.1], (380, 0))
+def loader_and_erase(g: Graph, ckpt_name: str, erase_widgets: list) -> tuple[int, int]:
+    """Load Checkpoint → RECE Erase Concept (model and clip)."""
+    ckpt = g.add("CheckpointLoaderSimple", [ckpt_name], (0, 200))
+    erase = g.add("RECEEraseConcept", erase_widgets, (380, 0))
     g.link(ckpt, 0, erase, "model")
     g.link(ckpt, 1, erase, "clip")
-    pos = g.add("CLIPTextEncode", ["a photo of a person on the beach"], (380, 420))
+    return ckpt, erase
+
+
+def prompts_and_latent(g: Graph, ckpt: int, prompt: str | None, size: int) -> tuple[int | None, int, int]:
+    """Positive (unless None) and empty negative CLIPTextEncode, and an EmptyLatentImage."""
+    pos = None
+    if prompt is not None:
+        pos = g.add("CLIPTextEncode", [prompt], (380, 420))
+        g.link(ckpt, 1, pos, "clip")
     neg = g.add("CLIPTextEncode", [""], (380, 640))
-    g.link(ckpt, 1, pos, "clip")
     g.link(ckpt, 1, neg, "clip")
-    latent = g.add("EmptyLatentImage", [512, 512, 1], (380, 860))
+    return pos, neg, g.add("EmptyLatentImage", [size, size, 1], (380, 860))
+
+
+def erase_nudity_sd15() -> None:
+    g = Graph()
+    ckpt, erase = loader_and_erase(g, "v1-5-pruned-emaonly.safetensors", NUDITY)
+    pos, neg, latent = prompts_and_latent(g, ckpt, "a photo of a person on the beach", 512)
     sampler_branch(g, (ckpt, 0), pos, neg, latent, ckpt, 760, 500, "rece/original")
     sampler_branch(g, (erase, 0), pos, neg, latent, ckpt, 760, 100, "rece/erased")
     g.dump("erase_nudity_sd15_side_by_side.json")
@@ -90,32 +106,20 @@ def erase_nudity_sd15() -> None:
 
 def erase_artist_sdxl() -> None:
     g = Graph()
-    ckpt = g.add("CheckpointLoaderSimple", ["sd_xl_base_1.0.safetensors"], (0, 200))
-    erase = g.add("RECEEraseConcept", ["Van Gogh", "art", "", "artistic_style", 1, 0.001, 0.1, 1.0, 0.1],
-                  (380, 0))
-    g.link(ckpt, 0, erase, "model")
-    g.link(ckpt, 1, erase, "clip")
-    pos = g.add("CLIPTextEncode", ["a starry night over a village, painting by Van Gogh"], (380, 420))
-    neg = g.add("CLIPTextEncode", [""], (380, 640))
-    g.link(ckpt, 1, pos, "clip")
-    g.link(ckpt, 1, neg, "clip")
-    latent = g.add("EmptyLatentImage", [1024, 1024, 1], (380, 860))
+    ckpt, erase = loader_and_erase(g, "sd_xl_base_1.0.safetensors",
+                                   ["Van Gogh", "art", "", "artistic_style", 1, 0.001, 0.1, 1.0, 0.1])
+    pos, neg, latent = prompts_and_latent(g, ckpt, "a starry night over a village, painting by Van Gogh", 1024)
     sampler_branch(g, (erase, 0), pos, neg, latent, ckpt, 760, 100, "rece/sdxl_no_van_gogh")
     g.dump("erase_artist_style_sdxl.json")
 
 
 def red_team() -> None:
     g = Graph()
-    ckpt = g.add("CheckpointLoaderSimple", ["v1-5-pruned-emaonly.safetensors"], (0, 200))
-    erase = g.add("RECEEraseConcept", ["nudity", "", "", "nudity", 3, 0.1, 0.1, 1.0, 0.1], (380, 0))
-    g.link(ckpt, 0, erase, "model")
-    g.link(ckpt, 1, erase, "clip")
+    ckpt, erase = loader_and_erase(g, "v1-5-pruned-emaonly.safetensors", NUDITY)
     derive = g.add("RECEDeriveEmbedding", ["nudity", 0.1], (760, 0))
     g.link(erase, 0, derive, "model")
     g.link(ckpt, 1, derive, "clip")
-    neg = g.add("CLIPTextEncode", [""], (380, 640))
-    g.link(ckpt, 1, neg, "clip")
-    latent = g.add("EmptyLatentImage", [512, 512, 1], (380, 860))
+    _, neg, latent = prompts_and_latent(g, ckpt, None, 512)
     sampler_branch(g, (erase, 0), derive, neg, latent, ckpt, 1140, 100, "rece/red_team")
     g.dump("red_team_derive_embedding.json")
 
