@@ -103,7 +103,8 @@ class RECEEraseConcept:
             return emb
 
         encode(concept_list[0])  # refuse a mismatched CLIP before reading any weight
-        s = bridge.gram_of(model, keys, device, tick=progress.tick).to(solve)
+        # the weights as this model uses them, earlier erasures included: chained erase nodes compose
+        s = bridge.gram_of(model, keys, device, include_erasures=True, tick=progress.tick).to(solve)
         erasure = rece(s, encode, concept_list, guide, split_lines(preserve), lamb=lamb,
                        erase_scale=erase_scale, preserve_scale=preserve_scale, reg=reg, epochs=rounds,
                        progress=lambda done, total: progress.tick())

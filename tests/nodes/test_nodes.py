@@ -227,3 +227,19 @@ def test_half_precision_model():
     (erased, erasure, _), _ = erase(model, clip, rounds=1)
     after = effective_weights(erased, keys())
     assert all(torch.isfinite(w).all() for w in after.values())
+
+
+def test_chained_erase_nodes_compose_on_the_weights_in_use():
+    model, clip = make_model(), FakeCLIP()
+    (first, e1, _), _ = erase(model, clip, concepts="nudity")
+    (second, e2, _), _ = erase(first, clip, concepts="blood")
+    base = effective_weights(model, keys())
+    expected = e2.apply(e1.apply(base))
+    after = effective_weights(second, keys())
+    assert max(rel(after[k], expected[k]) for k in keys()) < 1e-5
+    # the second erasure was computed from the first's output, not from the checkpoint
+    (_, alone, _), _ = erase(model, clip, concepts="blood")
+    assert not torch.allclose(alone.transform.dense(), e2.transform.dense())
+    # and Derive sees both
+    out = RECEDeriveEmbedding().derive(second, clip, "nudity", 0.1)
+    assert out["ui"]["rece_report"][0]["erasures"] == 2
