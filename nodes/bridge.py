@@ -12,6 +12,7 @@ import comfy.model_management
 import comfy.utils
 
 from ..rece_core import Erasure, LowRankTransform, TextEmbedding, gram
+from ..rece_core.files import fingerprint
 from .patch import ErasurePatch
 
 KEY_SUFFIXES = ("attn2.to_k.weight", "attn2.to_v.weight")
@@ -107,7 +108,7 @@ def encode(clip, text: str, device: torch.device) -> tuple[TextEmbedding, Tensor
                          "checkpoint has no text encoder.")
     tokens = clip.tokenize(text)
     name, chunks = next(iter(tokens.items()))
-    for key, value in tokens.items():
+    for value in tokens.values():
         if len(value) != 1:
             raise ValueError(
                 f"the prompt {text[:60]!r} is longer than one 77-token chunk ({len(value)} chunks); "
@@ -120,6 +121,24 @@ def encode(clip, text: str, device: torch.device) -> tuple[TextEmbedding, Tensor
     cond, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
     rows = cond[0].detach().to(device=device, dtype=torch.float32)
     return TextEmbedding(rows, max(ids.index(end) - 1, 0)), cond, pooled
+
+
+def encode_checked(clip, text: str, model, d: int, device: torch.device):
+    """``encode`` plus a clear error when the CLIP's width is not the model's cross-attention width."""
+    emb, cond, pooled = encode(clip, text, device)
+    if emb.rows.shape[-1] != d:
+        raise ValueError(f"the CLIP gives {emb.rows.shape[-1]}-wide text embeddings but this {model_type(model)} "
+                         f"model's cross-attention reads {d}; use the CLIP that belongs to the model")
+    return emb, cond, pooled
+
+
+def require_erasure(erasure, node: str, model=None, keys: list[str] | None = None) -> None:
+    """A RECE erasure (and, given a model, one made for the model's text width), or a clear error."""
+    if not isinstance(erasure, Erasure):
+        raise ValueError(f"{node}: the erasure input is not a RECE erasure")
+    if model is not None and erasure.dim != text_width(model, keys):
+        raise ValueError(f"this erasure was made for {erasure.dim}-wide text embeddings but this "
+                         f"{model_type(model)} model's cross-attention reads {text_width(model, keys)}")
 
 
 class Progress:
@@ -137,7 +156,5 @@ class Progress:
 
 def base_fingerprint(model, keys: list[str]) -> str:
     """Fingerprint of the checkpoint's own cross-attention weights (patches not applied)."""
-    from ..rece_core.files import fingerprint
-
     patches = model.get_key_patches("diffusion_model.")
     return fingerprint({k: patches[k][0][0] for k in keys})

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 import folder_paths
 
-from ..rece_core import Erasure, __version__
+from ..rece_core import __version__
 from ..rece_core.files import load_erasure, lora_factors, lora_key, save_erasure
 from . import bridge
 
@@ -80,8 +80,7 @@ class SaveErasedWeights:
                              "filename_prefix": ("STRING", {"default": "rece/erasure"})}}
 
     def save(self, erasure, filename_prefix):
-        if not isinstance(erasure, Erasure):
-            raise ValueError("Save Erased Weights: the erasure input is not a RECE erasure")
+        bridge.require_erasure(erasure, "Save Erased Weights")
         path = new_path(FOLDER, filename_prefix)
         save_erasure(erasure, path, pack_version=__version__)
         rel = os.path.relpath(path, folder_paths.get_folder_paths(FOLDER)[0])
@@ -128,12 +127,9 @@ class ExportErasureAsLoRA:
 
     @torch.no_grad()
     def export(self, model, erasure, filename_prefix, rank, precision):
-        if not isinstance(erasure, Erasure):
-            raise ValueError("Export Erasure as LoRA: the erasure input is not a RECE erasure")
+        bridge.require_erasure(erasure, "Export Erasure as LoRA")
         keys = bridge.cross_attention_keys(model)
-        if erasure.dim != bridge.text_width(model, keys):
-            raise ValueError(f"this erasure is for {erasure.dim}-wide text embeddings but the model reads "
-                             f"{bridge.text_width(model, keys)}")
+        bridge.require_erasure(erasure, "Export Erasure as LoRA", model, keys)
         dtype = torch.float16 if precision == "fp16" else torch.float32
         out, worst = {}, 0.0
         for key, w in bridge.key_weights(model, keys, torch.device("cpu"), include_erasures=False):

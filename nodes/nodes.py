@@ -92,15 +92,9 @@ class RECEEraseConcept:
         encoded: dict[str, object] = {}
 
         def encode(text: str):
-            if text in encoded:
-                return encoded[text]
-            emb, _, _ = bridge.encode(clip, text, solve)
-            if emb.rows.shape[-1] != d:
-                raise ValueError(f"the CLIP gives {emb.rows.shape[-1]}-wide text embeddings but this "
-                                 f"{bridge.model_type(model)} model's cross-attention reads {d}; "
-                                 "use the CLIP that belongs to the model")
-            encoded[text] = emb
-            return emb
+            if text not in encoded:
+                encoded[text] = bridge.encode_checked(clip, text, model, d, solve)[0]
+            return encoded[text]
 
         encode(concept_list[0])  # refuse a mismatched CLIP before reading any weight
         # the weights as this model uses them, earlier erasures included: chained erase nodes compose
@@ -156,9 +150,7 @@ class RECEDeriveEmbedding:
         device = bridge.compute_device()
         solve = bridge.solve_device(device)
         progress = bridge.Progress(len(keys) + 1)
-        emb, cond, pooled = bridge.encode(clip, text, solve)
-        if emb.rows.shape[-1] != d:
-            raise ValueError(f"the CLIP gives {emb.rows.shape[-1]}-wide embeddings but the model reads {d}")
+        emb, cond, pooled = bridge.encode_checked(clip, text, model, d, solve)
         guide, _, _ = bridge.encode(clip, " ", solve)
         s = bridge.gram_of(model, keys, device, tick=progress.tick).to(solve)
         p = bridge.combined_transform(erasures, d, solve)
@@ -193,13 +185,9 @@ class ApplyErasedWeights:
         }}
 
     def apply(self, model, erasure, strength):
-        if not isinstance(erasure, Erasure):
-            raise ValueError("Apply Erased Weights: the erasure input is not a RECE erasure")
+        bridge.require_erasure(erasure, "Apply Erased Weights")
         keys = bridge.cross_attention_keys(model)
-        d = bridge.text_width(model, keys)
-        if erasure.dim != d:
-            raise ValueError(f"this erasure was made for {erasure.dim}-wide text embeddings but this "
-                             f"{bridge.model_type(model)} model's cross-attention reads {d}")
+        bridge.require_erasure(erasure, "Apply Erased Weights", model, keys)
         out = patched(model, erasure, keys, strength)
         report = (f"applied erasure of {', '.join(map(repr, erasure.concepts))} at strength {strength:g} "
                   f"to {len(keys)} cross-attention weights")

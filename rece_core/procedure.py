@@ -9,8 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .derive import derive_with_transform, gram, weighted_norm2
-from .edit import stack_rows
+from .derive import derive_with_transform, gram, reach, weighted_norm2
 from .transform import LowRankTransform
 from .validation import check_matrix, check_scale, check_weights
 
@@ -221,34 +220,27 @@ def rece(weights: Mapping[str, Tensor] | Tensor, encode: Callable[[str], TextEmb
     preserve_sizes = [r.shape[0] for r in preserved.values()]
     gap_before = weighted_norm2(gap_rows, s, gap_sizes).clamp_min(1e-300)
     preserve_norm = weighted_norm2(preserve_rows, s, preserve_sizes).clamp_min(1e-300)
-    reach_scale = weighted_norm2(concept_rows - guide_rows, s, concept_sizes).clamp_min(1e-300)
-    # diagnostics need ~6 digits, not float64: one float32 pass over all their rows per step
+    # gaps and drift need ~6 digits, not float64: one float32 pass over their rows per step
     s32 = s.float()
-    rows32 = torch.cat([gap_rows, concept_rows, preserve_rows]).float()
-    originals = torch.cat([torch.zeros_like(gap_rows), concept_rows, preserve_rows]).float()
-    sizes = gap_sizes + concept_sizes + preserve_sizes
-    n_gap, n_concept = len(gap_sizes), len(concept_sizes)
+    moved_rows = torch.cat([gap_rows, preserve_rows]).float()
+    unmoved = torch.cat([torch.zeros_like(gap_rows), preserve_rows]).float()
+    n_gap = len(gap_sizes)
 
     def derive_all(p: LowRankTransform) -> Tensor:
         # one solve for every concept: the system depends only on S, P and ρ
         return derive_with_transform(s, p, concept_rows, reg=reg)
 
     def report(step: int, p: LowRankTransform, derived: Tensor) -> RoundReport:
-        # rows: concept−guide tail gaps, derived embeddings, preserved prompts; each mapped by Pᵀ
-        x = rows32.clone()
-        x[gap_rows.shape[0]:gap_rows.shape[0] + concept_rows.shape[0]] = derived.float()
-        sums = weighted_norm2(p.to(dtype=torch.float32).apply_rows(x) - originals, s32, sizes).double()
+        moved = p.to(dtype=torch.float32).apply_rows(moved_rows) - unmoved  # gaps: (e−g)Pᵀ; drift: rPᵀ − r
+        sums = weighted_norm2(moved, s32, gap_sizes + preserve_sizes).double()
         gaps = (sums[:n_gap] / gap_before).sqrt()
-        reaches = (1.0 - sums[n_gap:n_gap + n_concept] / reach_scale).clamp(0.0, 1.0)
-        drift = (sums[n_gap + n_concept:] / preserve_norm).sqrt()
+        drift = (sums[n_gap:] / preserve_norm).sqrt()
+        reaches = reach(s, p, concept_rows, derived, guide_rows, concept_sizes)
         return RoundReport(step, tuple(gaps.tolist()), tuple(reaches.tolist()),
                            dict(zip(preserved, drift.tolist())))
 
     p = LowRankTransform.from_edit(
-        stack_rows("erase", [e for e, _ in pairs], d, device=dev),
-        stack_rows("guide", [g for _, g in pairs], d, device=dev),
-        stack_rows("preserve", list(preserved.values()), d, device=dev),
-        lamb=lamb, erase_scale=erase_scale, preserve_scale=preserve_scale)
+        torch.cat([e for e, _ in pairs]), torch.cat([g for _, g in pairs]), preserve_rows, lamb=lamb, erase_scale=erase_scale, preserve_scale=preserve_scale)
     if p.rank > d:
         p = p.compressed()
     derived = derive_all(p)
@@ -270,7 +262,7 @@ def rece(weights: Mapping[str, Tensor] | Tensor, encode: Callable[[str], TextEmb
         tick()
 
     return Erasure(
-        transform=(p.compressed() if p.rank >= d else p).to(dtype=torch.float32), concepts=concepts, guides=guides,
+        transform=p.to(dtype=torch.float32), concepts=concepts, guides=guides,
         preserve=preserve, lamb=lamb, erase_scale=erase_scale, preserve_scale=preserve_scale,
         reg=reg, epochs=epochs, rounds=tuple(rounds), seconds=time.perf_counter() - start,
         device=str(dev))

@@ -71,11 +71,13 @@ class ToyTextEncoder:
         pad = self.end if self.pad_with_end else 0
         return ids + [pad] * (self.tokens - len(ids))
 
-    def __call__(self, text: str) -> TextEmbedding:
-        ids = self.token_ids(text)
+    def rows(self, ids: list[int]) -> Tensor:
+        """``[tokens, d]`` output rows of a padded id sequence."""
         x = self.table[ids] + self.position
         # causal running mean, then a fixed nonlinearity: later rows depend on the whole prefix
         x = torch.cumsum(x, 0) / torch.arange(1, self.tokens + 1).unsqueeze(1)
-        x = x + torch.tanh(x @ self.mix)
-        n_words = ids.index(self.end) - 1
-        return TextEmbedding(x, max(n_words, 0))
+        return x + torch.tanh(x @ self.mix)
+
+    def __call__(self, text: str) -> TextEmbedding:
+        ids = self.token_ids(text)
+        return TextEmbedding(self.rows(ids), max(ids.index(self.end) - 1, 0))

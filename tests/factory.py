@@ -94,11 +94,7 @@ class FakeCLIP:
         self.calls += 1
         first = tokens[self.tokenizer.names[-1] if self.pooled else "l"][0]
         ids = [t[0] for t in first]
-        text_rows = []
-        for enc in self.parts:
-            x = enc.table[ids] + enc.position
-            x = torch.cumsum(x, 0) / torch.arange(1, enc.tokens + 1).unsqueeze(1)
-            text_rows.append(x + torch.tanh(x @ enc.mix))
+        text_rows = [enc.rows(ids) for enc in self.parts]
         cond = torch.cat(text_rows, dim=-1).unsqueeze(0)
         pooled = text_rows[-1][ids.index(self.parts[-1].end)].unsqueeze(0) if self.pooled else None
         return (cond, pooled) if return_pooled else cond
