@@ -35,8 +35,16 @@ def _rss_kib(field: str) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith(field))
 
 
-def timed(fn, device: str, repeats: int):
+def timed(fn, device: str, repeats: int, warmup: bool = True):
+    """Median seconds, peak memory growth and the last result of ``repeats`` calls.
+
+    ``warmup``: one untimed call first (thread pools, allocator, CUDA context); the literal loops,
+    seconds long, skip it.
+    """
     times, peak, out = [], 0, None
+    if warmup:
+        fn()
+        sync(device)
     for _ in range(repeats):
         out = None
         if device.startswith("cuda"):
@@ -103,8 +111,8 @@ def case(arch: str, n_concepts: int, epochs: int, device: str, repeats: int) -> 
     t_e, m_e, _ = timed(engine, device, repeats)
     t_w, m_w, w_e = timed(engine_weights, device, repeats)
     lit_repeats = max(1, repeats if arch != "sdxl" else 1)
-    t_64, m_64, w64 = timed(literal(torch.float64), device, lit_repeats)
-    t_32, _, w_32 = timed(literal(torch.float32), device, lit_repeats)
+    t_64, m_64, w64 = timed(literal(torch.float64), device, lit_repeats, warmup=False)
+    t_32, _, w_32 = timed(literal(torch.float32), device, lit_repeats, warmup=False)
     t_64, t_32 = t_64 * scale, t_32 * scale
     note = f" (literal timed on {len(lit_weights)} matrices, scaled x{scale:.1f})" if sliced else ""
     print(f"{arch:5} {len(weights):3} mats d={d:4} | {n_concepts:3} concept(s) x {epochs} round(s){note}\n"

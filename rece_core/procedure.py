@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .derive import derive_with_transform, gram, reach, weighted_norm2
+from .derive import Derivation, gram, reach, weighted_norm2
 from .transform import LowRankTransform
 from .validation import check_matrix, check_scale, check_weights
 
@@ -226,10 +226,6 @@ def rece(weights: Mapping[str, Tensor] | Tensor, encode: Callable[[str], TextEmb
     unmoved = torch.cat([torch.zeros_like(gap_rows), preserve_rows]).float()
     n_gap = len(gap_sizes)
 
-    def derive_all(p: LowRankTransform) -> Tensor:
-        # one solve for every concept: the system depends only on S, P and ρ
-        return derive_with_transform(s, p, concept_rows, reg=reg)
-
     def report(step: int, p: LowRankTransform, derived: Tensor) -> RoundReport:
         moved = p.to(dtype=torch.float32).apply_rows(moved_rows) - unmoved  # gaps: (e−g)Pᵀ; drift: rPᵀ − r
         sums = weighted_norm2(moved, s32, gap_sizes + preserve_sizes).double()
@@ -239,28 +235,26 @@ def rece(weights: Mapping[str, Tensor] | Tensor, encode: Callable[[str], TextEmb
         return RoundReport(step, tuple(gaps.tolist()), tuple(reaches.tolist()),
                            dict(zip(preserved, drift.tolist())))
 
-    p = LowRankTransform.from_edit(
-        torch.cat([e for e, _ in pairs]), torch.cat([g for _, g in pairs]), preserve_rows, lamb=lamb, erase_scale=erase_scale, preserve_scale=preserve_scale)
-    if p.rank > d:
-        p = p.compressed()
-    derived = derive_all(p)
-    rounds = [report(0, p, derived)]
+    # one derivation for every concept at a time: the system depends only on S, P and ρ
+    system = Derivation(s, concept_rows, reg=reg).then(LowRankTransform.from_edit(
+        torch.cat([e for e, _ in pairs]), torch.cat([g for _, g in pairs]), preserve_rows,
+        lamb=lamb, erase_scale=erase_scale, preserve_scale=preserve_scale))
+    derived = system.derive()
+    rounds = [report(0, system.p, derived)]
     tick()
 
     # The authors preserve ' ' once per concept; given preserve prompts are kept as well (the empty
     # prompt is every negative/unconditional branch, so it must not drift either)
-    round_preserve = [emb(" ").rows] * len(concepts) + [emb(x).rows for x in preserve]
+    round_preserve = torch.cat([emb(" ").rows] * len(concepts) + [emb(x).rows for x in preserve])
     for epoch in range(1, epochs + 1):
-        step = LowRankTransform.from_edit(
-            derived, guide_rows, torch.cat(round_preserve),
-            lamb=lamb, erase_scale=erase_scale, preserve_scale=preserve_scale)
-        p = p.then(step)
-        if p.rank > d:
-            p = p.compressed()
-        derived = derive_all(p)
-        rounds.append(report(epoch, p, derived))
+        system.then(LowRankTransform.from_edit(
+            derived, guide_rows, round_preserve,
+            lamb=lamb, erase_scale=erase_scale, preserve_scale=preserve_scale))
+        derived = system.derive()
+        rounds.append(report(epoch, system.p, derived))
         tick()
 
+    p = system.p
     return Erasure(
         transform=p.to(dtype=torch.float32), concepts=concepts, guides=guides,
         preserve=preserve, lamb=lamb, erase_scale=erase_scale, preserve_scale=preserve_scale,

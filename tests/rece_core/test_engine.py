@@ -7,9 +7,10 @@ import math
 import pytest
 import torch
 
-from rece_core import PRESETS, TextEmbedding, closed_form_edit, derive_embedding, erase_rows, rece
+from rece_core import (PRESETS, TextEmbedding, closed_form_edit, derive_embedding, edit_transform,
+                       erase_rows, rece)
 from rece_core.baseline import literal_derive, literal_edit, literal_rece
-from rece_core.derive import gram
+from rece_core.derive import Derivation, gram
 from rece_core.toy import ToyTextEncoder, cross_attention_weights
 
 
@@ -102,6 +103,34 @@ def test_transform_is_compact_and_exact(sd15):
     for k, w in list(weights.items())[:3]:
         a, b = erasure.delta(w)
         assert rel(w.double() + (a @ b).double(), w.double() @ p) < 1e-5
+
+
+@pytest.mark.parametrize("d", [1, 7, 130])
+@pytest.mark.parametrize("blocks", [1, 2, 4, 9])
+def test_gram_in_bands_is_the_whole_symmetric_gram(d, blocks):
+    g = torch.Generator().manual_seed(d)
+    ws = [torch.randn(n, d, generator=g) for n in (3, 40, 17)]
+    s = gram(ws, blocks=blocks)
+    expected = sum(w.double().T @ w.double() for w in ws)
+    assert torch.equal(s, s.T)
+    assert rel(s, expected) < 1e-6
+
+
+def test_derivation_kept_across_steps_equals_derivation_from_scratch(sd15):
+    """Derivation.then pulls ΣW'ᵀW' back step by step; the result must be the literal one on W·P₁·P₂."""
+    weights, enc = sd15
+    kw = dict(lamb=0.1, erase_scale=1.0, preserve_scale=0.1)
+    concept = enc("a castle").rows
+    e, g = erase_rows(enc("a castle"), enc(" "))
+    first = edit_transform([e], [g], [enc("").rows], 768, **kw)
+    # a step of more rows than d: taken through its dense form
+    many = torch.cat([enc(f"tower {i}").rows for i in range(11)])
+    second = edit_transform([many], [torch.zeros_like(many)], [enc(" ").rows], 768, **kw)
+    assert second.rank > 768
+    system = Derivation(gram(weights.values()), concept, reg=1e-3).then(first).then(second)
+    edited = {k: second.apply_weight(first.apply_weight(w.double())) for k, w in weights.items()}
+    assert rel(system.derive(), literal_derive(edited, weights, concept, reg=1e-3)) < 1e-4
+    assert rel(system.p.dense(), first.then(second).dense()) < 1e-10
 
 
 def test_deterministic(sd15):
