@@ -23,13 +23,16 @@ class ErasurePatch(WeightAdapterBase):
         self.erasure = erasure
         self.loaded_keys: set[str] = set()
         self.weights = [erasure.transform.up, erasure.transform.down]
+        self.dense = erasure.transform.is_dense  # down = I: W (P − I) is one product
 
     def calculate_weight(self, weight, key, strength, strength_model, offset, function,
                          intermediate_dtype=torch.float32, original_weight=None):
         if strength == 0.0:
             return weight
         up = cast_to_device(self.weights[0], weight.device, intermediate_dtype)
-        down = cast_to_device(self.weights[1], weight.device, intermediate_dtype)
         w = weight.to(intermediate_dtype)
-        weight += function(strength * ((w @ up) @ down)).type(weight.dtype)
+        delta = w @ up
+        if not self.dense:
+            delta = delta @ cast_to_device(self.weights[1], weight.device, intermediate_dtype)
+        weight += function(strength * delta).type(weight.dtype)
         return weight

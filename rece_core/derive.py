@@ -66,6 +66,9 @@ def pull_back(a: Tensor, step: LowRankTransform) -> Tensor:
     """
     u, v = step.up.to(a), step.down.to(a)
     k = a @ u  # A u: [d, r]
+    if step.is_dense:  # v = I
+        low = k + 0.5 * (u.T @ k)
+        return a + low + low.T
     k.addmm_(v.T, u.T @ k, alpha=0.5)
     low = k @ v
     return a + low + low.T
@@ -115,16 +118,18 @@ def derive_with_transform(s: Tensor, p: LowRankTransform, concept: Tensor, *, re
 
 
 def reach(s: Tensor, p: LowRankTransform, concept: Tensor, derived: Tensor, guide: Tensor,
-          sizes: list[int] | None = None) -> Tensor:
+          sizes: list[int] | None = None, *, scale: Tensor | None = None) -> Tensor:
     """How much of the concept the derived embedding still reaches on the edited model, in ``[0, 1]``.
 
     ``1 − Σ‖W'c' − Wc‖² / Σ‖Wc − Wg‖²`` (all ``[n, d]`` rows; ``g`` the guide's): 1 means the
     edited model reproduces the concept's original keys and values exactly, 0 that the derived
     embedding misses them by at least as much as the guide differs from the concept.
-    With ``sizes`` (rows of several concepts stacked), one value per concept.
+    With ``sizes`` (rows of several concepts stacked), one value per concept. ``scale``: the
+    denominator ``weighted_norm2(c − g, s, sizes)`` when already known (it does not change with ``P``).
     """
     c = concept.to(device=s.device, dtype=torch.float64)
-    scale = weighted_norm2(c - guide.to(device=s.device, dtype=torch.float64), s, sizes)
+    if scale is None:
+        scale = weighted_norm2(c - guide.to(device=s.device, dtype=torch.float64), s, sizes)
     miss = weighted_norm2(p.apply_rows(derived.to(s.device)) - c, s, sizes)
     return (1.0 - miss / scale.clamp_min(torch.finfo(torch.float64).tiny)).clamp(0.0, 1.0)
 

@@ -97,10 +97,11 @@ class Erasure:
 
     def apply(self, weights: Mapping[str, Tensor], strength: float = 1.0) -> dict[str, Tensor]:
         """``W + strength · W (P − I)`` for each weight, in its own dtype."""
+        t = self.transform
         out = {}
         for k, w in weights.items():
-            a, b = self.delta(w)
-            out[k] = (w.float() + strength * (a @ b).to(w.device)).to(w.dtype)
+            dw = t.delta_weight(w.to(device=t.up.device, dtype=torch.float32))
+            out[k] = (w.float() + strength * dw.to(w.device)).to(w.dtype)
         return out
 
     def summary(self) -> str:
@@ -225,13 +226,14 @@ def rece(weights: Mapping[str, Tensor] | Tensor, encode: Callable[[str], TextEmb
     moved_rows = torch.cat([gap_rows, preserve_rows]).float()
     unmoved = torch.cat([torch.zeros_like(gap_rows), preserve_rows]).float()
     n_gap = len(gap_sizes)
+    reach_scale = weighted_norm2(concept_rows - guide_rows, s, concept_sizes)
 
     def report(step: int, p: LowRankTransform, derived: Tensor) -> RoundReport:
         moved = p.to(dtype=torch.float32).apply_rows(moved_rows) - unmoved  # gaps: (e−g)Pᵀ; drift: rPᵀ − r
         sums = weighted_norm2(moved, s32, gap_sizes + preserve_sizes).double()
         gaps = (sums[:n_gap] / gap_before).sqrt()
         drift = (sums[n_gap:] / preserve_norm).sqrt()
-        reaches = reach(s, p, concept_rows, derived, guide_rows, concept_sizes)
+        reaches = reach(s, p, concept_rows, derived, guide_rows, concept_sizes, scale=reach_scale)
         return RoundReport(step, tuple(gaps.tolist()), tuple(reaches.tolist()),
                            dict(zip(preserved, drift.tolist())))
 

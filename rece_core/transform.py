@@ -9,6 +9,7 @@ kept as two thin factors ``up = U: [d, r]`` and ``down = Vᵀ: [r, d]``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -47,6 +48,12 @@ class LowRankTransform:
     def rank(self) -> int:
         return self.up.shape[1]
 
+    @cached_property
+    def is_dense(self) -> bool:
+        """``down`` is the identity and ``up`` all of ``P − I`` (full rank): one product applies it."""
+        return self.rank == self.dim and bool(torch.equal(
+            self.down, torch.eye(self.dim, dtype=self.down.dtype, device=self.down.device)))
+
     @classmethod
     def identity(cls, d: int, *, device: torch.device | str | None = None,
                  dtype: torch.dtype = torch.float64) -> "LowRankTransform":
@@ -84,7 +91,11 @@ class LowRankTransform:
         else:
             m = lamb * torch.eye(d, dtype=torch.float64, device=e.device)
             m = m + erase_scale * (e.T @ e) + preserve_scale * (r.T @ r)
-            down = spd_solve(m, e.T, "the erase system λI + s·Σeeᵀ + p·Σrrᵀ").T  # E M⁻¹ (M symmetric)
+            what = "the erase system λI + s·Σeeᵀ + p·Σrrᵀ"
+            if e.shape[0] >= d:  # P − I of full rank: keep it dense, s·(M⁻¹ Eᵀ(G − E))ᵀ, d right-hand sides
+                delta = erase_scale * spd_solve(m, e.T @ (g - e), what).T
+                return cls(delta.contiguous(), torch.eye(d, dtype=torch.float64, device=e.device))
+            down = spd_solve(m, e.T, what).T  # E M⁻¹ (M symmetric)
         return cls(up.contiguous(), down.contiguous())
 
     def then(self, other: "LowRankTransform") -> "LowRankTransform":
@@ -94,17 +105,22 @@ class LowRankTransform:
 
     def apply_columns(self, x: Tensor) -> Tensor:
         """``P x`` for ``x: [d, k]``."""
-        return x + self.up @ (self.down @ x)
+        return x + (self.up @ x if self.is_dense else self.up @ (self.down @ x))
 
     def apply_rows(self, x: Tensor) -> Tensor:
         """``x Pᵀ`` for embedding rows ``x: [n, d]``: what ``W'`` sees equals ``W`` on these rows."""
         x = x.to(self.up.dtype)
-        return x + (x @ self.down.T) @ self.up.T
+        return x + (x @ self.up.T if self.is_dense else (x @ self.down.T) @ self.up.T)
 
     def apply_weight(self, w: Tensor) -> Tensor:
         """``W P`` for ``w: [out, d]``, computed as ``W + (W U) Vᵀ`` in the factors' dtype."""
         w64 = w.to(self.up.dtype)
-        return w64 + (w64 @ self.up) @ self.down
+        return w64 + self.delta_weight(w64)
+
+    def delta_weight(self, w: Tensor) -> Tensor:
+        """``W (P − I) = (W U) Vᵀ`` for ``w: [out, d]`` in ``w``'s dtype (one product when dense)."""
+        wu = w @ self.up.to(w.dtype)
+        return wu if self.is_dense else wu @ self.down.to(w.dtype)
 
     def dense(self) -> Tensor:
         """``P: [d, d]``."""

@@ -80,6 +80,17 @@ def test_erased_weights_are_w_times_p_and_the_concept_moves_to_its_guide():
     assert tok_g[1][0] == clip.parts[0].end
 
 
+def test_many_concepts_give_a_full_rank_erasure_patched_exactly():
+    """Three concepts on a 64-wide model: P − I has full rank and is kept dense (down = I)."""
+    model, clip = make_model(), FakeCLIP()
+    (erased, erasure, _), _ = erase(model, clip, concepts="nudity\nblood\na castle", rounds=1)
+    assert erasure.concepts == ("nudity", "blood", "a castle") and erasure.transform.is_dense
+    p = erasure.transform.dense().double()
+    base, after = effective_weights(model, keys()), effective_weights(erased, keys())
+    for k in keys():
+        assert rel(after[k], base[k].double() @ p) < 1e-5
+
+
 def test_lora_applied_before_the_node_is_taken_into_account():
     model, clip = make_model(), FakeCLIP()
     lora = model.clone()
