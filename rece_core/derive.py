@@ -86,7 +86,9 @@ class Derivation:
         self.s = s.to(torch.float64)
         self.reg = check_scale("reg", reg)
         self.concept = concept.to(device=self.s.device, dtype=torch.float64)
-        self.s_concept = self.s @ self.concept.T  # S cᵀ: [d, n]
+        # more rows than d: solve for the [d, d] map K once and apply it, instead of n right-hand sides
+        self.by_map = self.concept.shape[0] > self.s.shape[0]
+        self.s_concept = self.s if self.by_map else self.s @ self.concept.T  # S (by map) or S cᵀ: [d, n]
         self.p = LowRankTransform.identity(s.shape[0], device=s.device)
         self.system = self.s
 
@@ -102,11 +104,14 @@ class Derivation:
         return self
 
     def derive(self) -> Tensor:
-        """``c' = c · [(PᵀSP + ρI)⁻¹ PᵀS]ᵀ`` for the concept rows ``[n, d]``; float64 ``[n, d]``."""
+        """``c' = c · Kᵀ``, ``K = (PᵀSP + ρI)⁻¹ PᵀS``, for the concept rows ``[n, d]``; float64 ``[n, d]``."""
         a = self.system.clone()
         a.diagonal().add_(self.reg)
-        rhs = self.s_concept + self.p.down.T @ (self.p.up.T @ self.s_concept)  # Pᵀ S cᵀ
-        return spd_solve(a, rhs, "the derivation system ΣW'ᵀW' + ρI").T
+        p, sc = self.p, self.s_concept
+        up_sc = p.up.T @ sc
+        rhs = sc + (up_sc if p.is_dense else p.down.T @ up_sc)  # Pᵀ S cᵀ (by map: Pᵀ S)
+        x = spd_solve(a, rhs, "the derivation system ΣW'ᵀW' + ρI")
+        return self.concept @ x.T if self.by_map else x.T
 
 
 def derive_with_transform(s: Tensor, p: LowRankTransform, concept: Tensor, *, reg: float) -> Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -224,12 +225,12 @@ def rece(weights: Mapping[str, Tensor] | Tensor, encode: Callable[[str], TextEmb
     # gaps and drift need ~6 digits, not float64: one float32 pass over their rows per step
     s32 = s.float()
     moved_rows = torch.cat([gap_rows, preserve_rows]).float()
-    unmoved = torch.cat([torch.zeros_like(gap_rows), preserve_rows]).float()
-    n_gap = len(gap_sizes)
+    n_gap, n_gap_rows = len(gap_sizes), gap_rows.shape[0]
     reach_scale = weighted_norm2(concept_rows - guide_rows, s, concept_sizes)
 
     def report(step: int, p: LowRankTransform, derived: Tensor) -> RoundReport:
-        moved = p.to(dtype=torch.float32).apply_rows(moved_rows) - unmoved  # gaps: (e−g)Pᵀ; drift: rPᵀ − r
+        moved = p.to(dtype=torch.float32).apply_rows(moved_rows)  # gaps: (e−g)Pᵀ
+        moved[n_gap_rows:] -= moved_rows[n_gap_rows:]  # drift: rPᵀ − r
         sums = weighted_norm2(moved, s32, gap_sizes + preserve_sizes).double()
         gaps = (sums[:n_gap] / gap_before).sqrt()
         drift = (sums[n_gap:] / preserve_norm).sqrt()
@@ -246,8 +247,10 @@ def rece(weights: Mapping[str, Tensor] | Tensor, encode: Callable[[str], TextEmb
     tick()
 
     # The authors preserve ' ' once per concept; given preserve prompts are kept as well (the empty
-    # prompt is every negative/unconditional branch, so it must not drift either)
-    round_preserve = torch.cat([emb(" ").rows] * len(concepts) + [emb(x).rows for x in preserve])
+    # prompt is every negative/unconditional branch, so it must not drift either). n copies of r add
+    # n·rᵀr to the erase system, as one copy of √n·r does.
+    space = emb(" ").rows * math.sqrt(len(concepts))
+    round_preserve = torch.cat([space] + [emb(x).rows for x in preserve])
     for epoch in range(1, epochs + 1):
         system.then(LowRankTransform.from_edit(
             derived, guide_rows, round_preserve,
