@@ -77,7 +77,7 @@ def pull_back(a: Tensor, step: LowRankTransform) -> Tensor:
 class Derivation:
     """The derive step for fixed concept rows on an erasure ``P`` that grows step by step.
 
-    Holds ``S = Σ WᵀW`` of the weights before any erasure (float64 ``[d, d]``), ``S cᵀ``, ``P`` and
+    Holds ``S = Σ WᵀW`` of the weights before any erasure (float64 ``[d, d]``), ``c S``, ``P`` and
     ``Σ W'ᵀW' = PᵀSP``. Composing a step ``Q`` (``P ↦ P Q``) updates ``PᵀSP ↦ Qᵀ(PᵀSP)Q`` at the
     cost of the step's rank, not of the whole erasure's.
     """
@@ -88,7 +88,7 @@ class Derivation:
         self.concept = concept.to(device=self.s.device, dtype=torch.float64)
         # more rows than d: solve for the [d, d] map K once and apply it, instead of n right-hand sides
         self.by_map = self.concept.shape[0] > self.s.shape[0]
-        self.s_concept = self.s if self.by_map else self.s @ self.concept.T  # S (by map) or S cᵀ: [d, n]
+        self.target = self.s if self.by_map else self.concept @ self.s  # c S: [n, d] (by map: S)
         self.p = LowRankTransform.identity(s.shape[0], device=s.device)
         self.system = self.s
 
@@ -107,9 +107,7 @@ class Derivation:
         """``c' = c · Kᵀ``, ``K = (PᵀSP + ρI)⁻¹ PᵀS``, for the concept rows ``[n, d]``; float64 ``[n, d]``."""
         a = self.system.clone()
         a.diagonal().add_(self.reg)
-        p, sc = self.p, self.s_concept
-        up_sc = p.up.T @ sc
-        rhs = sc + (up_sc if p.is_dense else p.down.T @ up_sc)  # Pᵀ S cᵀ (by map: Pᵀ S)
+        rhs = self.p.apply_weight(self.target).T  # (c S P)ᵀ = Pᵀ S cᵀ (by map: Pᵀ S)
         x = spd_solve(a, rhs, "the derivation system ΣW'ᵀW' + ρI")
         return self.concept @ x.T if self.by_map else x.T
 

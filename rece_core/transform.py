@@ -73,30 +73,29 @@ class LowRankTransform:
         """
         d = erase.shape[1]
         e = erase.to(torch.float64)
-        g = guide.to(torch.float64)
+        gap = guide.to(torch.float64) - e  # G − E
         r = preserve.to(torch.float64) if preserve_scale > 0 else preserve[:0].to(torch.float64)
-        up = erase_scale * (g - e).T
         n_rows = e.shape[0] + r.shape[0]
         x = torch.cat([e, r])
         # the Woodbury form subtracts two nearly equal terms when λ is tiny next to the rows: keep
         # it to where float64 keeps ≥ 8 digits
         scale = float((x * x).sum(dim=1).max()) * max(erase_scale, preserve_scale) if n_rows else 0.0
+        what = "the erase system λI + s·Σeeᵀ + p·Σrrᵀ"
         if 2 * n_rows <= d and lamb > 0 and erase_scale > 0 and lamb >= 1e-8 * scale:
             weights = torch.cat([torch.full((e.shape[0],), lamb / erase_scale, dtype=x.dtype, device=x.device),
                                  torch.full((r.shape[0],), lamb / max(preserve_scale, 1e-300),
                                             dtype=x.dtype, device=x.device)])
             small = x @ x.T
             small.diagonal().add_(weights)
-            down = (e - spd_solve(small, x @ e.T, "the erase system λI + s·Σeeᵀ + p·Σrrᵀ").T @ x) / lamb
+            down = (e - spd_solve(small, x @ e.T, what).T @ x) / lamb
         else:
             m = lamb * torch.eye(d, dtype=torch.float64, device=e.device)
             m = m + erase_scale * (e.T @ e) + preserve_scale * (r.T @ r)
-            what = "the erase system λI + s·Σeeᵀ + p·Σrrᵀ"
             if e.shape[0] >= d:  # P − I of full rank: keep it dense, s·(M⁻¹ Eᵀ(G − E))ᵀ, d right-hand sides
-                delta = erase_scale * spd_solve(m, e.T @ (g - e), what).T
+                delta = erase_scale * spd_solve(m, e.T @ gap, what).T
                 return cls(delta.contiguous(), torch.eye(d, dtype=torch.float64, device=e.device))
             down = spd_solve(m, e.T, what).T  # E M⁻¹ (M symmetric)
-        return cls(up.contiguous(), down.contiguous())
+        return cls((erase_scale * gap.T).contiguous(), down.contiguous())
 
     def then(self, other: "LowRankTransform") -> "LowRankTransform":
         """The transform of applying ``self`` and then ``other``: ``P_self · P_other``."""
@@ -105,7 +104,7 @@ class LowRankTransform:
 
     def apply_columns(self, x: Tensor) -> Tensor:
         """``P x`` for ``x: [d, k]``."""
-        return x + (self.up @ x if self.is_dense else self.up @ (self.down @ x))
+        return self.apply_rows(x.T).T
 
     def apply_rows(self, x: Tensor) -> Tensor:
         """``x Pᵀ`` for embedding rows ``x: [n, d]``: what ``W'`` sees equals ``W`` on these rows."""
