@@ -39,6 +39,10 @@ def gram(weights: Iterable[Tensor], *, device: torch.device | None = None, block
     if acc is None:
         raise ValueError("no weights to form the Gram matrix from")
     for i, (a0, a1) in enumerate(bands):
+        # BLAS does not promise an exactly symmetric product: mirror each diagonal block's upper
+        # triangle, and each upper block into the lower one, so S = Sᵀ exactly on any machine
+        block = acc[a0:a1, a0:a1]
+        block.copy_(block.triu() + block.triu(1).T)
         for b0, b1 in bands[i + 1:]:
             acc[b0:b1, a0:a1] = acc[a0:a1, b0:b1].T
     s = acc.to(torch.float64)

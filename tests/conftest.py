@@ -28,7 +28,7 @@ if COMFYUI_PATH:
     if not torch.cuda.is_available():
         comfy.cli_args.args.cpu = True  # what `python main.py --cpu` sets
 
-REFERENCE = Path(os.environ.get("RECE_REFERENCE", ROOT.parent / "shared" / "reference" / "rece_tiny.safetensors"))
+REFERENCE = Path(os.environ.get("RECE_REFERENCE", ROOT / "tests" / "data" / "rece_tiny.safetensors"))
 
 
 def load_pack():

@@ -1,4 +1,4 @@
-"""Reproduce the RECE authors' own outputs (../shared/reference/rece_tiny.safetensors)."""
+"""Reproduce the RECE authors' own outputs (tests/data/rece_tiny.safetensors)."""
 
 from __future__ import annotations
 
