@@ -13,7 +13,7 @@ import comfy.utils
 
 from ..rece_core import Erasure, LowRankTransform, TextEmbedding, gram
 from ..rece_core.files import fingerprint
-from .patch import ErasurePatch
+from .patch import is_erasure_patch
 
 KEY_SUFFIXES = ("attn2.to_k.weight", "attn2.to_v.weight")
 # Models whose attn2 reads image (not text) embeddings.
@@ -34,6 +34,7 @@ def cross_attention_keys(model) -> list[str]:
         raise ValueError(
             f"RECE erases concepts from UNets that read text through cross-attention (SD1.x, SD2.x, "
             f"SDXL and their fine-tunes); this model is {kind}, which has no such layers.")
+    require_readable(model, keys)
     return keys
 
 
@@ -50,6 +51,47 @@ def solve_device(device: torch.device) -> torch.device:
     return torch.device("cpu") if device.type == "mps" else device
 
 
+def stored_format(weight) -> str | None:
+    """The name of a weight storage RECE cannot read, or ``None`` for a readable one.
+
+    Readable: floating tensors (fp32/fp16/bf16/fp8) and ComfyUI's ``QuantizedTensor`` (read
+    dequantized). Not readable: ComfyUI-GGUF's ``GGMLTensor`` and bitsandbytes' NF4/FP4 (their
+    torch shape and bytes are the packed storage, not the matrix), and any other integer storage.
+    """
+    names = {c.__name__ for c in type(weight).__mro__}
+    if "GGMLTensor" in names or hasattr(weight, "tensor_type") and hasattr(weight, "tensor_shape"):
+        return "GGUF (ComfyUI-GGUF GGMLTensor)"
+    if "Params4bit" in names or getattr(weight, "quant_state", None) is not None:
+        return "NF4/FP4 (bitsandbytes)"
+    if "QuantizedTensor" in names:
+        return None
+    if not isinstance(weight, Tensor) or not weight.is_floating_point():
+        return f"{getattr(weight, 'dtype', type(weight).__name__)} storage"
+    return None
+
+
+def require_readable(model, keys: list[str]) -> None:
+    """Refuse, before anything is read or patched, weights stored in a format RECE cannot read."""
+    patches = model.get_key_patches("diffusion_model.")
+    missing = [k for k in keys if k not in patches]
+    if missing:
+        raise ValueError(f"this {model_type(model)} model's weight {missing[0]} cannot be read "
+                         "(it is not a plain tensor)")
+    fmt = stored_format(patches[keys[0]][0][0])
+    if fmt is not None:
+        raise ValueError(f"this {model_type(model)} model's text-reading weights are stored as {fmt}, which "
+                         "RECE cannot read; load the checkpoint in fp16/bf16/fp8 (or ComfyUI's own quantized "
+                         "format) instead")
+
+
+def _dense(weight, device: torch.device) -> Tensor:
+    """``weight`` on ``device`` in float32, moved in its stored dtype first (one transfer, cast there)."""
+    w = comfy.model_management.cast_to_device(weight, device, None)
+    if any(c.__name__ == "QuantizedTensor" for c in type(w).__mro__):
+        w = w.dequantize()
+    return w.to(torch.float32, copy=True)
+
+
 def key_weights(model, keys: list[str], device: torch.device, *, include_erasures: bool,
                 tick: Callable[[], None] | None = None):
     """Yield ``(key, W)``: each weight as the model will use it (float32, on ``device``).
@@ -61,9 +103,8 @@ def key_weights(model, keys: list[str], device: torch.device, *, include_erasure
     for key in keys:
         (weight, convert), *rest = patches[key]
         if not include_erasures:
-            rest = [p for p in rest if not isinstance(p[1], ErasurePatch)]
-        w = comfy.model_management.cast_to_device(weight, device, torch.float32, copy=True)
-        w = convert(w, inplace=True)
+            rest = [p for p in rest if not is_erasure_patch(p[1])]
+        w = convert(_dense(weight, device), inplace=True)
         if rest:
             w = comfy.lora.calculate_weight(rest, w, key, intermediate_dtype=torch.float32)
         yield key, w
@@ -81,19 +122,23 @@ def gram_of(model, keys: list[str], device: torch.device, *, include_erasures: b
         raise ValueError(f"this model's {exc}") from None
 
 
-def applied_erasures(model) -> list[tuple[Erasure, float]]:
-    """The erasures patched into ``model`` (first cross-attention key) with their strengths, in order."""
+def applied_erasures(model) -> list[tuple[LowRankTransform, float]]:
+    """The erasures patched into ``model`` (first reader key) as ``(P, strength)``, in order.
+
+    Found from the patches' weights, so an adapter ComfyUI rebuilt or moved is found as well.
+    """
     keys = [k for k in model.patches if k.endswith(KEY_SUFFIXES)]
     if not keys:
         return []
-    return [(p[1].erasure, float(p[0])) for p in model.patches[keys[0]] if isinstance(p[1], ErasurePatch)]
+    return [(p[1].transform(), float(p[0])) for p in model.patches[keys[0]] if is_erasure_patch(p[1])]
 
 
-def combined_transform(erasures: list[tuple[Erasure, float]], d: int, device: torch.device) -> LowRankTransform:
+def combined_transform(erasures: list[tuple[LowRankTransform, float]], d: int,
+                       device: torch.device) -> LowRankTransform:
     """``P = Π (I + tᵢ (Pᵢ − I))`` of erasures applied one after another with strengths ``tᵢ``."""
     p = LowRankTransform.identity(d, device=device)
-    for erasure, strength in erasures:
-        t = erasure.transform.to(device=device, dtype=torch.float64)
+    for transform, strength in erasures:
+        t = transform.to(device=device, dtype=torch.float64)
         p = p.then(LowRankTransform(strength * t.up, t.down))
     return p
 

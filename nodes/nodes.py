@@ -24,7 +24,7 @@ def split_lines(text: str) -> list[str]:
 def patched(model, erasure: Erasure, keys: list[str], strength: float):
     """A clone of ``model`` carrying ``erasure`` as a weight patch on every key; ``model`` untouched."""
     out = model.clone()
-    patch = ErasurePatch(erasure)
+    patch = ErasurePatch.of(erasure.transform)
     added = out.add_patches({k: patch for k in keys}, strength)
     if len(added) != len(keys):
         raise ValueError(f"only {len(added)} of {len(keys)} cross-attention weights could be patched")
