@@ -17,8 +17,15 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
+# CI tier: which host generation the stand-in has the shape of: "0.3.64" (default) or "current"
+HOST = os.environ.get("RECE_HOST", "0.3.64")
+if HOST not in ("0.3.64", "current"):
+    raise RuntimeError(f"RECE_HOST must be 0.3.64 or current, got {HOST!r}")
+STANDIN = ROOT / "tests" / ("standin_current" if HOST == "current" else "standin")
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, COMFYUI_PATH if COMFYUI_PATH else str(ROOT / "tests" / "standin"))
+if not COMFYUI_PATH:
+    sys.path.insert(0, str(ROOT / "tests" / "standin"))  # folder_paths; the current stand-in's fallback
+sys.path.insert(0, COMFYUI_PATH if COMFYUI_PATH else str(STANDIN))
 sys.path.insert(0, str(ROOT / "tests"))
 
 if COMFYUI_PATH:
@@ -43,7 +50,7 @@ def load_pack():
 
 
 def pytest_report_header(config):
-    return f"ComfyUI tier: {'real, ' + COMFYUI_PATH if COMFYUI_PATH else 'stand-in (tests/standin)'}"
+    return f"ComfyUI tier: {'real, ' + COMFYUI_PATH if COMFYUI_PATH else f'stand-in of ComfyUI {HOST} ({STANDIN.name})'}"
 
 
 @pytest.fixture(scope="session")

@@ -32,9 +32,14 @@ def _module_tree(state: dict[str, torch.Tensor]) -> nn.Module:
 
 
 def make_model(arch: str = "tiny", seed: int = 0, config: str | None = None, dtype=torch.float32,
-               cross_attention: bool = True):
-    """A ModelPatcher whose model has every attn2.to_k/to_v (and a few other weights)."""
+               cross_attention: bool = True, storage=None):
+    """A ModelPatcher whose model has every attn2.to_k/to_v (and a few other weights).
+
+    ``storage(w)``, if given, wraps each attn2 weight (e.g. a quantized tensor type).
+    """
     state = cross_attention_weights(arch, seed=seed, dtype=dtype) if cross_attention else {}
+    if storage is not None:
+        state = {k: storage(v) for k, v in state.items()}
     g = torch.Generator().manual_seed(seed + 1000)
     state["diffusion_model.input_blocks.0.0.weight"] = torch.randn(8, 4, 3, 3, generator=g).to(dtype)
     if not cross_attention:
@@ -100,6 +105,19 @@ class FakeCLIP:
         return (cond, pooled) if return_pooled else cond
 
 
+def prepared_patches(model, key: str) -> list:
+    """The patches of ``key`` as sampling gets them: on a current host (dynamic VRAM) every adapter
+    is rebuilt as ``type(a)(a.loaded_keys, a.weights)`` with its tensors re-homed in one buffer."""
+    import comfy.model_patcher
+
+    low_vram = getattr(comfy.model_patcher, "LowVramPatch", None)
+    if low_vram is None or not hasattr(low_vram, "prepare") or key not in model.patches:
+        return model.patches.get(key, [])
+    patch = low_vram(key, model.patches)
+    buffer = torch.empty(patch.memory_required(), dtype=torch.uint8)
+    return patch.prepare(buffer, None)
+
+
 def effective_weights(model, keys=None) -> dict[str, torch.Tensor]:
     """The weights as sampling would use them, through ComfyUI's own calculate_weight."""
     import comfy.lora
@@ -107,7 +125,10 @@ def effective_weights(model, keys=None) -> dict[str, torch.Tensor]:
     patches = model.get_key_patches("diffusion_model.")
     out = {}
     for key in keys or patches:
-        (w, convert), *rest = patches[key]
+        w, convert = patches[key][0]
+        if any(c.__name__ == "QuantizedTensor" for c in type(w).__mro__):
+            w = w.dequantize()
         w = convert(w.detach().float().clone(), inplace=True)
+        rest = prepared_patches(model, key)
         out[key] = comfy.lora.calculate_weight(rest, w, key, intermediate_dtype=torch.float32) if rest else w
     return out

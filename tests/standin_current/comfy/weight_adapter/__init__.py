@@ -1,0 +1,4 @@
+from .base import WeightAdapterBase
+
+adapters = []
+__all__ = ["WeightAdapterBase", "adapters"]
