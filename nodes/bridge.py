@@ -143,8 +143,8 @@ def combined_transform(erasures: list[tuple[LowRankTransform, float]], d: int,
     return p
 
 
-def encode(clip, text: str, device: torch.device) -> tuple[TextEmbedding, Tensor, Tensor | None]:
-    """Encode ``text`` as CLIPTextEncode does; return its rows, the raw cond and the pooled output.
+def tokenize(clip, text: str) -> tuple[dict, int]:
+    """``clip.tokenize(text)`` (one chunk per encoder, or a clear error) and the last word token's index.
 
     ``last_token`` is the index of the last word token (one before the first end token).
     """
@@ -163,9 +163,38 @@ def encode(clip, text: str, device: torch.device) -> tuple[TextEmbedding, Tensor
     ids = [t[0] for t in chunks[0]]
     if end is None or end not in ids:
         raise ValueError(f"cannot find the end token of the {name!r} tokenizer to align token rows")
+    return tokens, max(ids.index(end) - 1, 0)
+
+
+def encode(clip, text: str, device: torch.device) -> tuple[TextEmbedding, Tensor, Tensor | None]:
+    """Encode ``text`` as CLIPTextEncode does; return its rows, the raw cond and the pooled output."""
+    tokens, last = tokenize(clip, text)
     cond, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
     rows = cond[0].detach().to(device=device, dtype=torch.float32)
-    return TextEmbedding(rows, max(ids.index(end) - 1, 0)), cond, pooled
+    return TextEmbedding(rows, last), cond, pooled
+
+
+def encode_many(clip, texts: list[str]) -> list[TextEmbedding]:
+    """Encode prompts as CLIPTextEncode does, several in one encoder forward.
+
+    ComfyUI's CLIP encodes every chunk of a token list in one batch and concatenates their rows
+    (``encode_from_tokens``, its public API), weighting each chunk against the same empty
+    sequence; so the one-chunk token lists of several prompts, put one after another, give each
+    prompt's own rows. Prompts whose token lists differ in length go into separate calls. Rows stay
+    as the encoder returns them (its dtype, ComfyUI's intermediate device).
+    """
+    tokenized = [tokenize(clip, t) for t in texts]
+    groups: dict[tuple, list[int]] = {}
+    for i, (tokens, _) in enumerate(tokenized):
+        groups.setdefault(tuple((k, len(v[0])) for k, v in tokens.items()), []).append(i)
+    out: list[TextEmbedding | None] = [None] * len(texts)
+    for shape, members in groups.items():
+        batch = {name: [tokenized[i][0][name][0] for i in members] for name, _ in shape}
+        cond = clip.encode_from_tokens(batch).detach()
+        rows = cond[0].split(cond.shape[1] // len(members))
+        for i, r in zip(members, rows):
+            out[i] = TextEmbedding(r, tokenized[i][1])
+    return out
 
 
 def encode_checked(clip, text: str, model, d: int, device: torch.device):
@@ -194,9 +223,13 @@ class Progress:
         self.done = 0
 
     def tick(self) -> None:
+        self.at(self.done + 1)
+
+    def at(self, done: int, total: int | None = None) -> None:
+        """Cancel if asked to; else show ``done`` of ``total`` (the total may grow as work is known)."""
         comfy.model_management.throw_exception_if_processing_interrupted()
-        self.done += 1
-        self.bar.update_absolute(self.done)
+        self.done = done
+        self.bar.update_absolute(done, total)
 
 
 def base_fingerprint(model, keys: list[str]) -> str:

@@ -16,6 +16,10 @@ from . import bridge
 
 FOLDER = "rece"
 EXTENSIONS = {".safetensors"}
+LISTS = "rece_lists"
+"""Concept lists: ``models/rece/lists/*.txt`` and the lists shipped in the pack's ``lists/``."""
+NO_LIST = "(none)"
+MAX_LIST_BYTES = 4 * 2**20
 
 
 def register_folder() -> None:
@@ -28,6 +32,38 @@ def register_folder() -> None:
         folder_paths.folder_names_and_paths[FOLDER] = (paths, set(exts) | EXTENSIONS)
     else:
         folder_paths.folder_names_and_paths[FOLDER] = ([default], set(EXTENSIONS))
+
+
+def register_lists() -> None:
+    """Register ``models/rece/lists`` (the user's) and the pack's own ``lists/`` for concept lists."""
+    paths = [os.path.join(folder_paths.models_dir, FOLDER, "lists"),
+             str(Path(__file__).resolve().parents[1] / "lists")]
+    known, exts = folder_paths.folder_names_and_paths.get(LISTS, ([], set()))
+    folder_paths.folder_names_and_paths[LISTS] = (known + [p for p in paths if p not in known], set(exts) | {".txt"})
+
+
+def concept_list_names() -> list[str]:
+    return [NO_LIST] + folder_paths.get_filename_list(LISTS)
+
+
+def read_concept_list(name: str) -> list[str]:
+    """The concepts of a list file: one per line, blank lines and ``#`` comments skipped."""
+    if name in ("", NO_LIST):
+        return []
+    if not name.endswith(".txt"):
+        raise ValueError(f"concept list {name!r}: only .txt lists in models/rece/lists are read")
+    path = resolve(LISTS, name)
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read(MAX_LIST_BYTES + 1)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"concept list {name}: cannot be read ({exc.__class__.__name__}: {exc})") from None
+    if len(text) > MAX_LIST_BYTES:
+        raise ValueError(f"concept list {name}: larger than {MAX_LIST_BYTES // 2**20} MiB; split it")
+    concepts = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
+    if not concepts:
+        raise ValueError(f"concept list {name}: has no concepts (one per line, # starts a comment)")
+    return concepts
 
 
 def _check_relative(name: str, what: str) -> None:
@@ -44,10 +80,11 @@ def resolve(folder: str, name: str) -> str:
     """The file ``name`` of a model folder; refuses names and links that lead outside it."""
     _check_relative(name, "file name")
     path = folder_paths.get_full_path(folder, name)
+    where = "models/rece/lists" if folder == LISTS else f"models/{folder}"
     if path is None:
-        raise ValueError(f"{name}: no such file in models/{folder}")
+        raise ValueError(f"{name}: no such file in {where}")
     if not any(_inside(path, base) for base in folder_paths.get_folder_paths(folder)):
-        raise ValueError(f"{name}: refused, it links outside models/{folder}")
+        raise ValueError(f"{name}: refused, it links outside {where}")
     return path
 
 
@@ -149,6 +186,7 @@ class ExportErasureAsLoRA:
 
 
 register_folder()
+register_lists()
 
 NODE_CLASS_MAPPINGS = {
     "RECESaveErasedWeights": SaveErasedWeights,

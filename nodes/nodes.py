@@ -9,7 +9,7 @@ import torch
 
 from ..rece_core import PRESETS, Erasure, rece
 from ..rece_core.derive import derive_with_transform, reach
-from . import bridge
+from . import bridge, files
 from .patch import ErasurePatch
 
 ERASURE = "RECE_ERASURE"
@@ -74,34 +74,37 @@ class RECEEraseConcept:
                                "tooltip": "λ: how strongly the original weights are kept."}),
             "erase_scale": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1e6, "step": 0.01, "round": False}),
             "preserve_scale": ("FLOAT", {"default": 0.1, "min": 0.0, "max": 1e6, "step": 0.01, "round": False}),
+        }, "optional": {
+            "concept_list": (files.concept_list_names(), {
+                "default": files.NO_LIST,
+                "tooltip": "Also erase every concept of a list file (one per line, # comments): your own in "
+                           "models/rece/lists, or the pack's (I2P categories, the paper's artists)."}),
         }}
 
     @torch.no_grad()
     def erase(self, model, clip, concepts, guide, preserve, concept_kind, rounds, reg, lamb, erase_scale,
-              preserve_scale):
+              preserve_scale, concept_list=files.NO_LIST):
         start = time.perf_counter()
-        concept_list = split_lines(concepts)
-        if not concept_list:
-            raise ValueError("RECE Erase Concept: enter at least one concept to erase (one per line).")
+        names = list(dict.fromkeys(split_lines(concepts) + files.read_concept_list(concept_list)))
+        if not names:
+            raise ValueError("RECE Erase Concept: enter at least one concept to erase (one per line), "
+                             "or choose a concept list.")
         keys = bridge.cross_attention_keys(model)
         d = bridge.text_width(model, keys)
         device = bridge.compute_device()
         solve = bridge.solve_device(device)
-        progress = bridge.Progress(len(keys) + rounds + 2)
-
-        encoded: dict[str, object] = {}
+        progress = bridge.Progress(len(keys))
+        first = bridge.encode_checked(clip, names[0], model, d, solve)[0]  # a wrong CLIP: refused now
 
         def encode(text: str):
-            if text not in encoded:
-                encoded[text] = bridge.encode_checked(clip, text, model, d, solve)[0]
-            return encoded[text]
+            return first if text == names[0] else bridge.encode(clip, text, solve)[0]
 
-        encode(concept_list[0])  # refuse a mismatched CLIP before reading any weight
         # the weights as this model uses them, earlier erasures included: chained erase nodes compose
         s = bridge.gram_of(model, keys, device, include_erasures=True, tick=progress.tick).to(solve)
-        erasure = rece(s, encode, concept_list, guide, split_lines(preserve), lamb=lamb,
+        erasure = rece(s, encode, names, guide, split_lines(preserve), lamb=lamb,
                        erase_scale=erase_scale, preserve_scale=preserve_scale, reg=reg, epochs=rounds,
-                       progress=lambda done, total: progress.tick())
+                       encode_many=lambda texts: bridge.encode_many(clip, list(texts)),
+                       progress=lambda done, total: progress.at(len(keys) + done, len(keys) + total))
         erasure = dataclasses.replace(
             erasure, seconds=time.perf_counter() - start, device=str(device),
             extra={"kind": concept_kind, "model": bridge.model_type(model),

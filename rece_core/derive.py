@@ -86,9 +86,11 @@ class Derivation:
     cost of the step's rank, not of the whole erasure's.
     """
 
-    def __init__(self, s: Tensor, concept: Tensor, *, reg: float) -> None:
+    def __init__(self, s: Tensor, concept: Tensor | None, *, reg: float) -> None:
         self.s = s.to(torch.float64)
         self.reg = check_scale("reg", reg)
+        if concept is None:  # only the map K is wanted (rows streamed by the caller)
+            concept = self.s.new_zeros(self.s.shape[0] + 1, self.s.shape[0])
         self.concept = concept.to(device=self.s.device, dtype=torch.float64)
         # more rows than d: solve for the [d, d] map K once and apply it, instead of n right-hand sides
         self.by_map = self.concept.shape[0] > self.s.shape[0]
@@ -107,12 +109,21 @@ class Derivation:
             self.p = p.compressed() if p.rank > p.dim else p
         return self
 
-    def derive(self) -> Tensor:
-        """``c' = c · Kᵀ``, ``K = (PᵀSP + ρI)⁻¹ PᵀS``, for the concept rows ``[n, d]``; float64 ``[n, d]``."""
+    def _solve(self) -> Tensor:
         a = self.system.clone()
         a.diagonal().add_(self.reg)
         rhs = self.p.apply_weight(self.target).T  # (c S P)ᵀ = Pᵀ S cᵀ (by map: Pᵀ S)
-        x = spd_solve(a, rhs, "the derivation system ΣW'ᵀW' + ρI")
+        return spd_solve(a, rhs, "the derivation system ΣW'ᵀW' + ρI")
+
+    def map(self) -> Tensor:
+        """``K = (PᵀSP + ρI)⁻¹ PᵀS``: float64 ``[d, d]``; derived rows are ``c Kᵀ``."""
+        if not self.by_map:
+            raise ValueError("this derivation solves for its concept rows, not for the map")
+        return self._solve()
+
+    def derive(self) -> Tensor:
+        """``c' = c · Kᵀ``, ``K = (PᵀSP + ρI)⁻¹ PᵀS``, for the concept rows ``[n, d]``; float64 ``[n, d]``."""
+        x = self._solve()
         return self.concept @ x.T if self.by_map else x.T
 
 

@@ -11,24 +11,17 @@ import torch
 from torch import Tensor
 
 from .derive import Derivation, gram, reach, weighted_norm2
+from .rows import TextEmbedding, erase_rows
+from .streamed import Statistics, chunked, dense_edit, gather, report_chunk, round_edit
 from .transform import LowRankTransform
 from .validation import check_matrix, check_scale, check_weights
 
+CHUNK_ROWS = 8192
+"""Token rows encoded and read at a time (a chunk of concepts: 106 of 77 tokens)."""
+
 __all__ = [
-    "PRESETS", "Erasure", "Preset", "RoundReport", "TextEmbedding", "erase_rows", "rece",
+    "CHUNK_ROWS", "PRESETS", "Erasure", "Preset", "RoundReport", "TextEmbedding", "erase_rows", "rece",
 ]
-
-
-@dataclass(frozen=True)
-class TextEmbedding:
-    """A prompt's text-encoder output ``rows: [tokens, d]``.
-
-    ``last_token`` is the index of the prompt's last word token (the tokenizer's attention-mask
-    sum minus 2); an empty prompt has ``last_token = 0``, its start token.
-    """
-
-    rows: Tensor
-    last_token: int
 
 
 @dataclass(frozen=True)
@@ -124,22 +117,6 @@ class Erasure:
         return "\n".join(lines)
 
 
-def erase_rows(concept: TextEmbedding, guide: TextEmbedding) -> tuple[Tensor, Tensor]:
-    """The erase step's paired rows: each prompt from its last word token on, cut to one length.
-
-    As the authors' ``train_uce.edit_model``: with ``f = max(fᶜ, fᵍ)`` over both last-token
-    indices, the concept gives rows ``[fᶜ, T − (f − fᶜ))`` and the guide ``[fᵍ, T − (f − fᵍ))``.
-    """
-    t = concept.rows.shape[0]
-    if guide.rows.shape[0] != t:
-        raise ValueError(f"concept has {t} token rows but guide has {guide.rows.shape[0]}")
-    fc, fg = int(concept.last_token), int(guide.last_token)
-    if not (0 <= fc < t and 0 <= fg < t):
-        raise ValueError(f"last_token out of range: concept {fc}, guide {fg}, tokens {t}")
-    far = max(fc, fg)
-    return concept.rows[fc:t - (far - fc)], guide.rows[fg:t - (far - fg)]
-
-
 def _as_gram(weights: Mapping[str, Tensor] | Tensor, device: torch.device | None) -> Tensor:
     if isinstance(weights, Tensor):
         s = check_matrix("gram", weights)
@@ -154,7 +131,9 @@ def rece(weights: Mapping[str, Tensor] | Tensor, encode: Callable[[str], TextEmb
          concepts: Sequence[str], guide: str | Sequence[str] = "", preserve: Sequence[str] = (), *,
          lamb: float = 0.1, erase_scale: float = 1.0, preserve_scale: float = 0.1,
          reg: float = 0.1, epochs: int = 3, device: torch.device | str | None = None,
-         progress: Callable[[int, int], None] | None = None) -> Erasure:
+         progress: Callable[[int, int], None] | None = None,
+         encode_many: Callable[[Sequence[str]], Sequence[TextEmbedding]] | None = None,
+         chunk_rows: int = CHUNK_ROWS) -> Erasure:
     """Erase ``concepts`` as the RECE authors do.
 
     1. Erase step on each concept's tail rows paired with its guide's (``erase_rows``), preserving
@@ -164,8 +143,12 @@ def rece(weights: Mapping[str, Tensor] | Tensor, encode: Callable[[str], TextEmb
        guide's full embedding, preserving ``' '`` once per concept and the ``preserve`` prompts.
 
     ``weights``: name → ``[out, d]`` of every ``attn2.to_k``/``to_v`` (or their Gram ``Σ WᵀW``);
-    ``encode``: the text encoder; an empty guide means the unconditional ``' '``.
-    ``progress(done, total)`` is called after each step; raising from it cancels.
+    ``encode``: the text encoder; an empty guide means the unconditional ``' '``;
+    ``encode_many``: the same for a list of prompts at once (default: ``encode`` one by one).
+    Prompts are encoded ``chunk_rows // tokens`` at a time. When the concepts' token rows outnumber
+    ``d``, the steps run from ``d × d`` sums and the rows are read a chunk at a time (``streamed``);
+    the encoder outputs are kept as given (their own dtype and device), nothing else per row.
+    ``progress(done, total)`` is called after each chunk and step; raising from it cancels.
     """
     start = time.perf_counter()
     lamb = check_scale("lamb", lamb)
@@ -189,7 +172,26 @@ def rece(weights: Mapping[str, Tensor] | Tensor, encode: Callable[[str], TextEmb
     s = _as_gram(weights, dev)
     dev = s.device
     d = s.shape[0]
-    total = 1 + epochs + 1
+    scales = dict(lamb=lamb, erase_scale=erase_scale, preserve_scale=preserve_scale)
+
+    cache: dict[str, TextEmbedding] = {}  # the encoder's output as given
+
+    def keep(text: str, e: TextEmbedding) -> None:
+        check_matrix(f"embedding of {text!r}", e.rows, d)
+        cache[text] = TextEmbedding(e.rows.detach(), int(e.last_token))
+
+    def full(text: str) -> TextEmbedding:
+        """``text``'s rows in float64 on the solve device."""
+        e = cache[text]
+        return TextEmbedding(e.rows.to(device=dev, dtype=torch.float64), e.last_token)
+
+    keep(concepts[0], encode(concepts[0]))
+    tokens = cache[concepts[0]].rows.shape[0]
+    per_chunk = max(1, chunk_rows // tokens)
+    streamed = len(concepts) * tokens > d
+    todo = [t for t in dict.fromkeys(concepts + guides + ("", " ") + preserve) if t not in cache]
+    n_report = -(-len(concepts) // per_chunk) if streamed else 1
+    total = -(-len(todo) // per_chunk) + (1 + epochs) * n_report + (n_report if streamed else 0)
     done = 0
 
     def tick() -> None:
@@ -198,21 +200,45 @@ def rece(weights: Mapping[str, Tensor] | Tensor, encode: Callable[[str], TextEmb
         if progress is not None:
             progress(done, total)
 
-    cache: dict[str, TextEmbedding] = {}
+    for part in chunked(todo, per_chunk):
+        out = list(encode_many(part)) if encode_many is not None else [encode(t) for t in part]
+        if len(out) != len(part):
+            raise ValueError(f"the encoder returned {len(out)} embeddings for {len(part)} prompts")
+        for text, e in zip(part, out):
+            keep(text, e)
+        tick()
 
-    def emb(text: str) -> TextEmbedding:
-        if text not in cache:
-            e = encode(text)
-            check_matrix(f"embedding of {text!r}", e.rows, d)
-            cache[text] = TextEmbedding(e.rows.to(device=dev, dtype=torch.float64), int(e.last_token))
-        return cache[text]
+    preserved = {name: full(name).rows for name in ("",) + preserve}
+    # The authors preserve ' ' once per concept; given preserve prompts are kept as well (the empty
+    # prompt is every negative/unconditional branch, so it must not drift either). n copies of r add
+    # n·rᵀr to the erase system, as one copy of √n·r does.
+    round_preserve = torch.cat([full(" ").rows * math.sqrt(len(concepts))] + [full(x).rows for x in preserve])
+    if streamed:
+        p, rounds = _rece_streamed(s, [cache[c] for c in concepts], [cache[g] for g in guides], preserved,
+                                   round_preserve, per_chunk, reg=reg, epochs=epochs, tick=tick, **scales)
+    else:
+        p, rounds = _rece_rows(s, [full(c) for c in concepts], [full(g) for g in guides], preserved,
+                               round_preserve, reg=reg, epochs=epochs, tick=tick, **scales)
+    return Erasure(
+        transform=p.to(dtype=torch.float32), concepts=concepts, guides=guides,
+        preserve=preserve, lamb=lamb, erase_scale=erase_scale, preserve_scale=preserve_scale,
+        reg=reg, epochs=epochs, rounds=tuple(rounds), seconds=time.perf_counter() - start,
+        device=str(dev))
 
-    concept_emb = [emb(c) for c in concepts]
-    guide_emb = [emb(g) for g in guides]
-    preserved = {name: emb(name).rows for name in ("",) + preserve}
+
+def _drift(s: Tensor, p: LowRankTransform, preserved: dict[str, Tensor]) -> dict[str, float]:
+    """``‖W'r − Wr‖ / ‖Wr‖`` for each preserved prompt."""
+    rows = torch.cat(list(preserved.values()))
+    sizes = [r.shape[0] for r in preserved.values()]
+    moved = weighted_norm2(p.apply_rows(rows) - rows, s, sizes)
+    return dict(zip(preserved, (moved / weighted_norm2(rows, s, sizes).clamp_min(1e-300)).sqrt().tolist()))
+
+
+def _rece_rows(s: Tensor, concept_emb: list[TextEmbedding], guide_emb: list[TextEmbedding],
+               preserved: dict[str, Tensor], round_preserve: Tensor, *, reg: float, epochs: int,
+               tick: Callable[[], None], **scales: float) -> tuple[LowRankTransform, list[RoundReport]]:
+    """RECE holding every concept's rows (float64): few concepts, low-rank steps."""
     pairs = [erase_rows(c, g) for c, g in zip(concept_emb, guide_emb)]
-    tick()
-
     concept_rows = torch.cat([c.rows for c in concept_emb])
     guide_rows = torch.cat([g.rows for g in guide_emb])
     concept_sizes = [c.rows.shape[0] for c in concept_emb]
@@ -240,28 +266,57 @@ def rece(weights: Mapping[str, Tensor] | Tensor, encode: Callable[[str], TextEmb
 
     # one derivation for every concept at a time: the system depends only on S, P and ρ
     system = Derivation(s, concept_rows, reg=reg).then(LowRankTransform.from_edit(
-        torch.cat([e for e, _ in pairs]), torch.cat([g for _, g in pairs]), preserve_rows,
-        lamb=lamb, erase_scale=erase_scale, preserve_scale=preserve_scale))
+        torch.cat([e for e, _ in pairs]), torch.cat([g for _, g in pairs]), preserve_rows, **scales))
     derived = system.derive()
     rounds = [report(0, system.p, derived)]
     tick()
-
-    # The authors preserve ' ' once per concept; given preserve prompts are kept as well (the empty
-    # prompt is every negative/unconditional branch, so it must not drift either). n copies of r add
-    # n·rᵀr to the erase system, as one copy of √n·r does.
-    space = emb(" ").rows * math.sqrt(len(concepts))
-    round_preserve = torch.cat([space] + [emb(x).rows for x in preserve])
     for epoch in range(1, epochs + 1):
-        system.then(LowRankTransform.from_edit(
-            derived, guide_rows, round_preserve,
-            lamb=lamb, erase_scale=erase_scale, preserve_scale=preserve_scale))
+        system.then(LowRankTransform.from_edit(derived, guide_rows, round_preserve, **scales))
         derived = system.derive()
         rounds.append(report(epoch, system.p, derived))
         tick()
+    return system.p, rounds
 
-    p = system.p
-    return Erasure(
-        transform=p.to(dtype=torch.float32), concepts=concepts, guides=guides,
-        preserve=preserve, lamb=lamb, erase_scale=erase_scale, preserve_scale=preserve_scale,
-        reg=reg, epochs=epochs, rounds=tuple(rounds), seconds=time.perf_counter() - start,
-        device=str(dev))
+
+def _rece_streamed(s: Tensor, concept_emb: list[TextEmbedding], guide_emb: list[TextEmbedding],
+                   preserved: dict[str, Tensor], round_preserve: Tensor, per_chunk: int, *, reg: float,
+                   epochs: int, tick: Callable[[], None], **scales: float
+                   ) -> tuple[LowRankTransform, list[RoundReport]]:
+    """RECE from ``d × d`` sums, reading the concepts' rows ``per_chunk`` concepts at a time."""
+    d, dev = s.shape[0], s.device
+
+    def chunks():
+        for part in chunked(range(len(concept_emb)), per_chunk):
+            yield ([concept_emb[i].rows.to(device=dev, dtype=torch.float64) for i in part],
+                   [guide_emb[i].rows.to(device=dev, dtype=torch.float64) for i in part],
+                   [concept_emb[i].last_token for i in part], [guide_emb[i].last_token for i in part])
+
+    stats = Statistics(d, dev)
+    for chunk in chunks():
+        gather(stats, s, *chunk)
+        tick()
+    reach_scale = torch.cat(stats.reach_scale).clamp_min(torch.finfo(torch.float64).tiny)
+    gap_before = torch.cat(stats.gap_before).clamp_min(1e-300)
+    preserve_rows = torch.cat(list(preserved.values()))
+    system = Derivation(s, None, reg=reg).then(
+        dense_edit(stats.tail_gram, stats.tail_cross, preserve_rows, **scales))
+
+    def report(step: int) -> tuple[RoundReport, Tensor]:
+        k = system.map()
+        misses, gaps = [], []
+        for chunk in chunks():
+            miss, gap = report_chunk(s, system.p, k, *chunk)
+            misses.append(miss)
+            gaps.append(gap)
+            tick()
+        reaches = (1.0 - torch.cat(misses) / reach_scale).clamp(0.0, 1.0)
+        gap = (torch.cat(gaps) / gap_before).sqrt()
+        return RoundReport(step, tuple(gap.tolist()), tuple(reaches.tolist()), _drift(s, system.p, preserved)), k
+
+    first, k = report(0)
+    rounds = [first]
+    for epoch in range(1, epochs + 1):
+        system.then(round_edit(stats, k, round_preserve, **scales))
+        r, k = report(epoch)
+        rounds.append(r)
+    return system.p, rounds

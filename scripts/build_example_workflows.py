@@ -26,7 +26,7 @@ SLOTS = {
 }
 
 
-NUDITY = ["nudity", "", "", "nudity", 3, 0.1, 0.1, 1.0, 0.1]  # RECE Erase Concept widgets, paper defaults
+NUDITY = ["nudity", "", "", "nudity", 3, 0.1, 0.1, 1.0, 0.1, "(none)"]  # RECE Erase Concept widgets, paper defaults
 
 
 class Graph:
@@ -107,7 +107,7 @@ def erase_nudity_sd15() -> None:
 def erase_artist_sdxl() -> None:
     g = Graph()
     ckpt, erase = loader_and_erase(g, "sd_xl_base_1.0.safetensors",
-                                   ["Van Gogh", "art", "", "artistic_style", 1, 0.001, 0.1, 1.0, 0.1])
+                                   ["Van Gogh", "art", "", "artistic_style", 1, 0.001, 0.1, 1.0, 0.1, "(none)"])
     pos, neg, latent = prompts_and_latent(g, ckpt, "a starry night over a village, painting by Van Gogh", 1024)
     sampler_branch(g, (erase, 0), pos, neg, latent, ckpt, 760, 100, "rece/sdxl_no_van_gogh")
     g.dump("erase_artist_style_sdxl.json")

@@ -96,12 +96,13 @@ class FakeCLIP:
         return self.tokenizer.tokenize_with_weights(text, return_word_ids, **kwargs)
 
     def encode_from_tokens(self, tokens, return_pooled=False, return_dict=False):
+        """Like ComfyUI: every chunk encoded (one batch), rows concatenated; pooled of the first chunk."""
         self.calls += 1
-        first = tokens[self.tokenizer.names[-1] if self.pooled else "l"][0]
-        ids = [t[0] for t in first]
-        text_rows = [enc.rows(ids) for enc in self.parts]
-        cond = torch.cat(text_rows, dim=-1).unsqueeze(0)
-        pooled = text_rows[-1][ids.index(self.parts[-1].end)].unsqueeze(0) if self.pooled else None
+        chunks = [[t[0] for t in chunk] for chunk in tokens[self.tokenizer.names[-1] if self.pooled else "l"]]
+        per_chunk = [[enc.rows(ids) for enc in self.parts] for ids in chunks]
+        cond = torch.cat([torch.cat(parts, dim=-1) for parts in per_chunk]).unsqueeze(0)
+        first = chunks[0]
+        pooled = per_chunk[0][-1][first.index(self.parts[-1].end)].unsqueeze(0) if self.pooled else None
         return (cond, pooled) if return_pooled else cond
 
 

@@ -95,7 +95,9 @@ def test_example_matches_node_definitions(path: Path):
         input_types, outputs = defs[node["type"]]
         spec = widgets(input_types)
         values = node.get("widgets_values", [])
-        assert len(values) == len(spec), f"{node['type']}: {len(values)} widget values for {[s[0] for s in spec]}"
+        n_required = len(widgets({"required": input_types["required"]}))
+        assert n_required <= len(values) <= len(spec), \
+            f"{node['type']}: {len(values)} widget values for {[s[0] for s in spec]}"
         for (name, kind, opts), value in zip(spec, values):
             check_value(node["type"], name, kind, opts, value)
         assert [o["type"] for o in node["outputs"]] == list(outputs), node["type"]
@@ -108,6 +110,18 @@ def test_example_matches_node_definitions(path: Path):
         target = nodes[dst]["inputs"][in_slot]
         assert target["type"] == kind and target["link"] == lid, f"link {lid}"
         assert lid in nodes[src]["outputs"][out_slot]["links"]
+
+
+def test_workflows_saved_before_the_optional_inputs_still_load():
+    """A RECE Erase Concept saved before `concept_list` existed: its values map onto the same widgets."""
+    input_types = definitions()["RECEEraseConcept"][0]
+    legacy = ["nudity", "", "", "nudity", 3, 0.1, 0.1, 1.0, 0.1]
+    required = widgets({"required": input_types["required"]})
+    assert [w[0] for w in required] == ["concepts", "guide", "preserve", "concept_kind", "rounds", "reg", "lamb",
+                                        "erase_scale", "preserve_scale"]
+    for (name, kind, opts), value in zip(required, legacy):
+        check_value("RECEEraseConcept", name, kind, opts, value)
+    assert all(name in input_types.get("optional", {}) for name, _, _ in widgets(input_types)[len(legacy):])
 
 
 def test_there_are_the_three_examples():

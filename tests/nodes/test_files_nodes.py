@@ -17,6 +17,7 @@ from rece_comfyui.nodes.files import ExportErasureAsLoRA, LoadErasedWeights, Sav
 from rece_comfyui.nodes.nodes import ApplyErasedWeights, RECEEraseConcept  # noqa: E402
 from rece_comfyui.rece_core.files import lora_key  # noqa: E402
 from rece_comfyui.rece_core.toy import layer_names  # noqa: E402
+from measure import rel  # noqa: E402
 
 KEYS = [k for k, _ in layer_names("sd15")]
 ARGS = dict(concepts="nudity", guide="", preserve="", concept_kind="nudity", rounds=1, reg=0.1, lamb=0.1,
@@ -38,10 +39,6 @@ def erased():
     model, clip = make_model("sd15"), FakeCLIP("sd15")
     out = RECEEraseConcept().erase(model, clip, **ARGS)["result"]
     return model, out[1]
-
-
-def rel(a, b):
-    return float((a.double() - b.double()).norm() / b.double().norm())
 
 
 def test_save_load_apply_is_bit_identical_and_listed(models_dir, erased):

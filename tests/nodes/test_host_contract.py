@@ -19,16 +19,13 @@ from rece_comfyui.nodes import bridge  # noqa: E402
 from rece_comfyui.nodes.nodes import ApplyErasedWeights, RECEDeriveEmbedding, RECEEraseConcept  # noqa: E402
 from rece_comfyui.nodes.patch import ErasurePatch, is_erasure_patch  # noqa: E402
 from rece_comfyui.rece_core.toy import layer_names  # noqa: E402
+from measure import rel  # noqa: E402
 
 DEFAULTS = dict(concepts="nudity", guide="", preserve="", concept_kind="nudity", rounds=2, reg=0.1, lamb=0.1,
                 erase_scale=1.0, preserve_scale=0.1)
 KEYS = [k for k, _ in layer_names("tiny")]
 has_bypass_hook = importlib.util.find_spec("comfy.weight_adapter.bypass") is not None
 has_quantized = importlib.util.find_spec("comfy.quant_ops") is not None
-
-
-def rel(a, b) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm())
 
 
 def erased(model=None, **kw):
@@ -66,7 +63,7 @@ def test_patch_arithmetic_is_float32_with_one_cast_back(dtype):
     strength, patch = adapter_of(out)[:2]
     w = model.model.state_dict()[KEYS[0]]
     got = patch.calculate_weight(w.clone(), KEYS[0], strength, 1.0, None, None, intermediate_dtype=dtype)
-    exact = erasure.transform.apply_weight(w.double())
+    exact = erasure.transform.to(device=w.device).apply_weight(w.double())
     assert got.dtype == dtype
     rounding = rel(exact.to(dtype), exact) if dtype != torch.float32 else 1e-7
     assert rel(got, exact) <= 1.5 * rounding

@@ -15,6 +15,7 @@ from rece_comfyui.nodes.nodes import (  # noqa: E402
     ApplyErasedWeights, RECEDeriveEmbedding, RECEEraseConcept)
 from rece_comfyui.rece_core import Erasure  # noqa: E402
 from rece_comfyui.rece_core.toy import layer_names  # noqa: E402
+from measure import rel  # noqa: E402
 
 DEFAULTS = dict(concepts="nudity", guide="", preserve="", concept_kind="nudity", rounds=2, reg=0.1, lamb=0.1,
                 erase_scale=1.0, preserve_scale=0.1)
@@ -31,10 +32,6 @@ def keys(arch="tiny"):
 
 def snapshot(model):
     return {k: v.detach().clone() for k, v in model.model.state_dict().items()}
-
-
-def rel(a, b):
-    return float((a.double() - b.double()).norm() / b.double().norm())
 
 
 def test_registered_with_stable_ids_and_display_names():
@@ -88,7 +85,7 @@ def test_many_concepts_give_a_full_rank_erasure_patched_exactly():
     p = erasure.transform.dense().double()
     base, after = effective_weights(model, keys()), effective_weights(erased, keys())
     for k in keys():
-        assert rel(after[k], base[k].double() @ p) < 1e-5
+        assert rel(after[k], base[k].double() @ p.to(base[k].device)) < 1e-5
 
 
 def test_lora_applied_before_the_node_is_taken_into_account():
@@ -254,3 +251,29 @@ def test_chained_erase_nodes_compose_on_the_weights_in_use():
     # and Derive sees both
     out = RECEDeriveEmbedding().derive(second, clip, "nudity", 0.1)
     assert out["ui"]["rece_report"][0]["erasures"] == 2
+
+
+@pytest.mark.parametrize("arch", ["tiny", "sdxl"])
+def test_batched_encoding_gives_each_prompt_its_own_rows(arch):
+    from rece_comfyui.nodes import bridge
+
+    clip = FakeCLIP(arch)
+    texts = ["nudity", "a photo of a cat", " ", "", "blood and gore on the floor"]
+    batched = bridge.encode_many(clip, texts)
+    assert clip.calls == 1  # one encoder call for all of them
+    for text, b in zip(texts, batched):
+        one = bridge.encode(clip, text, b.rows.device)[0]
+        assert b.last_token == one.last_token
+        assert rel(b.rows, one.rows) < 1e-6
+
+
+def test_many_concepts_erase_through_the_node_in_chunks():
+    """More concepts than fit a chunk: encoded in batches, streamed, every concept reported."""
+    model, clip = make_model(), FakeCLIP()
+    concepts = "\n".join(f"concept number {i}" for i in range(150))
+    (erased, erasure, report), ui = erase(model, clip, concepts=concepts, rounds=1)
+    assert len(erasure.concepts) == 150 and len(ui["rece_report"][0]["rounds"][-1]["reach"]) == 150
+    assert clip.calls <= 4  # the first concept alone, then batches of 106 prompts
+    after, base = effective_weights(erased, keys()), effective_weights(model, keys())
+    p = erasure.transform.dense().double()
+    assert max(rel(after[k], base[k].double() @ p.to(base[k].device)) for k in keys()) < 1e-5

@@ -12,6 +12,7 @@ import os
 
 import pytest
 import torch
+from measure import rel  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not os.environ.get("COMFYUI_PATH"), reason="real tier: set COMFYUI_PATH")
 
@@ -27,13 +28,19 @@ def fingerprint(model) -> str:
 
 
 @pytest.fixture(scope="module")
-def loaded(tmp_path_factory):
-    import comfy.sd
+def checkpoint(tmp_path_factory):
     from checkpoint import make_sd15_checkpoint
 
     path = make_sd15_checkpoint(tmp_path_factory.mktemp("ckpt") / "seeded_sd15.safetensors")
-    model, clip, vae = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=True, output_clip=True)[:3]
+    yield path
     os.remove(path)
+
+
+@pytest.fixture(scope="module")
+def loaded(checkpoint):
+    import comfy.sd
+
+    model, clip, vae = comfy.sd.load_checkpoint_guess_config(str(checkpoint), output_vae=True, output_clip=True)[:3]
     return model, clip, vae
 
 
@@ -45,10 +52,6 @@ def sample(model, clip, prompt: str):
     latent = comfy_nodes.EmptyLatentImage().generate(64, 64, 1)[0]
     out = comfy_nodes.KSampler().sample(model, 42, 4, 7.0, "euler", "normal", positive, negative, latent, 1.0)[0]
     return out["samples"].float()
-
-
-def rel(a, b):
-    return float((a - b).norm() / b.norm())
 
 
 def test_erase_concept_end_to_end(loaded):
@@ -131,3 +134,64 @@ def test_erased_model_saves_with_comfyuis_checkpoint_save(loaded, tmp_path):
     assert rel(saved, effective_weights(model, [k])[k]) > 1e-2  # and the erasure is in it
     comfy.model_management.unload_all_models()
     assert fingerprint(model) == before  # ComfyUI restored the shared weights
+
+
+def sample_streamed(model, clip, prompt: str, monkeypatch) -> torch.Tensor:
+    """Sample with every layer streamed (ComfyUI's NO_VRAM: weights cast and patched per forward)."""
+    import comfy.model_management as mm
+
+    mm.unload_all_models()
+    with monkeypatch.context() as m:
+        m.setattr(mm, "vram_state", mm.VRAMState.NO_VRAM)
+        m.setattr(mm, "is_device_cpu", lambda device: False)  # on a CPU-only run too
+        out = sample(model, clip, prompt)
+        assert model.model.model_lowvram  # it really streamed
+    mm.unload_all_models()
+    return out
+
+
+@pytest.mark.parametrize("weights", ["fp16", "fp8_e4m3fn"])
+def test_erased_model_samples_the_same_streamed_as_fully_loaded(loaded, checkpoint, weights, monkeypatch):
+    """NO_VRAM streaming applies the erasure per forward in the weight's own dtype; it must match."""
+    import comfy.model_management as mm
+    import comfy.sd
+    from conftest import load_pack
+
+    load_pack()
+    from rece_comfyui.nodes.nodes import RECEEraseConcept
+
+    model, clip = loaded[:2]
+    if weights != "fp16":
+        model = comfy.sd.load_checkpoint_guess_config(
+            str(checkpoint), output_vae=False, output_clip=False,
+            model_options={"dtype": getattr(torch, "float8_e4m3fn")})[0]
+        assert model.model.diffusion_model.input_blocks[1][1].transformer_blocks[0].attn2.to_k.weight.dtype == \
+            torch.float8_e4m3fn
+    before = fingerprint(model)
+    erased = RECEEraseConcept().erase(model, clip, CONCEPT, "", PRESERVED, "nudity", 2, 0.1, 0.1, 1.0, 0.1)
+    erased = erased["result"][0]
+    mm.unload_all_models()
+    full = sample(erased, clip, CONCEPT)
+    original = sample(model, clip, CONCEPT)
+    streamed = sample_streamed(erased, clip, CONCEPT, monkeypatch)
+    print(f"{weights}: streamed vs full {rel(streamed, full):.2e}; erased vs original {rel(full, original):.3f}")
+    assert rel(streamed, full) < 1e-2
+    assert rel(full, original) > 10 * rel(streamed, full)  # the erasure is there in both
+    assert fingerprint(model) == before
+
+
+def test_batched_encoding_with_comfyuis_clip_equals_cliptextencode(loaded):
+    """ComfyUI's real CLIP-L: prompts encoded together give CLIPTextEncode's rows, weights included."""
+    import nodes as comfy_nodes
+    from conftest import load_pack
+
+    load_pack()
+    from rece_comfyui.nodes import bridge
+
+    clip = loaded[1]
+    texts = ["nudity", "(nudity:1.3), a photo", "a photo of a cat", "", " ", "[blood] and (gore:0.8)"]
+    batched = bridge.encode_many(clip, texts)
+    for text, b in zip(texts, batched):
+        one = comfy_nodes.CLIPTextEncode().encode(clip, text)[0][0][0][0]
+        assert b.last_token == bridge.tokenize(clip, text)[1]
+        assert rel(b.rows, one) < 1e-5, text

@@ -12,10 +12,7 @@ from rece_core import (PRESETS, TextEmbedding, closed_form_edit, derive_embeddin
 from rece_core.baseline import literal_derive, literal_edit, literal_rece
 from rece_core.derive import Derivation, gram
 from rece_core.toy import ToyTextEncoder, cross_attention_weights
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm())
+from measure import rel  # noqa: E402
 
 
 @pytest.fixture(scope="module")
