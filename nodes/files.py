@@ -110,11 +110,14 @@ class SaveErasedWeights:
     OUTPUT_NODE = True
     RETURN_TYPES = ()
     DESCRIPTION = "Saves the erasure (two thin factors and its parameters) to models/rece for sharing."
+    SEARCH_ALIASES = ["save erasure", "export erasure", "concept erasure", "unlearn", "RECE"]
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"erasure": ("RECE_ERASURE",),
-                             "filename_prefix": ("STRING", {"default": "rece/erasure"})}}
+        return {"required": {"erasure": ("RECE_ERASURE", {"tooltip": "The erasure to save."}),
+                             "filename_prefix": ("STRING", {"default": "rece/erasure",
+                                                            "tooltip": "Path under models/rece; _00001 and "
+                                                                       ".safetensors are added."})}}
 
     def save(self, erasure, filename_prefix):
         bridge.require_erasure(erasure, "Save Erased Weights")
@@ -131,10 +134,16 @@ class LoadErasedWeights:
     FUNCTION = "load"
     RETURN_TYPES = ("RECE_ERASURE", "STRING")
     RETURN_NAMES = ("erasure", "report")
+    OUTPUT_TOOLTIPS = ("The loaded erasure: connect it to Apply Erased Weights.",
+                       "The file name and the erasure's own report (concepts, parameters, reach per round).")
+    DESCRIPTION = ("Loads an erasure file (.safetensors, checked before use) from models/rece, e.g. one shared "
+                   "by someone else, for Apply Erased Weights.")
+    SEARCH_ALIASES = ["load erasure", "import erasure", "concept erasure", "unlearn", "nsfw", "safety", "RECE"]
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"erasure_name": (folder_paths.get_filename_list(FOLDER),)}}
+        return {"required": {"erasure_name": (folder_paths.get_filename_list(FOLDER),
+                                              {"tooltip": "An erasure file in models/rece."})}}
 
     def load(self, erasure_name):
         erasure = load_erasure(resolve(FOLDER, erasure_name))
@@ -151,16 +160,23 @@ class ExportErasureAsLoRA:
     OUTPUT_NODE = True
     RETURN_TYPES = ("STRING",)
     RETURN_NAMES = ("report",)
+    OUTPUT_TOOLTIPS = ("Where the LoRA was written, its rank, and its largest relative error (exact at rank 0).",)
+    SEARCH_ALIASES = ["export lora", "erasure to lora", "save lora", "concept erasure", "unlearn", "RECE"]
     DESCRIPTION = ("Exports W(P − I) of every attn2.to_k/to_v of this model as lora_up/lora_down; exact at rank 0, "
                    "otherwise the best approximation of that rank (the report states the error).")
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"model": ("MODEL",), "erasure": ("RECE_ERASURE",),
-                             "filename_prefix": ("STRING", {"default": "rece/erasure_lora"}),
+        return {"required": {"model": ("MODEL", {"tooltip": "The model whose weights the LoRA's deltas are "
+                                                            "computed from."}),
+                             "erasure": ("RECE_ERASURE", {"tooltip": "The erasure to export."}),
+                             "filename_prefix": ("STRING", {"default": "rece/erasure_lora",
+                                                            "tooltip": "Path under models/loras; _00001 and "
+                                                                       ".safetensors are added."}),
                              "rank": ("INT", {"default": 0, "min": 0, "max": 4096,
                                               "tooltip": "0 = exact (rank of P − I); lower = smaller, approximate"}),
-                             "precision": (["fp16", "fp32"], {"default": "fp16"})}}
+                             "precision": (["fp16", "fp32"], {"default": "fp16",
+                                                              "tooltip": "Precision of the stored LoRA factors."})}}
 
     @torch.no_grad()
     def export(self, model, erasure, filename_prefix, rank, precision):

@@ -48,10 +48,17 @@ class RECEEraseConcept:
 
     DESCRIPTION = ("Erases concepts (one per line) from the model's cross-attention keys and values with "
                    "RECE's closed-form edit, then closes the holes an attacker's embedding could use.")
+    SEARCH_ALIASES = ["concept erasure", "erase concept", "unlearn", "machine unlearning", "nsfw", "safety",
+                      "safe", "remove nudity", "remove style", "remove artist", "remove object", "censor",
+                      "UCE", "RECE", "cross attention edit"]
     CATEGORY = CATEGORY
     FUNCTION = "erase"
     RETURN_TYPES = ("MODEL", ERASURE, "STRING")
     RETURN_NAMES = ("model", "erasure", "report")
+    OUTPUT_TOOLTIPS = ("The model with the concepts erased (a patched clone; the model you loaded is unchanged).",
+                       "The erasure itself: save it, apply it to another model, or export it as a LoRA.",
+                       "The erasure report: how much of each concept the best attacking embedding still reaches, "
+                       "per round, and how far the preserved prompts drifted.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -72,8 +79,11 @@ class RECEEraseConcept:
                               "tooltip": "ρ: regularisation of the derived embedding."}),
             "lamb": ("FLOAT", {"default": 0.1, "min": 0.0, "max": 1e6, "step": 0.01, "round": False,
                                "tooltip": "λ: how strongly the original weights are kept."}),
-            "erase_scale": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1e6, "step": 0.01, "round": False}),
-            "preserve_scale": ("FLOAT", {"default": 0.1, "min": 0.0, "max": 1e6, "step": 0.01, "round": False}),
+            "erase_scale": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1e6, "step": 0.01, "round": False,
+                                      "tooltip": "Weight of the erase targets (concept → guide) in the edit."}),
+            "preserve_scale": ("FLOAT", {"default": 0.1, "min": 0.0, "max": 1e6, "step": 0.01, "round": False,
+                                         "tooltip": "Weight of keeping the preserved prompts (and '' / ' ') "
+                                                    "where they are."}),
         }, "optional": {
             "concept_list": (files.concept_list_names(), {
                 "default": files.NO_LIST,
@@ -124,17 +134,25 @@ class RECEDeriveEmbedding:
 
     DESCRIPTION = ("Derives the text embedding with which an erased model best reproduces a concept "
                    "(RECE's closed-form attack). Sample with it to see what the erased model can still draw.")
+    SEARCH_ALIASES = ["red team", "attack", "adversarial embedding", "derive embedding", "test erasure",
+                      "concept erasure", "unlearn", "nsfw", "safety", "RECE"]
     CATEGORY = CATEGORY
     FUNCTION = "derive"
     RETURN_TYPES = ("CONDITIONING", "FLOAT", "STRING")
     RETURN_NAMES = ("conditioning", "reach", "report")
+    OUTPUT_TOOLTIPS = ("The derived embedding as conditioning: sample with it to see what the erased model can "
+                       "still draw for the concept.",
+                       "Reach: 1 = the erased model still reproduces the concept exactly, 0 = it misses it by as "
+                       "much as the guide differs from the concept.",
+                       "A one-line report of the derivation.")
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
             "model": ("MODEL", {"tooltip": "A model erased by RECE Erase Concept or Apply Erased Weights."}),
-            "clip": ("CLIP",),
-            "concept": ("STRING", {"multiline": True, "default": "nudity"}),
+            "clip": ("CLIP", {"tooltip": "The text encoder that goes with the model."}),
+            "concept": ("STRING", {"multiline": True, "default": "nudity",
+                                   "tooltip": "The concept to attack (one prompt)."}),
             "reg": ("FLOAT", {"default": 0.1, "min": 0.0, "max": 100.0, "step": 0.0001, "round": False,
                               "tooltip": "ρ: regularisation toward the zero embedding."}),
         }}
@@ -173,16 +191,21 @@ class ApplyErasedWeights:
 
     DESCRIPTION = ("Applies an erasure to a model with the same text width (e.g. a fine-tune of the base it "
                    "was made on), computed from that model's own weights.")
+    SEARCH_ALIASES = ["apply erasure", "load erasure", "concept erasure", "unlearn", "nsfw", "safety",
+                      "remove style", "RECE"]
     CATEGORY = CATEGORY
     FUNCTION = "apply"
     RETURN_TYPES = ("MODEL", "STRING")
     RETURN_NAMES = ("model", "report")
+    OUTPUT_TOOLTIPS = ("The model with the erasure applied (a patched clone).",
+                       "Which erasure was applied, at what strength, and a warning when it was computed on "
+                       "another base model.")
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("MODEL",),
-            "erasure": (ERASURE,),
+            "model": ("MODEL", {"tooltip": "The model to apply the erasure to (same text width)."}),
+            "erasure": (ERASURE, {"tooltip": "An erasure from RECE Erase Concept or Load Erased Weights."}),
             "strength": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01,
                                    "tooltip": "1 = as computed, 0 = none; negative allowed."}),
         }}

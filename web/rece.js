@@ -1,6 +1,6 @@
 // RECE for ComfyUI: the canvas report of the RECE nodes and the concept-kind presets.
 import { app } from "../../scripts/app.js";
-import { applyPreset, renderHTML, reportModel, STYLE } from "./report.js";
+import { applyPreset, grownSize, renderHTML, reportHeight, reportModel, STYLE } from "./report.js";
 
 const NODES = new Set(["RECEEraseConcept", "RECEDeriveEmbedding", "RECEApplyErasedWeights",
   "RECESaveErasedWeights", "RECELoadErasedWeights", "RECEExportErasureAsLoRA"]);
@@ -22,13 +22,21 @@ function showReport(node, nodeType, payload) {
   if (!widget) {
     const element = document.createElement("div");
     element.className = "rece-report";
-    widget = node.addDOMWidget(WIDGET, "rece_report", element, { serialize: false, hideOnZoom: false });
+    const height = () => reportHeight(element.children.length);
+    // DOM-widget options, read by the classic canvas and by Nodes 2.0 alike: the height comes from
+    // getMinHeight/getHeight (not a computeSize override), and the report stays out of the
+    // properties panel (it is an output, not an input to edit).
+    widget = node.addDOMWidget(WIDGET, "rece_report", element, {
+      serialize: false, hideOnZoom: false, hideInPanel: true, getMinHeight: height, getHeight: height,
+    });
     widget.serialize = false; // never part of widgets_values: saved workflows keep their alignment
   }
   widget.element.innerHTML = html;
-  const rows = widget.element.children.length;
-  widget.computeSize = (width) => [width, Math.min(32 + rows * 20, 420)]; // wrapped lines need room
-  node.setSize?.(node.computeSize());
+  // Grow the node to fit the report, never shrink it below the size the user (or the workflow) gave it.
+  if (node.computeSize && node.setSize && node.size) {
+    const size = grownSize(node.size, node.computeSize());
+    if (size[0] !== node.size[0] || size[1] !== node.size[1]) node.setSize(size);
+  }
   node.setDirtyCanvas?.(true, true);
 }
 

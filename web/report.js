@@ -24,6 +24,16 @@ export function applyPreset(kind, widgets) {
   return changed;
 }
 
+/** The report's height in px for `rows` children (wrapped lines need room; long reports scroll). */
+export function reportHeight(rows) {
+  return Math.min(32 + Math.max(1, rows) * 20, 420);
+}
+
+/** The size a node needs, never smaller than it is: a node only grows to fit its report. */
+export function grownSize(current, needed) {
+  return [Math.max(current[0], needed[0]), Math.max(current[1], needed[1])];
+}
+
 const clamp01 = (x) => Math.max(0, Math.min(1, Number(x) || 0));
 const pct = (x) => `${(100 * clamp01(x)).toFixed(1)}%`;
 const quote = (xs) => (xs || []).map((x) => `“${x.trim() || "∅"}”`).join(", ");

@@ -1,7 +1,7 @@
 // Unit tests of web/report.js with Node's built-in test runner (node --test tests/web/).
 import assert from "node:assert/strict";
 import { test } from "node:test";
-import { PRESETS, applyPreset, renderHTML, reportModel } from "../../web/report.js";
+import { PRESETS, applyPreset, grownSize, renderHTML, reportHeight, reportModel } from "../../web/report.js";
 
 const ERASE = {
   concepts: ["nudity", "blood"], guides: [" ", " "], preserve: ["a cat"],
@@ -63,4 +63,16 @@ test("HTML is escaped and bars have the value as width", () => {
   assert.ok(html.includes('style="width:60.0%"'));
   assert.equal((html.match(/class="rece-bar"/g) || []).length, 6);
   assert.equal(renderHTML(null), "");
+});
+
+test("a node only grows to fit its report, in each direction separately", () => {
+  assert.deepEqual(grownSize([320, 200], [210, 380]), [320, 380]); // keeps its width, gets taller
+  assert.deepEqual(grownSize([320, 500], [210, 380]), [320, 500]); // never shrinks
+  assert.deepEqual(grownSize([180, 100], [250, 90]), [250, 100]);
+});
+
+test("the report's height grows with its rows and is capped (it scrolls beyond)", () => {
+  assert.ok(reportHeight(8) > reportHeight(4));
+  assert.ok(reportHeight(0) > 0);
+  assert.equal(reportHeight(1000), reportHeight(500));
 });
