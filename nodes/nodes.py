@@ -7,14 +7,19 @@ import time
 
 import torch
 
+import comfy.model_management
+
 from ..rece_core import PRESETS, Erasure, rece
 from ..rece_core.derive import derive_with_transform, reach
 from . import bridge
+from .checks import check_lines, check_widgets, ui_report
 from .patch import ErasurePatch
 
 ERASURE = "RECE_ERASURE"
 KINDS = ["nudity", "unsafe", "artistic_style", "object", "custom"]
 CATEGORY = "model_patches/rece"
+MIN_REG = 1e-6  # ρ = 0 leaves ΣW'ᵀW' singular on real models; 1e-6 solves (float64 Cholesky)
+MIN_LAMB = 1e-6  # λ = 0 leaves λI + s·Σeeᵀ + p·Σrrᵀ singular with fewer token rows than d
 
 
 def split_lines(text: str) -> list[str]:
@@ -68,10 +73,13 @@ class RECEEraseConcept:
                                      "the report notes when reg/rounds differ from the paper's values."}),
             "rounds": ("INT", {"default": 3, "min": 0, "max": 20,
                                "tooltip": "RECE rounds of derive + erase after the first erase (epochs)."}),
-            "reg": ("FLOAT", {"default": 0.1, "min": 0.0, "max": 100.0, "step": 0.0001, "round": False,
-                              "tooltip": "ρ: regularisation of the derived embedding."}),
-            "lamb": ("FLOAT", {"default": 0.1, "min": 0.0, "max": 1e6, "step": 0.01, "round": False,
-                               "tooltip": "λ: how strongly the original weights are kept."}),
+            "reg": ("FLOAT", {"default": 0.1, "min": MIN_REG, "max": 100.0, "step": 0.0001, "round": False,
+                              "tooltip": "ρ: regularisation of the derived embedding (> 0: at 0 the derivation "
+                                         "system is singular)."}),
+            "lamb": ("FLOAT", {"default": 0.1, "min": MIN_LAMB, "max": 1e6, "step": 0.01, "round": False,
+                               "tooltip": "λ: how strongly the original weights are kept (> 0: at 0 the erase "
+                                          "system is singular unless the concepts have more token rows than the "
+                                          "text width)."}),
             "erase_scale": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1e6, "step": 0.01, "round": False}),
             "preserve_scale": ("FLOAT", {"default": 0.1, "min": 0.0, "max": 1e6, "step": 0.01, "round": False}),
         }}
@@ -80,6 +88,8 @@ class RECEEraseConcept:
     def erase(self, model, clip, concepts, guide, preserve, concept_kind, rounds, reg, lamb, erase_scale,
               preserve_scale):
         start = time.perf_counter()
+        check_widgets(type(self), "RECE Erase Concept", rounds=rounds, reg=reg, lamb=lamb, erase_scale=erase_scale,
+                      preserve_scale=preserve_scale)
         concept_list = split_lines(concepts)
         if not concept_list:
             raise ValueError("RECE Erase Concept: enter at least one concept to erase (one per line).")
@@ -87,6 +97,8 @@ class RECEEraseConcept:
         d = bridge.text_width(model, keys)
         device = bridge.compute_device()
         solve = bridge.solve_device(device)
+        check_lines(len(concept_list) + len(split_lines(preserve)), d, solve)
+        interrupted = comfy.model_management.throw_exception_if_processing_interrupted
         progress = bridge.Progress(len(keys) + rounds + 2)
 
         encoded: dict[str, object] = {}
@@ -96,12 +108,13 @@ class RECEEraseConcept:
                 encoded[text] = bridge.encode_checked(clip, text, model, d, solve)[0]
             return encoded[text]
 
+        interrupted()
         encode(concept_list[0])  # refuse a mismatched CLIP before reading any weight
         # the weights as this model uses them, earlier erasures included: chained erase nodes compose
         s = bridge.gram_of(model, keys, device, include_erasures=True, tick=progress.tick).to(solve)
         erasure = rece(s, encode, concept_list, guide, split_lines(preserve), lamb=lamb,
                        erase_scale=erase_scale, preserve_scale=preserve_scale, reg=reg, epochs=rounds,
-                       progress=lambda done, total: progress.tick())
+                       progress=lambda done, total: progress.tick(), check=interrupted)
         erasure = dataclasses.replace(
             erasure, seconds=time.perf_counter() - start, device=str(device),
             extra={"kind": concept_kind, "model": bridge.model_type(model),
@@ -113,7 +126,7 @@ class RECEEraseConcept:
             report += (f"\nnote: the paper uses reg={preset.reg:g} and {preset.epochs} round(s) for "
                        f"{concept_kind}; this run used reg={reg:g}, {rounds} round(s)")
         ui = round_ui(erasure) | {"kind": concept_kind, "model": bridge.model_type(model)}
-        return {"ui": {"rece_report": [ui]}, "result": (out, erasure, report)}
+        return {"ui": ui_report(ui), "result": (out, erasure, report)}
 
 
 class RECEDeriveEmbedding:
@@ -132,12 +145,14 @@ class RECEDeriveEmbedding:
             "model": ("MODEL", {"tooltip": "A model erased by RECE Erase Concept or Apply Erased Weights."}),
             "clip": ("CLIP",),
             "concept": ("STRING", {"multiline": True, "default": "nudity"}),
-            "reg": ("FLOAT", {"default": 0.1, "min": 0.0, "max": 100.0, "step": 0.0001, "round": False,
-                              "tooltip": "ρ: regularisation toward the zero embedding."}),
+            "reg": ("FLOAT", {"default": 0.1, "min": MIN_REG, "max": 100.0, "step": 0.0001, "round": False,
+                              "tooltip": "ρ: regularisation toward the zero embedding (> 0: at 0 the "
+                                         "derivation system is singular)."}),
         }}
 
     @torch.no_grad()
     def derive(self, model, clip, concept, reg):
+        check_widgets(type(self), "RECE Derive Embedding", reg=reg)
         text = concept.strip()
         if not text:
             raise ValueError("RECE Derive Embedding: enter the concept to derive an embedding for.")
@@ -152,6 +167,9 @@ class RECEDeriveEmbedding:
         progress = bridge.Progress(len(keys) + 1)
         emb, cond, pooled = bridge.encode_checked(clip, text, model, d, solve)
         guide, _, _ = bridge.encode(clip, " ", solve)
+        if torch.equal(emb.rows, guide.rows):
+            raise ValueError(f"RECE Derive Embedding: {text!r} encodes like the empty prompt; there is no "
+                             "concept to derive")
         s = bridge.gram_of(model, keys, device, tick=progress.tick).to(solve)
         p = bridge.combined_transform(erasures, d, solve)
         derived = derive_with_transform(s, p, emb.rows, reg=reg)
@@ -162,7 +180,7 @@ class RECEDeriveEmbedding:
         report = (f"derived embedding for {text!r} (ρ={reg:g}) reaches {value:.1%} of it on the erased model "
                   f"({len(erasures)} erasure(s))")
         ui = {"concept": text, "reg": reg, "reach": value, "erasures": len(erasures)}
-        return {"ui": {"rece_report": [ui]}, "result": ([[rows, extra]], value, report)}
+        return {"ui": ui_report(ui), "result": ([[rows, extra]], value, report)}
 
 
 class ApplyErasedWeights:
@@ -185,6 +203,7 @@ class ApplyErasedWeights:
         }}
 
     def apply(self, model, erasure, strength):
+        check_widgets(type(self), "Apply Erased Weights", strength=strength)
         bridge.require_erasure(erasure, "Apply Erased Weights")
         keys = bridge.cross_attention_keys(model)
         bridge.require_erasure(erasure, "Apply Erased Weights", model, keys)
@@ -201,7 +220,7 @@ class ApplyErasedWeights:
             report += "\n" + warning
         ui = {"concepts": list(erasure.concepts), "strength": strength, "weights": len(keys),
               "file": erasure.extra.get("file", ""), "warning": warning}
-        return {"ui": {"rece_report": [ui]}, "result": (out, report)}
+        return {"ui": ui_report(ui), "result": (out, report)}
 
 
 NODE_CLASS_MAPPINGS = {

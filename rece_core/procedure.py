@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .derive import Derivation, gram, reach, weighted_norm2
 from .transform import LowRankTransform
-from .validation import check_matrix, check_scale, check_weights
+from .validation import check_matrix, check_scale, check_transform, check_weights
 
 __all__ = [
     "PRESETS", "Erasure", "Preset", "RoundReport", "TextEmbedding", "erase_rows", "rece",
@@ -140,6 +140,11 @@ def erase_rows(concept: TextEmbedding, guide: TextEmbedding) -> tuple[Tensor, Te
     return concept.rows[fc:t - (far - fc)], guide.rows[fg:t - (far - fg)]
 
 
+def _alike(a: Tensor, b: Tensor) -> bool:
+    """Rows equal up to encoder round-off (a relative 1e-6)."""
+    return bool((a - b).norm() <= 1e-6 * a.norm())
+
+
 def _as_gram(weights: Mapping[str, Tensor] | Tensor, device: torch.device | None) -> Tensor:
     if isinstance(weights, Tensor):
         s = check_matrix("gram", weights)
@@ -154,7 +159,8 @@ def rece(weights: Mapping[str, Tensor] | Tensor, encode: Callable[[str], TextEmb
          concepts: Sequence[str], guide: str | Sequence[str] = "", preserve: Sequence[str] = (), *,
          lamb: float = 0.1, erase_scale: float = 1.0, preserve_scale: float = 0.1,
          reg: float = 0.1, epochs: int = 3, device: torch.device | str | None = None,
-         progress: Callable[[int, int], None] | None = None) -> Erasure:
+         progress: Callable[[int, int], None] | None = None,
+         check: Callable[[], None] | None = None) -> Erasure:
     """Erase ``concepts`` as the RECE authors do.
 
     1. Erase step on each concept's tail rows paired with its guide's (``erase_rows``), preserving
@@ -165,7 +171,11 @@ def rece(weights: Mapping[str, Tensor] | Tensor, encode: Callable[[str], TextEmb
 
     ``weights``: name → ``[out, d]`` of every ``attn2.to_k``/``to_v`` (or their Gram ``Σ WᵀW``);
     ``encode``: the text encoder; an empty guide means the unconditional ``' '``.
-    ``progress(done, total)`` is called after each step; raising from it cancels.
+    ``progress(done, total)`` is called after each step; raising from it cancels. ``check()`` is
+    called before every encoder call and in every loop over concepts and rounds; raising from it
+    cancels promptly (e.g. ComfyUI's interrupt check).
+    Refuses a concept whose guide encodes to the same rows (nothing to erase) and an erasure with
+    ``‖P − I‖`` beyond ``validation.MAX_TRANSFORM_NORM``.
     """
     start = time.perf_counter()
     lamb = check_scale("lamb", lamb)
@@ -199,9 +209,11 @@ def rece(weights: Mapping[str, Tensor] | Tensor, encode: Callable[[str], TextEmb
             progress(done, total)
 
     cache: dict[str, TextEmbedding] = {}
+    check = check or (lambda: None)
 
     def emb(text: str) -> TextEmbedding:
         if text not in cache:
+            check()
             e = encode(text)
             check_matrix(f"embedding of {text!r}", e.rows, d)
             cache[text] = TextEmbedding(e.rows.to(device=dev, dtype=torch.float64), int(e.last_token))
@@ -211,6 +223,11 @@ def rece(weights: Mapping[str, Tensor] | Tensor, encode: Callable[[str], TextEmb
     guide_emb = [emb(g) for g in guides]
     preserved = {name: emb(name).rows for name in ("",) + preserve}
     pairs = [erase_rows(c, g) for c, g in zip(concept_emb, guide_emb)]
+    for c, g, ce, ge, (e, gt) in zip(concepts, guides, concept_emb, guide_emb, pairs):
+        check()
+        if _alike(ce.rows, ge.rows) or _alike(e, gt):
+            raise ValueError(f"the concept {c!r} and its guide {g!r} encode to the same text embedding (the "
+                             "tokenizer reads them alike), so there is nothing to erase; choose another guide")
     tick()
 
     concept_rows = torch.cat([c.rows for c in concept_emb])
@@ -252,6 +269,7 @@ def rece(weights: Mapping[str, Tensor] | Tensor, encode: Callable[[str], TextEmb
     space = emb(" ").rows * math.sqrt(len(concepts))
     round_preserve = torch.cat([space] + [emb(x).rows for x in preserve])
     for epoch in range(1, epochs + 1):
+        check()
         system.then(LowRankTransform.from_edit(
             derived, guide_rows, round_preserve,
             lamb=lamb, erase_scale=erase_scale, preserve_scale=preserve_scale))
@@ -260,6 +278,7 @@ def rece(weights: Mapping[str, Tensor] | Tensor, encode: Callable[[str], TextEmb
         tick()
 
     p = system.p
+    check_transform(p.up, p.down)
     return Erasure(
         transform=p.to(dtype=torch.float32), concepts=concepts, guides=guides,
         preserve=preserve, lamb=lamb, erase_scale=erase_scale, preserve_scale=preserve_scale,
