@@ -69,7 +69,8 @@ def loadable_names() -> list[str]:
 def new_path(folder: str, prefix: str) -> str:
     """``<folder>/<prefix>_00001.safetensors``, the next free number, inside the first folder path."""
     _check_relative(prefix, "filename_prefix")
-    if any(part.startswith(".") for part in Path(os.path.normpath(prefix)).parts):
+    norm = os.path.normpath(prefix)
+    if norm == "." or any(part.startswith(".") for part in Path(norm).parts):
         raise ValueError(f"filename_prefix {prefix!r} would write a hidden file or folder (a name starting with "
                          "'.'); use a plain name such as rece/erasure")
     base = folder_paths.get_folder_paths(folder)[0]
