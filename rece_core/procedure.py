@@ -222,12 +222,12 @@ def rece(weights: Mapping[str, Tensor] | Tensor, encode: Callable[[str], TextEmb
     concept_emb = [emb(c) for c in concepts]
     guide_emb = [emb(g) for g in guides]
     preserved = {name: emb(name).rows for name in ("",) + preserve}
-    pairs = [erase_rows(c, g) for c, g in zip(concept_emb, guide_emb)]
-    for c, g, ce, ge, (e, gt) in zip(concepts, guides, concept_emb, guide_emb, pairs):
+    for c, g in zip(concepts, guides):
         check()
-        if _alike(ce.rows, ge.rows) or _alike(e, gt):
+        if _alike(cache[c].rows, cache[g].rows):
             raise ValueError(f"the concept {c!r} and its guide {g!r} encode to the same text embedding (the "
                              "tokenizer reads them alike), so there is nothing to erase; choose another guide")
+    pairs = [erase_rows(c, g) for c, g in zip(concept_emb, guide_emb)]
     tick()
 
     concept_rows = torch.cat([c.rows for c in concept_emb])
