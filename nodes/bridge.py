@@ -159,11 +159,30 @@ def tokenize(clip, text: str) -> tuple[dict, int]:
                 f"the prompt {text[:60]!r} is longer than one 77-token chunk ({len(value)} chunks); "
                 "RECE aligns token rows within one chunk, so shorten it")
     tokenizer = getattr(clip.tokenizer, f"clip_{name}", None) or getattr(clip.tokenizer, name, None)
-    end = getattr(tokenizer, "end_token", None)
-    ids = [t[0] for t in chunks[0]]
+    return tokens, last_word_token(text, [t[0] for t in chunks[0]], tokenizer, name)
+
+
+def last_word_token(text: str, ids: list, tokenizer, name: str) -> int:
+    """Index of the prompt's last word token, found by position: the end token the tokenizer appends
+    follows it (with end-token padding, the first of the trailing run of end tokens).
+
+    A start or end token among the word tokens (a literal ``<|endoftext|>`` in the prompt, which CLIP's
+    tokenizer reads as the special token) is refused: it would move the alignment. Entries that are not
+    token ids (textual-inversion embeddings) count as words.
+    """
+    end, start = getattr(tokenizer, "end_token", None), getattr(tokenizer, "start_token", None)
+    ids = [i if isinstance(i, int) else None for i in ids]
     if end is None or end not in ids:
         raise ValueError(f"cannot find the end token of the {name!r} tokenizer to align token rows")
-    return tokens, max(ids.index(end) - 1, 0)
+    j = len(ids) - 1 - ids[::-1].index(end)
+    if getattr(tokenizer, "pad_token", end) == end:
+        while j > 1 and ids[j - 1] == end:
+            j -= 1
+    first = 1 if ids[0] is not None and ids[0] == start else 0
+    if any(i is not None and i in (start, end) for i in ids[first:j]):
+        raise ValueError(f"the prompt {text[:60]!r} contains the tokenizer's start or end token (e.g. a literal "
+                         "<|endoftext|>); remove it, RECE aligns token rows on the end token")
+    return max(j - 1, 0)
 
 
 def encode(clip, text: str, device: torch.device) -> tuple[TextEmbedding, Tensor, Tensor | None]:

@@ -13,8 +13,11 @@ import folder_paths
 from ..rece_core import __version__
 from ..rece_core.files import load_erasure, lora_factors, lora_key, save_erasure
 from . import bridge
+from .checks import check_widgets, ui_report
 
 FOLDER = "rece"
+EXACT = 1e-5  # a relative error of the written LoRA below this is float32 rounding: reported as exact
+FP16_WARN = 1e-2
 EXTENSIONS = {".safetensors"}
 LISTS = "rece_lists"
 """Concept lists: ``models/rece/lists/*.txt`` and the lists shipped in the pack's ``lists/``."""
@@ -67,7 +70,7 @@ def read_concept_list(name: str) -> list[str]:
 
 
 def _check_relative(name: str, what: str) -> None:
-    if not name or os.path.isabs(name) or ".." in Path(name).parts or name.startswith(("/", "\\")):
+    if not name.strip() or os.path.isabs(name) or ".." in Path(name).parts or name.startswith(("/", "\\")):
         raise ValueError(f"{what} {name!r} must be a plain name inside the models folder (no '..', no absolute path)")
 
 
@@ -88,9 +91,25 @@ def resolve(folder: str, name: str) -> str:
     return path
 
 
+def loadable_names() -> list[str]:
+    """The files of ``models/rece`` that ``resolve`` accepts (links leading outside are left out)."""
+    names = []
+    for name in folder_paths.get_filename_list(FOLDER):
+        try:
+            resolve(FOLDER, name)
+        except ValueError:
+            continue
+        names.append(name)
+    return names
+
+
 def new_path(folder: str, prefix: str) -> str:
     """``<folder>/<prefix>_00001.safetensors``, the next free number, inside the first folder path."""
     _check_relative(prefix, "filename_prefix")
+    norm = os.path.normpath(prefix)
+    if norm == "." or any(part.startswith(".") for part in Path(norm).parts):
+        raise ValueError(f"filename_prefix {prefix!r} would write a hidden file or folder (a name starting with "
+                         "'.'); use a plain name such as rece/erasure")
     base = folder_paths.get_folder_paths(folder)[0]
     stem = os.path.join(base, os.path.normpath(prefix))
     if not _inside(os.path.dirname(stem) or base, base):
@@ -124,7 +143,7 @@ class SaveErasedWeights:
         path = new_path(FOLDER, filename_prefix)
         save_erasure(erasure, path, pack_version=__version__)
         rel = os.path.relpath(path, folder_paths.get_folder_paths(FOLDER)[0])
-        return {"ui": {"rece_report": [{"saved": rel, "concepts": list(erasure.concepts)}]}, "result": ()}
+        return {"ui": ui_report({"saved": rel, "concepts": list(erasure.concepts)}), "result": ()}
 
 
 class LoadErasedWeights:
@@ -142,13 +161,12 @@ class LoadErasedWeights:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"erasure_name": (folder_paths.get_filename_list(FOLDER),
-                                              {"tooltip": "An erasure file in models/rece."})}}
+        return {"required": {"erasure_name": (loadable_names(), {"tooltip": "An erasure file in models/rece."})}}
 
     def load(self, erasure_name):
         erasure = load_erasure(resolve(FOLDER, erasure_name))
         report = f"loaded {erasure_name}\n{erasure.summary()}"
-        return {"ui": {"rece_report": [{"loaded": erasure_name, "concepts": list(erasure.concepts)}]},
+        return {"ui": ui_report({"loaded": erasure_name, "concepts": list(erasure.concepts)}),
                 "result": (erasure, report)}
 
 
@@ -180,25 +198,34 @@ class ExportErasureAsLoRA:
 
     @torch.no_grad()
     def export(self, model, erasure, filename_prefix, rank, precision):
+        check_widgets(type(self), "Export Erasure as LoRA", rank=rank)
         bridge.require_erasure(erasure, "Export Erasure as LoRA")
+        if erasure.rank < 1:
+            raise ValueError("Export Erasure as LoRA: this erasure has rank 0 (it changes nothing); nothing to export")
         keys = bridge.cross_attention_keys(model)
         bridge.require_erasure(erasure, "Export Erasure as LoRA", model, keys)
         dtype = torch.float16 if precision == "fp16" else torch.float32
         out, worst = {}, 0.0
         for key, w in bridge.key_weights(model, keys, torch.device("cpu"), include_erasures=False):
-            up, down, err = lora_factors(erasure, w, rank)
+            try:
+                up, down, err = lora_factors(erasure, w, rank, dtype)
+            except ValueError as exc:
+                raise ValueError(f"Export Erasure as LoRA: {exc} (layer {key})") from None
             name = lora_key(key)
-            out[f"{name}.lora_up.weight"] = up.to(dtype).contiguous()
-            out[f"{name}.lora_down.weight"] = down.to(dtype).clone()  # one copy per layer in the file
-            out[f"{name}.alpha"] = torch.tensor(float(up.shape[1]), dtype=dtype)
+            out[f"{name}.lora_up.weight"] = up.contiguous()
+            out[f"{name}.lora_down.weight"] = down.clone()  # one copy per layer in the file
+            out[f"{name}.alpha"] = torch.tensor(float(up.shape[1]), dtype=dtype)  # rank ≥ 1: never 0
             worst = max(worst, err)
         path = new_path("loras", filename_prefix)
         save_file(out, path, metadata={"rece_concepts": ", ".join(erasure.concepts), "ss_network_module": "networks.lora"})
         rel = os.path.relpath(path, folder_paths.get_folder_paths("loras")[0])
         report = (f"exported {len(keys)} layers to loras/{rel} at rank "
                   f"{rank if 0 < rank < erasure.rank else erasure.rank} ({precision}); "
-                  + ("exact" if worst == 0.0 else f"largest relative error of a layer's delta {worst:.2e}"))
-        return {"ui": {"rece_report": [{"exported": rel, "error": worst}]}, "result": (report,)}
+                  + ("exact" if worst <= EXACT else f"largest relative error of a layer's delta {worst:.2e} "
+                     f"(as written in {precision})"))
+        if precision == "fp16" and worst > FP16_WARN:
+            report += "\nwarning: fp16 loses this much of the erasure; export with precision fp32"
+        return {"ui": ui_report({"exported": rel, "error": worst}), "result": (report,)}
 
 
 register_folder()

@@ -7,14 +7,19 @@ import time
 
 import torch
 
+import comfy.model_management
+
 from ..rece_core import PRESETS, Erasure, rece
 from ..rece_core.derive import derive_with_transform, reach
 from . import bridge, files
+from .checks import check_lines, check_widgets, ui_report
 from .patch import ErasurePatch
 
 ERASURE = "RECE_ERASURE"
 KINDS = ["nudity", "unsafe", "artistic_style", "object", "custom"]
 CATEGORY = "model_patches/rece"
+MIN_REG = 1e-6  # ρ = 0 leaves ΣW'ᵀW' singular on real models; 1e-6 solves (float64 Cholesky)
+MIN_LAMB = 1e-6  # λ = 0 leaves λI + s·Σeeᵀ + p·Σrrᵀ singular with fewer token rows than d
 
 
 def split_lines(text: str) -> list[str]:
@@ -75,10 +80,13 @@ class RECEEraseConcept:
                                      "the report notes when reg/rounds differ from the paper's values."}),
             "rounds": ("INT", {"default": 3, "min": 0, "max": 20,
                                "tooltip": "RECE rounds of derive + erase after the first erase (epochs)."}),
-            "reg": ("FLOAT", {"default": 0.1, "min": 0.0, "max": 100.0, "step": 0.0001, "round": False,
-                              "tooltip": "ρ: regularisation of the derived embedding."}),
-            "lamb": ("FLOAT", {"default": 0.1, "min": 0.0, "max": 1e6, "step": 0.01, "round": False,
-                               "tooltip": "λ: how strongly the original weights are kept."}),
+            "reg": ("FLOAT", {"default": 0.1, "min": MIN_REG, "max": 100.0, "step": 0.0001, "round": False,
+                              "tooltip": "ρ: regularisation of the derived embedding (> 0: at 0 the derivation "
+                                         "system is singular)."}),
+            "lamb": ("FLOAT", {"default": 0.1, "min": MIN_LAMB, "max": 1e6, "step": 0.01, "round": False,
+                               "tooltip": "λ: how strongly the original weights are kept (> 0: at 0 the erase "
+                                          "system is singular unless the concepts have more token rows than the "
+                                          "text width)."}),
             "erase_scale": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1e6, "step": 0.01, "round": False,
                                       "tooltip": "Weight of the erase targets (concept → guide) in the edit."}),
             "preserve_scale": ("FLOAT", {"default": 0.1, "min": 0.0, "max": 1e6, "step": 0.01, "round": False,
@@ -95,6 +103,8 @@ class RECEEraseConcept:
     def erase(self, model, clip, concepts, guide, preserve, concept_kind, rounds, reg, lamb, erase_scale,
               preserve_scale, concept_list=files.NO_LIST):
         start = time.perf_counter()
+        check_widgets(type(self), "RECE Erase Concept", rounds=rounds, reg=reg, lamb=lamb, erase_scale=erase_scale,
+                      preserve_scale=preserve_scale)
         names = list(dict.fromkeys(split_lines(concepts) + files.read_concept_list(concept_list)))
         if not names:
             raise ValueError("RECE Erase Concept: enter at least one concept to erase (one per line), "
@@ -103,7 +113,10 @@ class RECEEraseConcept:
         d = bridge.text_width(model, keys)
         device = bridge.compute_device()
         solve = bridge.solve_device(device)
+        check_lines(len(names) + len(split_lines(preserve)), d)
+        interrupted = comfy.model_management.throw_exception_if_processing_interrupted
         progress = bridge.Progress(len(keys))
+        interrupted()
         first = bridge.encode_checked(clip, names[0], model, d, solve)[0]  # a wrong CLIP: refused now
 
         def encode(text: str):
@@ -113,7 +126,7 @@ class RECEEraseConcept:
         s = bridge.gram_of(model, keys, device, include_erasures=True, tick=progress.tick).to(solve)
         erasure = rece(s, encode, names, guide, split_lines(preserve), lamb=lamb,
                        erase_scale=erase_scale, preserve_scale=preserve_scale, reg=reg, epochs=rounds,
-                       encode_many=lambda texts: bridge.encode_many(clip, list(texts)),
+                       encode_many=lambda texts: bridge.encode_many(clip, list(texts)), check=interrupted,
                        progress=lambda done, total: progress.at(len(keys) + done, len(keys) + total))
         erasure = dataclasses.replace(
             erasure, seconds=time.perf_counter() - start, device=str(device),
@@ -126,7 +139,7 @@ class RECEEraseConcept:
             report += (f"\nnote: the paper uses reg={preset.reg:g} and {preset.epochs} round(s) for "
                        f"{concept_kind}; this run used reg={reg:g}, {rounds} round(s)")
         ui = round_ui(erasure) | {"kind": concept_kind, "model": bridge.model_type(model)}
-        return {"ui": {"rece_report": [ui]}, "result": (out, erasure, report)}
+        return {"ui": ui_report(ui), "result": (out, erasure, report)}
 
 
 class RECEDeriveEmbedding:
@@ -153,12 +166,14 @@ class RECEDeriveEmbedding:
             "clip": ("CLIP", {"tooltip": "The text encoder that goes with the model."}),
             "concept": ("STRING", {"multiline": True, "default": "nudity",
                                    "tooltip": "The concept to attack (one prompt)."}),
-            "reg": ("FLOAT", {"default": 0.1, "min": 0.0, "max": 100.0, "step": 0.0001, "round": False,
-                              "tooltip": "ρ: regularisation toward the zero embedding."}),
+            "reg": ("FLOAT", {"default": 0.1, "min": MIN_REG, "max": 100.0, "step": 0.0001, "round": False,
+                              "tooltip": "ρ: regularisation toward the zero embedding (> 0: at 0 the "
+                                         "derivation system is singular)."}),
         }}
 
     @torch.no_grad()
     def derive(self, model, clip, concept, reg):
+        check_widgets(type(self), "RECE Derive Embedding", reg=reg)
         text = concept.strip()
         if not text:
             raise ValueError("RECE Derive Embedding: enter the concept to derive an embedding for.")
@@ -173,6 +188,9 @@ class RECEDeriveEmbedding:
         progress = bridge.Progress(len(keys) + 1)
         emb, cond, pooled = bridge.encode_checked(clip, text, model, d, solve)
         guide, _, _ = bridge.encode(clip, " ", solve)
+        if torch.equal(emb.rows, guide.rows):
+            raise ValueError(f"RECE Derive Embedding: {text!r} encodes like the empty prompt; there is no "
+                             "concept to derive")
         s = bridge.gram_of(model, keys, device, tick=progress.tick).to(solve)
         p = bridge.combined_transform(erasures, d, solve)
         derived = derive_with_transform(s, p, emb.rows, reg=reg)
@@ -183,7 +201,7 @@ class RECEDeriveEmbedding:
         report = (f"derived embedding for {text!r} (ρ={reg:g}) reaches {value:.1%} of it on the erased model "
                   f"({len(erasures)} erasure(s))")
         ui = {"concept": text, "reg": reg, "reach": value, "erasures": len(erasures)}
-        return {"ui": {"rece_report": [ui]}, "result": ([[rows, extra]], value, report)}
+        return {"ui": ui_report(ui), "result": ([[rows, extra]], value, report)}
 
 
 class ApplyErasedWeights:
@@ -211,6 +229,7 @@ class ApplyErasedWeights:
         }}
 
     def apply(self, model, erasure, strength):
+        check_widgets(type(self), "Apply Erased Weights", strength=strength)
         bridge.require_erasure(erasure, "Apply Erased Weights")
         keys = bridge.cross_attention_keys(model)
         bridge.require_erasure(erasure, "Apply Erased Weights", model, keys)
@@ -227,7 +246,7 @@ class ApplyErasedWeights:
             report += "\n" + warning
         ui = {"concepts": list(erasure.concepts), "strength": strength, "weights": len(keys),
               "file": erasure.extra.get("file", ""), "warning": warning}
-        return {"ui": {"rece_report": [ui]}, "result": (out, report)}
+        return {"ui": ui_report(ui), "result": (out, report)}
 
 
 NODE_CLASS_MAPPINGS = {

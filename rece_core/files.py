@@ -28,6 +28,7 @@ from torch import Tensor
 
 from .procedure import Erasure, RoundReport
 from .transform import LowRankTransform
+from .validation import check_transform
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "MAX_HEADER", "fingerprint", "load_erasure", "lora_factors",
            "lora_key", "save_erasure"]
@@ -56,8 +57,11 @@ def fingerprint(weights: Mapping[str, Tensor]) -> str:
 
 
 def save_erasure(erasure: Erasure, path: str, *, pack_version: str = "") -> None:
-    """Write ``erasure`` to ``path`` (``.safetensors``)."""
+    """Write ``erasure`` to ``path`` (``.safetensors``); refuses what ``load_erasure`` would refuse."""
     t = erasure.transform
+    if erasure.rank < 1:
+        raise ValueError("this erasure has rank 0 (it changes nothing): nothing to save")
+    check_transform(t.up, t.down)
     meta = {
         "concepts": list(erasure.concepts), "guides": list(erasure.guides), "preserve": list(erasure.preserve),
         "lamb": erasure.lamb, "erase_scale": erasure.erase_scale, "preserve_scale": erasure.preserve_scale,
@@ -71,7 +75,22 @@ def save_erasure(erasure: Erasure, path: str, *, pack_version: str = "") -> None
     tensors = {"transform.up": t.up.detach().to("cpu", torch.float32).contiguous(),
                "transform.down": t.down.detach().to("cpu", torch.float32).contiguous()}
     save_file(tensors, path, metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION),
-                                       "rece": json.dumps(meta)})
+                                       "rece": json.dumps(meta, allow_nan=False)})
+
+
+def _reject_constant(value: str):
+    raise ValueError(f"non-standard constant {value}")
+
+
+def _json(raw: str | bytes, name: str, what: str):
+    """``json.loads`` refusing NaN/Infinity and absurd nesting: ``ValueError`` "<file>: <what> (<why>)"."""
+    try:
+        return json.loads(raw, parse_constant=_reject_constant)
+    except RecursionError:
+        why = "nested absurdly deep"
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, NaN/Infinity
+        why = exc.__class__.__name__ if not str(exc).startswith("non-standard") else str(exc)
+    raise ValueError(f"{name}: {what} ({why})")
 
 
 def _header(path: str) -> dict:
@@ -85,74 +104,116 @@ def _header(path: str) -> dict:
         if n > MAX_HEADER or n > size - 8:
             raise ValueError(f"{name}: safetensors header of {n} bytes is absurdly large or truncated")
         raw = f.read(n)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{name}: malformed safetensors header ({exc.__class__.__name__})") from None
+    header = _json(raw, name, "malformed safetensors header")
     if not isinstance(header, dict):
         raise ValueError(f"{name}: malformed safetensors header (not an object)")
+    meta = header.get("__metadata__", {})
+    if meta is None:
+        meta = {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise ValueError(f"{name}: malformed safetensors header (__metadata__ is not an object of strings)")
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        if not (isinstance(entry, dict) and isinstance(entry.get("dtype"), str)
+                and isinstance(entry.get("shape"), list)
+                and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in entry["shape"])):
+            raise ValueError(f"{name}: malformed safetensors header (entry {str(key)[:40]!r} is not a tensor "
+                             "with a dtype and a shape)")
     return header
 
 
+def _number(info: dict, field: str, name: str) -> float:
+    value = info.get(field, 0.0)
+    try:
+        number = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        raise ValueError(f"{name}: metadata field {field!r} is not a finite number")
+    return number
+
+
+def _strings(info: dict, field: str, name: str) -> tuple[str, ...]:
+    value = info[field]
+    if not all(isinstance(x, str) for x in value):
+        raise ValueError(f"{name}: metadata field {field!r} must be a list of strings")
+    return tuple(value)
+
+
 def load_erasure(path: str) -> Erasure:
-    """Read and validate an erasure file; ``ValueError`` naming the file and the problem otherwise."""
+    """Read and validate an erasure file; ``ValueError`` naming the file and the problem otherwise.
+
+    Besides the format, refuses a rank-0 erasure (nothing to apply) and factors that are not finite
+    or give ``‖P − I‖`` beyond ``validation.MAX_TRANSFORM_NORM``.
+    """
     name = os.path.basename(path)
     if not name.endswith(".safetensors"):
         raise ValueError(f"{name}: only .safetensors erasure files are read")
     header = _header(path)
     meta = header.pop("__metadata__", None) or {}
     if meta.get("format") != FORMAT:
-        raise ValueError(f"{name}: not a RECE erasure file (metadata format={meta.get('format')!r})")
+        raise ValueError(f"{name}: not a RECE erasure file (metadata format={str(meta.get('format'))[:40]!r})")
     if meta.get("format_version") != str(FORMAT_VERSION):
-        raise ValueError(f"{name}: unknown erasure format version {meta.get('format_version')!r} "
+        raise ValueError(f"{name}: unknown erasure format version {str(meta.get('format_version'))[:40]!r} "
                          f"(this pack reads version {FORMAT_VERSION}); update the pack")
     keys = set(header)
     if keys != set(TENSORS):
         missing, extra = sorted(set(TENSORS) - keys), sorted(keys - set(TENSORS))
-        raise ValueError(f"{name}: expected tensors {list(TENSORS)}; missing {missing}, unexpected {extra}")
+        raise ValueError(f"{name}: expected tensors {list(TENSORS)}; missing {missing}, unexpected {extra[:5]}")
     for key in TENSORS:
-        if header[key].get("dtype") != "F32":
-            raise ValueError(f"{name}: tensor {key} must be float32, found {header[key].get('dtype')}")
-    try:
-        info = json.loads(meta.get("rece", ""))
-    except json.JSONDecodeError:
-        raise ValueError(f"{name}: the 'rece' metadata is not valid JSON") from None
+        if header[key]["dtype"] != "F32":
+            raise ValueError(f"{name}: tensor {key} must be float32, found {header[key]['dtype'][:20]}")
+    info = _json(meta.get("rece", ""), name, "the 'rece' metadata is not valid JSON")
     if not isinstance(info, dict):
         raise ValueError(f"{name}: the 'rece' metadata is not a JSON object")
     for field, kind in FIELDS.items():
         if not isinstance(info.get(field), kind) or isinstance(info.get(field), bool):
             raise ValueError(f"{name}: metadata field {field!r} is missing or not a {getattr(kind, '__name__', 'number')}")
     d, r = info["dim"], info["rank"]
+    if d < 1 or r < 1:
+        raise ValueError(f"{name}: holds no erasure (text width {d}, rank {r}); an erasure has rank ≥ 1")
+    if info["epochs"] < 0:
+        raise ValueError(f"{name}: metadata field 'epochs' is negative")
     shapes = {"transform.up": [d, r], "transform.down": [r, d]}
     for key, shape in shapes.items():
-        if header[key].get("shape") != shape:
-            raise ValueError(f"{name}: tensor {key} has shape {header[key].get('shape')}, expected {shape} "
+        if header[key]["shape"] != shape:
+            raise ValueError(f"{name}: tensor {key} has shape {header[key]['shape'][:4]}, expected {shape} "
                              f"(text width {d}, rank {r})")
-    try:
-        tensors = load_file(path)
-    except Exception as exc:  # safetensors' own consistency checks (offsets, sizes)
-        raise ValueError(f"{name}: corrupt tensor data ({exc})") from None
-    for key, value in tensors.items():
-        if not bool(torch.isfinite(value).all()):
-            raise ValueError(f"{name}: tensor {key} contains NaN or Inf")
-    if not all(math.isfinite(float(info[f])) and float(info[f]) >= 0
-               for f in ("lamb", "erase_scale", "preserve_scale", "reg")):
+    concepts, guides, preserve = (_strings(info, f, name) for f in ("concepts", "guides", "preserve"))
+    lamb, erase_scale, preserve_scale, reg = (_number(info, f, name)
+                                              for f in ("lamb", "erase_scale", "preserve_scale", "reg"))
+    if min(lamb, erase_scale, preserve_scale, reg) < 0:
         raise ValueError(f"{name}: parameters must be finite and non-negative")
     try:
         rounds = tuple(RoundReport(int(x["step"]), tuple(map(float, x["guide_gap"])), tuple(map(float, x["reach"])),
                                    {str(k): float(v) for k, v in x["drift"].items()}) for x in info["rounds"])
-    except (KeyError, TypeError, ValueError, AttributeError):
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError):
         raise ValueError(f"{name}: metadata field 'rounds' is malformed") from None
-    extra = {str(k): str(v) for k, v in (info.get("extra") or {}).items()}
+    extra = info.get("extra") or {}
+    if not isinstance(extra, dict):
+        raise ValueError(f"{name}: metadata field 'extra' is not a JSON object")
+    extra = {str(k): str(v) for k, v in extra.items()}
+    seconds = _number(info, "seconds", name)
+    try:
+        tensors = load_file(path)
+    except Exception as exc:  # safetensors' own consistency checks (offsets, sizes)
+        raise ValueError(f"{name}: corrupt tensor data ({str(exc)[:200]})") from None
+    for key, value in tensors.items():
+        if not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{name}: tensor {key} contains NaN or Inf")
+    try:
+        check_transform(tensors["transform.up"], tensors["transform.down"], "its transform")
+    except ValueError as exc:
+        raise ValueError(f"{name}: {exc}") from None
     if info.get("fingerprint"):
         extra["fingerprint"] = str(info["fingerprint"])
     extra["file"] = name
     return Erasure(
         transform=LowRankTransform(tensors["transform.up"], tensors["transform.down"]),
-        concepts=tuple(map(str, info["concepts"])), guides=tuple(map(str, info["guides"])),
-        preserve=tuple(map(str, info["preserve"])), lamb=float(info["lamb"]), erase_scale=float(info["erase_scale"]),
-        preserve_scale=float(info["preserve_scale"]), reg=float(info["reg"]), epochs=int(info["epochs"]),
-        rounds=rounds, seconds=float(info.get("seconds", 0.0) or 0.0), device=str(info.get("device", "")),
+        concepts=concepts, guides=guides, preserve=preserve, lamb=lamb,
+        erase_scale=erase_scale, preserve_scale=preserve_scale, reg=reg,
+        epochs=int(info["epochs"]), rounds=rounds, seconds=seconds, device=str(info.get("device", "")),
         extra=extra)
 
 
@@ -175,16 +236,39 @@ def lora_key(comfy_key: str) -> str:
     return "lora_unet_" + ".".join([block] + rest).replace(".", "_")
 
 
-def lora_factors(erasure: Erasure, w: Tensor, rank: int = 0) -> tuple[Tensor, Tensor, float]:
-    """``(up [out, k], down [k, d], relative error)`` of ``W (P − I)``; exact when ``rank`` is 0 or ≥ r.
+def _inner(u1: Tensor, v1: Tensor, u2: Tensor, v2: Tensor) -> float:
+    """``⟨U₁V₁, U₂V₂⟩_F = Σ (U₁ᵀU₂) ⊙ (V₁V₂ᵀ)`` in float64, without forming either ``[out, d]`` product."""
+    return float(((u1.T @ u2) * (v1 @ v2.T)).sum())
 
-    A lower rank keeps the best rank-``rank`` approximation (SVD) and returns its relative error.
+
+def lora_factors(erasure: Erasure, w: Tensor, rank: int = 0,
+                 dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor, float]:
+    """``(up [out, k], down [k, d], relative error)`` of ``W (P − I)``, factors in ``dtype``.
+
+    Exact when ``rank`` is 0 or ≥ r, else the best rank-``rank`` approximation (SVD). Each rank-one
+    component is balanced (``up``'s column and ``down``'s row get the same norm), so a large
+    ``erase_scale`` does not sit in ``up`` alone and overflow half precision. The error is measured
+    on the factors as cast to ``dtype`` against the exact delta (float64): truncation plus rounding.
+    Raises ``ValueError`` when the cast factors are not finite.
     """
-    up, down = erasure.delta(w)
-    if rank <= 0 or rank >= up.shape[1]:
-        return up, down, 0.0
-    qu, ru = torch.linalg.qr(up.double())
-    qv, rv = torch.linalg.qr(down.double().T)
-    u, s, vh = torch.linalg.svd(ru @ rv.T)
-    err = float(s[rank:].norm() / s.norm()) if s.norm() > 0 else 0.0
-    return ((qu @ u[:, :rank]) * s[:rank]).float(), (vh[:rank] @ qv.T).float(), err
+    up0, down0 = (x.double() for x in erasure.delta(w))
+    up, down = up0, down0
+    if 0 < rank < up.shape[1]:
+        qu, ru = torch.linalg.qr(up)
+        qv, rv = torch.linalg.qr(down.T)
+        u, s, vh = torch.linalg.svd(ru @ rv.T)
+        up, down = (qu @ u[:, :rank]) * s[:rank], vh[:rank] @ qv.T
+    nu, nd = up.norm(dim=0), down.norm(dim=1)
+    gain = torch.where((nu > 0) & (nd > 0), (nd / nu.clamp_min(1e-300)).sqrt(), torch.ones_like(nu))
+    up, down = (up * gain).to(dtype), (down / gain.unsqueeze(1)).to(dtype)
+    if not (bool(torch.isfinite(up).all()) and bool(torch.isfinite(down).all())):
+        raise ValueError(f"the LoRA factors overflow {str(dtype).removeprefix('torch.')}; export with precision fp32")
+    u2, v2 = up.double(), down.double()
+    if erasure.transform.is_dense and u2.shape[1] == up0.shape[1]:  # down is diagonal: compare directly
+        exact2 = float(up0.square().sum())
+        diff2 = float((u2 * v2.diagonal() - up0).square().sum())
+    else:
+        exact2 = _inner(up0, down0, up0, down0)
+        diff2 = exact2 + _inner(u2, v2, u2, v2) - 2 * _inner(up0, down0, u2, v2)
+    err = math.sqrt(max(diff2, 0.0) / exact2) if exact2 > 0 else 0.0
+    return up, down, err

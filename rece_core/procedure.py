@@ -14,7 +14,7 @@ from .derive import Derivation, gram, reach, weighted_norm2
 from .rows import TextEmbedding, erase_rows
 from .streamed import Statistics, chunked, dense_edit, gather, report_chunk, round_edit
 from .transform import LowRankTransform
-from .validation import check_matrix, check_scale, check_weights
+from .validation import check_matrix, check_scale, check_transform, check_weights
 
 CHUNK_ROWS = 8192
 """Token rows encoded and read at a time (a chunk of concepts: 106 of 77 tokens)."""
@@ -117,6 +117,12 @@ class Erasure:
         return "\n".join(lines)
 
 
+def _alike(a: Tensor, b: Tensor) -> bool:
+    """Rows equal up to encoder round-off (a relative 1e-6)."""
+    a, b = a.to(torch.float64), b.to(device=a.device, dtype=torch.float64)
+    return a.shape == b.shape and bool((a - b).norm() <= 1e-6 * a.norm())
+
+
 def _as_gram(weights: Mapping[str, Tensor] | Tensor, device: torch.device | None) -> Tensor:
     if isinstance(weights, Tensor):
         s = check_matrix("gram", weights)
@@ -133,7 +139,7 @@ def rece(weights: Mapping[str, Tensor] | Tensor, encode: Callable[[str], TextEmb
          reg: float = 0.1, epochs: int = 3, device: torch.device | str | None = None,
          progress: Callable[[int, int], None] | None = None,
          encode_many: Callable[[Sequence[str]], Sequence[TextEmbedding]] | None = None,
-         chunk_rows: int = CHUNK_ROWS) -> Erasure:
+         chunk_rows: int = CHUNK_ROWS, check: Callable[[], None] | None = None) -> Erasure:
     """Erase ``concepts`` as the RECE authors do.
 
     1. Erase step on each concept's tail rows paired with its guide's (``erase_rows``), preserving
@@ -148,7 +154,11 @@ def rece(weights: Mapping[str, Tensor] | Tensor, encode: Callable[[str], TextEmb
     Prompts are encoded ``chunk_rows // tokens`` at a time. When the concepts' token rows outnumber
     ``d``, the steps run from ``d × d`` sums and the rows are read a chunk at a time (``streamed``);
     the encoder outputs are kept as given (their own dtype and device), nothing else per row.
-    ``progress(done, total)`` is called after each chunk and step; raising from it cancels.
+    ``progress(done, total)`` is called after each chunk and step; raising from it cancels. ``check()``
+    is called before every encoder call and in every loop over chunks and rounds; raising from it
+    cancels promptly (e.g. ComfyUI's interrupt check).
+    Refuses a concept whose guide encodes to the same rows (nothing to erase) and an erasure with
+    ``‖P − I‖`` beyond ``validation.MAX_TRANSFORM_NORM``.
     """
     start = time.perf_counter()
     lamb = check_scale("lamb", lamb)
@@ -173,6 +183,7 @@ def rece(weights: Mapping[str, Tensor] | Tensor, encode: Callable[[str], TextEmb
     dev = s.device
     d = s.shape[0]
     scales = dict(lamb=lamb, erase_scale=erase_scale, preserve_scale=preserve_scale)
+    check = check or (lambda: None)
 
     cache: dict[str, TextEmbedding] = {}  # the encoder's output as given
 
@@ -185,6 +196,7 @@ def rece(weights: Mapping[str, Tensor] | Tensor, encode: Callable[[str], TextEmb
         e = cache[text]
         return TextEmbedding(e.rows.to(device=dev, dtype=torch.float64), e.last_token)
 
+    check()
     keep(concepts[0], encode(concepts[0]))
     tokens = cache[concepts[0]].rows.shape[0]
     per_chunk = max(1, chunk_rows // tokens)
@@ -196,11 +208,13 @@ def rece(weights: Mapping[str, Tensor] | Tensor, encode: Callable[[str], TextEmb
 
     def tick() -> None:
         nonlocal done
+        check()
         done += 1
         if progress is not None:
             progress(done, total)
 
     for part in chunked(todo, per_chunk):
+        check()
         out = list(encode_many(part)) if encode_many is not None else [encode(t) for t in part]
         if len(out) != len(part):
             raise ValueError(f"the encoder returned {len(out)} embeddings for {len(part)} prompts")
@@ -208,6 +222,10 @@ def rece(weights: Mapping[str, Tensor] | Tensor, encode: Callable[[str], TextEmb
             keep(text, e)
         tick()
 
+    for c, g in zip(concepts, guides):
+        if _alike(cache[c].rows, cache[g].rows):
+            raise ValueError(f"the concept {c!r} and its guide {g!r} encode to the same text embedding (the "
+                             "tokenizer reads them alike), so there is nothing to erase; choose another guide")
     preserved = {name: full(name).rows for name in ("",) + preserve}
     # The authors preserve ' ' once per concept; given preserve prompts are kept as well (the empty
     # prompt is every negative/unconditional branch, so it must not drift either). n copies of r add
@@ -219,6 +237,7 @@ def rece(weights: Mapping[str, Tensor] | Tensor, encode: Callable[[str], TextEmb
     else:
         p, rounds = _rece_rows(s, [full(c) for c in concepts], [full(g) for g in guides], preserved,
                                round_preserve, reg=reg, epochs=epochs, tick=tick, **scales)
+    check_transform(p.up, p.down)
     return Erasure(
         transform=p.to(dtype=torch.float32), concepts=concepts, guides=guides,
         preserve=preserve, lamb=lamb, erase_scale=erase_scale, preserve_scale=preserve_scale,

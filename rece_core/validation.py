@@ -8,7 +8,11 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["check_matrix", "check_rows", "check_scale", "check_weights"]
+__all__ = ["MAX_TRANSFORM_NORM", "check_matrix", "check_rows", "check_scale", "check_transform", "check_weights"]
+
+MAX_TRANSFORM_NORM = 1e6
+"""Largest ``‖P − I‖_F`` accepted: a real erasure is orders of magnitude below (tens at most); beyond
+it ``W (P − I)`` swamps the weights and, for huge factors, overflows (NaN images)."""
 
 
 def check_scale(name: str, value: float, *, positive: bool = False) -> float:
@@ -63,3 +67,20 @@ def check_rows(name: str, rows: Sequence[Tensor] | Tensor, d: int) -> list[Tenso
             r = r.unsqueeze(0)
         out.append(check_matrix(f"{name}[{i}]", r, d))
     return out
+
+
+def check_transform(up: Tensor, down: Tensor, what: str = "the erasure") -> None:
+    """Factors of ``P − I = up @ down`` that are finite and give ``‖P − I‖_F ≤ MAX_TRANSFORM_NORM``.
+
+    ``‖U V‖_F² = tr((UᵀU)(VVᵀ))`` in float64, from the ``[r, r]`` Gram matrices (no ``d × d`` product).
+    """
+    if not (bool(torch.isfinite(up).all()) and bool(torch.isfinite(down).all())):
+        raise ValueError(f"{what} contains NaN or Inf")
+    u, v = up.to(torch.float64), down.to(torch.float64)
+    if v.shape[0] == v.shape[1] and bool(torch.equal(v, torch.eye(v.shape[0], dtype=v.dtype, device=v.device))):
+        norm = float(u.norm())  # dense P − I (down = I)
+    else:
+        norm = math.sqrt(max(float(((u.T @ u) * (v @ v.T)).sum()), 0.0))
+    if not norm <= MAX_TRANSFORM_NORM:
+        raise ValueError(f"{what} is absurdly large (‖P − I‖ = {norm:.3g}, limit {MAX_TRANSFORM_NORM:g}): it would "
+                         "swamp or overflow the model's weights; increase lamb or lower erase_scale")

@@ -7,6 +7,8 @@ encode_from_tokens, tokenizer.clip_<name>.end_token) over rece_core's seeded toy
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import nn
 
@@ -51,15 +53,30 @@ def make_model(arch: str = "tiny", seed: int = 0, config: str | None = None, dty
                                             offload_device=torch.device("cpu"))
 
 
+SPECIAL = ("<|startoftext|>", "<|endoftext|>")
+
+
 class _Tokenizer:
     def __init__(self, enc: ToyTextEncoder) -> None:
         self.enc = enc
         self.start_token, self.end_token = enc.start, enc.end
         self.max_length = enc.tokens
 
+    def token_ids(self, text: str) -> list[int]:
+        """The toy ids, with a literal <|startoftext|>/<|endoftext|> read as the special token (as CLIP's)."""
+        ids = [self.start_token]
+        for piece in re.split(r"(<\|startoftext\|>|<\|endoftext\|>)", text):
+            if piece in SPECIAL:
+                ids.append(self.start_token if piece == SPECIAL[0] else self.end_token)
+            elif piece.strip():
+                words = self.enc.token_ids(piece)
+                ids += words[1:words.index(self.end_token)]
+        ids = ids[: self.max_length - 1] + [self.end_token]
+        return ids + [self.end_token] * (self.max_length - len(ids))
+
     def tokenize_with_weights(self, text: str):
         words = text.split()
-        chunks, ids = [], self.enc.token_ids(text)
+        chunks, ids = [], self.token_ids(text)
         # like ComfyUI: a prompt over 75 word tokens goes into further 77-token chunks
         n_words = sum((len(w) + 4) // 5 for w in words)
         for _ in range(max(1, -(-n_words // (self.max_length - 2)))):

@@ -60,6 +60,8 @@ def test_derive_refuses_singular_and_mismatched():
     (dict(epochs=-1), "epochs"),
     (dict(epochs=1.5), "epochs"),
     (dict(reg=float("nan")), "reg must be a finite"),
+    (dict(concepts=["nudity"], guide="nudity"), "encode to the same text embedding"),
+    (dict(concepts=["nudity", "blood"], guide=["x", "BLOOD"]), "'blood' and its guide 'BLOOD' encode to the same"),
 ])
 def test_rece_refuses(kwargs, message):
     args = dict(concepts=["nudity"]) | kwargs
@@ -70,3 +72,54 @@ def test_rece_refuses(kwargs, message):
 def test_rece_refuses_encoder_of_wrong_width():
     with pytest.raises(ValueError, match="width 32, expected 64"):
         rece(W, lambda t: TextEmbedding(torch.randn(77, 32), 1), ["nudity"])
+
+
+class Cancelled(Exception):
+    pass
+
+
+def test_check_runs_before_every_encoder_call_and_every_round():
+    """Cancel takes effect at the next encoder call or round, not after all prompts are encoded."""
+    concepts = [f"concept {i}" for i in range(20)]
+    calls = []
+
+    def encode(text):
+        calls.append(text)
+        return ENC(text)
+
+    def check_after(n):
+        def check():
+            if len(calls) >= n:
+                raise Cancelled
+        return check
+
+    with pytest.raises(Cancelled):
+        rece(W, encode, concepts, epochs=2, check=check_after(3))
+    assert len(calls) == 3  # stopped right away, 17 concepts left unencoded
+    checks = []
+    rece(W, ENC, concepts[:2], epochs=3, check=lambda: checks.append(1))
+    # one per distinct prompt (2 concepts, ' ' as guide, '' preserved), one per concept pair, one per round
+    assert len(checks) >= 3 + 2 + 3
+    rounds = []
+    with pytest.raises(Cancelled):
+        def in_rounds():
+            rounds.append(1)
+            if len(rounds) > 3 + 2 + 1:  # past encoding and pairing: inside the rounds
+                raise Cancelled
+        rece(W, ENC, concepts[:2], epochs=3, check=in_rounds)
+
+
+def test_transform_bound_refuses_absurd_factors_and_accepts_real_erasures():
+    from rece_core.validation import MAX_TRANSFORM_NORM, check_transform
+
+    e = rece(W, ENC, ["nudity", "blood"], epochs=2)
+    check_transform(e.transform.up, e.transform.down)  # a real erasure: ‖P − I‖ of order 10
+    up, down = e.transform.up.double(), e.transform.down.double()
+    assert float((up @ down).norm()) < 1e-4 * MAX_TRANSFORM_NORM
+    with pytest.raises(ValueError, match="absurdly large"):
+        check_transform(e.transform.up * 1e6, e.transform.down)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        check_transform(e.transform.up * float("inf"), e.transform.down)
+    dense = torch.eye(64) * 2e6
+    with pytest.raises(ValueError, match="absurdly large"):
+        check_transform(dense, torch.eye(64))

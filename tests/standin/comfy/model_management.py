@@ -1,5 +1,6 @@
 """Stand-in for ``comfy.model_management``: devices, casting, interruption."""
 
+import os
 import threading
 
 import torch
@@ -32,6 +33,21 @@ def cast_to(weight, dtype=None, device=None, non_blocking=False, copy=False):
 
 def cast_to_device(tensor, device, dtype, copy=False):
     return cast_to(tensor, dtype=dtype, device=device, copy=copy)
+
+
+def get_free_memory(dev=None, torch_free_too=False):
+    """Free bytes on ``dev``: MemAvailable on CPU (ComfyUI uses psutil's, the same figure), CUDA's own."""
+    dev = get_torch_device() if dev is None else dev
+    if dev.type == "cuda":
+        free = torch.cuda.mem_get_info(dev)[0]
+        return (free, free) if torch_free_too else free
+    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    try:
+        with open("/proc/meminfo") as f:
+            free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        pass
+    return (free, free) if torch_free_too else free
 
 
 def interrupt_current_processing(value=True):
