@@ -75,15 +75,16 @@ class CancellingCLIP(FakeCLIP):
         return out
 
 
-def test_cancel_while_prompts_are_encoded_stops_at_the_next_prompt():
-    model, clip = make_model(), CancellingCLIP(after=3)
-    concepts = "\n".join(f"concept {i}" for i in range(40))
+def test_cancel_while_prompts_are_encoded_stops_at_the_next_chunk():
+    """Prompts are encoded a chunk (106 CLIP prompts) per encoder call; Cancel is honoured after each."""
+    model, clip = make_model(), CancellingCLIP(after=2)
+    concepts = "\n".join(f"concept {i}" for i in range(400))
     try:
         with pytest.raises(comfy.model_management.InterruptProcessingException):
             erase(model, clip, concepts=concepts)
     finally:
         comfy.model_management.interrupt_current_processing(False)
-    assert clip.calls == 3  # not 42: the rest of the prompts were never encoded
+    assert clip.calls == 2  # the first prompt, then one chunk; not 5: the other chunks were never encoded
     assert model.patches == {}
 
 

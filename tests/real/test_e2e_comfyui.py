@@ -50,7 +50,8 @@ def sample(model, clip, prompt: str):
     positive = comfy_nodes.CLIPTextEncode().encode(clip, prompt)[0]
     negative = comfy_nodes.CLIPTextEncode().encode(clip, "")[0]
     latent = comfy_nodes.EmptyLatentImage().generate(64, 64, 1)[0]
-    out = comfy_nodes.KSampler().sample(model, 42, 4, 7.0, "euler", "normal", positive, negative, latent, 1.0)[0]
+    with torch.inference_mode():  # as ComfyUI's executor runs every node
+        out = comfy_nodes.KSampler().sample(model, 42, 4, 7.0, "euler", "normal", positive, negative, latent, 1.0)[0]
     return out["samples"].float()
 
 
