@@ -114,7 +114,8 @@ class ExportErasureAsLoRA:
     OUTPUT_NODE = True
     RETURN_TYPES = ("STRING",)
     RETURN_NAMES = ("report",)
-    DESCRIPTION = ("Exports W(P − I) of every attn2.to_k/to_v of this model as lora_up/lora_down; exact at rank 0, "
+    DESCRIPTION = ("Exports W(P − I) of every layer reading the text (attn2.to_k/to_v, Flux's txt_in...) of this "
+                   "model as lora_up/lora_down; exact at rank 0, "
                    "otherwise the best approximation of that rank (the report states the error).")
 
     @classmethod
@@ -128,13 +129,13 @@ class ExportErasureAsLoRA:
     @torch.no_grad()
     def export(self, model, erasure, filename_prefix, rank, precision):
         bridge.require_erasure(erasure, "Export Erasure as LoRA")
-        keys = bridge.cross_attention_keys(model)
+        arch, keys = bridge.architecture(model)
         bridge.require_erasure(erasure, "Export Erasure as LoRA", model, keys)
         dtype = torch.float16 if precision == "fp16" else torch.float32
         out, worst = {}, 0.0
         for key, w in bridge.key_weights(model, keys, torch.device("cpu"), include_erasures=False):
             up, down, err = lora_factors(erasure, w, rank)
-            name = lora_key(key)
+            name = lora_key(key, arch.name)
             out[f"{name}.lora_up.weight"] = up.to(dtype).contiguous()
             out[f"{name}.lora_down.weight"] = down.to(dtype).clone()  # one copy per layer in the file
             out[f"{name}.alpha"] = torch.tensor(float(up.shape[1]), dtype=dtype)

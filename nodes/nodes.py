@@ -9,6 +9,7 @@ import torch
 
 from ..rece_core import PRESETS, Erasure, rece
 from ..rece_core.derive import derive_with_transform, reach
+from ..rece_core.procedure import fit_rows
 from . import bridge
 from .patch import ErasurePatch
 
@@ -83,7 +84,7 @@ class RECEEraseConcept:
         concept_list = split_lines(concepts)
         if not concept_list:
             raise ValueError("RECE Erase Concept: enter at least one concept to erase (one per line).")
-        keys = bridge.cross_attention_keys(model)
+        arch, keys = bridge.architecture(model)
         d = bridge.text_width(model, keys)
         device = bridge.compute_device()
         solve = bridge.solve_device(device)
@@ -93,7 +94,7 @@ class RECEEraseConcept:
 
         def encode(text: str):
             if text not in encoded:
-                encoded[text] = bridge.encode_checked(clip, text, model, d, solve)[0]
+                encoded[text] = bridge.encode_checked(clip, text, model, d, solve, arch)[0]
             return encoded[text]
 
         encode(concept_list[0])  # refuse a mismatched CLIP before reading any weight
@@ -104,10 +105,12 @@ class RECEEraseConcept:
                        progress=lambda done, total: progress.tick())
         erasure = dataclasses.replace(
             erasure, seconds=time.perf_counter() - start, device=str(device),
-            extra={"kind": concept_kind, "model": bridge.model_type(model),
+            extra={"kind": concept_kind, "model": bridge.model_type(model), "architecture": arch.name,
                    "fingerprint": bridge.base_fingerprint(model, keys)})
         out = patched(model, erasure, keys, 1.0)
         report = erasure.summary()
+        if arch.note:
+            report += f"\nnote ({arch.title}): {arch.note}"
         preset = PRESETS.get(concept_kind)
         if preset is not None and (preset.reg != reg or preset.epochs != rounds):
             report += (f"\nnote: the paper uses reg={preset.reg:g} and {preset.epochs} round(s) for "
@@ -141,7 +144,7 @@ class RECEDeriveEmbedding:
         text = concept.strip()
         if not text:
             raise ValueError("RECE Derive Embedding: enter the concept to derive an embedding for.")
-        keys = bridge.cross_attention_keys(model)
+        arch, keys = bridge.architecture(model)
         erasures = bridge.applied_erasures(model)
         if not erasures:
             raise ValueError("RECE Derive Embedding: this model carries no RECE erasure; connect the MODEL "
@@ -150,19 +153,18 @@ class RECEDeriveEmbedding:
         device = bridge.compute_device()
         solve = bridge.solve_device(device)
         progress = bridge.Progress(len(keys) + 1)
-        emb, cond, pooled = bridge.encode_checked(clip, text, model, d, solve)
-        guide, _, _ = bridge.encode(clip, " ", solve)
+        emb, cond, extra = bridge.encode_checked(clip, text, model, d, solve, arch)
+        guide, _, _ = bridge.encode(clip, " ", solve, arch, model)
         s = bridge.gram_of(model, keys, device, tick=progress.tick).to(solve)
         p = bridge.combined_transform(erasures, d, solve)
         derived = derive_with_transform(s, p, emb.rows, reg=reg)
-        value = float(reach(s, p, emb.rows, derived, guide.rows))
+        value = float(reach(s, p, emb.rows, derived, fit_rows(guide.rows, emb.rows.shape[0])))
         progress.tick()
-        rows = derived.to(device=cond.device, dtype=cond.dtype).unsqueeze(0)
-        extra = {"pooled_output": pooled} if pooled is not None else {}
         report = (f"derived embedding for {text!r} (ρ={reg:g}) reaches {value:.1%} of it on the erased model "
                   f"({len(erasures)} erasure(s))")
         ui = {"concept": text, "reg": reg, "reach": value, "erasures": len(erasures)}
-        return {"ui": {"rece_report": [ui]}, "result": ([[rows, extra]], value, report)}
+        return {"ui": {"rece_report": [ui]},
+                "result": (bridge.conditioning(arch, derived.float(), model, cond, extra), value, report)}
 
 
 class ApplyErasedWeights:
@@ -190,7 +192,7 @@ class ApplyErasedWeights:
         bridge.require_erasure(erasure, "Apply Erased Weights", model, keys)
         out = patched(model, erasure, keys, strength)
         report = (f"applied erasure of {', '.join(map(repr, erasure.concepts))} at strength {strength:g} "
-                  f"to {len(keys)} cross-attention weights")
+                  f"to {len(keys)} weights that read the text ({bridge.architecture(model)[0].title})")
         made_on = erasure.extra.get("fingerprint")
         here = bridge.base_fingerprint(model, keys)
         warning = None

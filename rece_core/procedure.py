@@ -15,7 +15,7 @@ from .transform import LowRankTransform
 from .validation import check_matrix, check_scale, check_weights
 
 __all__ = [
-    "PRESETS", "Erasure", "Preset", "RoundReport", "TextEmbedding", "erase_rows", "rece",
+    "PRESETS", "Erasure", "Preset", "RoundReport", "TextEmbedding", "erase_rows", "fit_rows", "rece",
 ]
 
 
@@ -129,15 +129,27 @@ def erase_rows(concept: TextEmbedding, guide: TextEmbedding) -> tuple[Tensor, Te
 
     As the authors' ``train_uce.edit_model``: with ``f = max(fᶜ, fᵍ)`` over both last-token
     indices, the concept gives rows ``[fᶜ, T − (f − fᶜ))`` and the guide ``[fᵍ, T − (f − fᵍ))``.
+    Encoders that do not pad (T5 without padding, Qwen, Gemma) give prompts of different lengths:
+    then the two tails are paired row by row up to the shorter one (the same rule when both are ``T``).
     """
-    t = concept.rows.shape[0]
-    if guide.rows.shape[0] != t:
-        raise ValueError(f"concept has {t} token rows but guide has {guide.rows.shape[0]}")
+    tc, tg = concept.rows.shape[0], guide.rows.shape[0]
     fc, fg = int(concept.last_token), int(guide.last_token)
-    if not (0 <= fc < t and 0 <= fg < t):
-        raise ValueError(f"last_token out of range: concept {fc}, guide {fg}, tokens {t}")
-    far = max(fc, fg)
-    return concept.rows[fc:t - (far - fc)], guide.rows[fg:t - (far - fg)]
+    if not (0 <= fc < tc and 0 <= fg < tg):
+        raise ValueError(f"last_token out of range: concept {fc} of {tc} rows, guide {fg} of {tg}")
+    n = min(tc - fc, tg - fg)
+    return concept.rows[fc:fc + n], guide.rows[fg:fg + n]
+
+
+def fit_rows(rows: Tensor, n: int) -> Tensor:
+    """``rows: [m, d]`` cut or extended (with copies of its last row) to ``[n, d]``.
+
+    Pairs a guide's full embedding with a concept of another length (encoders that do not pad);
+    the identity when both have the same number of rows, as with CLIP's 77.
+    """
+    m = rows.shape[0]
+    if m >= n:
+        return rows[:n]
+    return torch.cat([rows, rows[-1:].expand(n - m, -1)])
 
 
 def _as_gram(weights: Mapping[str, Tensor] | Tensor, device: torch.device | None) -> Tensor:
@@ -162,8 +174,9 @@ def rece(weights: Mapping[str, Tensor] | Tensor, encode: Callable[[str], TextEmb
     2. ``epochs`` rounds: derive each concept's embedding against the weights before any erasure
        (all token rows, regularised toward zero by ``reg``), then erase the derived rows toward the
        guide's full embedding, preserving ``' '`` once per concept and the ``preserve`` prompts.
+       (With an encoder that does not pad, the guide's rows are fitted to the concept's: ``fit_rows``.)
 
-    ``weights``: name → ``[out, d]`` of every ``attn2.to_k``/``to_v`` (or their Gram ``Σ WᵀW``);
+    ``weights``: name → ``[out, d]`` of every layer reading the text rows (or their Gram ``Σ WᵀW``);
     ``encode``: the text encoder; an empty guide means the unconditional ``' '``.
     ``progress(done, total)`` is called after each step; raising from it cancels.
     """
@@ -214,7 +227,7 @@ def rece(weights: Mapping[str, Tensor] | Tensor, encode: Callable[[str], TextEmb
     tick()
 
     concept_rows = torch.cat([c.rows for c in concept_emb])
-    guide_rows = torch.cat([g.rows for g in guide_emb])
+    guide_rows = torch.cat([fit_rows(g.rows, c.rows.shape[0]) for c, g in zip(concept_emb, guide_emb)])
     concept_sizes = [c.rows.shape[0] for c in concept_emb]
     gap_rows = torch.cat([e - g for e, g in pairs])
     gap_sizes = [e.shape[0] for e, _ in pairs]
