@@ -246,3 +246,25 @@ def test_real_tier_uses_comfyuis_model_classes_and_tokenizers():
     assert type(DiTCLIP("flux").tokenizer).__module__ == "comfy.text_encoders.flux"
     assert type(DiTCLIP("qwen_image").tokenizer).__module__ == "comfy.text_encoders.qwen_image"
     assert os.environ.get("COMFYUI_PATH")
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3", "chroma", "qwen_image"])
+def test_last_word_token_found_with_comfyuis_tokenizer(family):
+    """The row RECE treats as the last word token is the prompt's last word, the next its end token."""
+    from rece_comfyui.nodes import bridge
+
+    model, clip = make_model(family), DiTCLIP(family)
+    arch, _ = bridge.architecture(model)
+    tokens = clip.tokenize("a red car")
+    emb = bridge.encode(clip, "a red car", torch.device("cpu"), arch, model)[0]
+    ids = [t[0] for t in tokens[arch.encoder][0]]
+    offset = len(ids) - clip.encode_from_tokens(tokens, return_pooled=True)[0].shape[1]
+    at = ids[emb.last_token + max(offset, 0):][:2]
+    if REAL:
+        tok = getattr(clip.tokenizer, f"clip_{arch.encoder}", None) or getattr(clip.tokenizer, arch.encoder)
+        words = [tok.tokenizer.decode([i]).strip() for i in at]
+        assert words[0] == "car" and words[1] in ("</s>", "<|endoftext|>", "<|im_end|>")
+    else:
+        from dit_factory import word_ids
+
+        assert at[0] == word_ids("car")[0] and at[1] in (1, 49407, 151645)
