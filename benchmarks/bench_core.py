@@ -1,6 +1,9 @@
 """Time rece_core's engine against the literal per-layer formulation, in the same run.
 
-    python benchmarks/bench_core.py [--arch sd15 sdxl] [--device cpu|cuda] [--repeats 3]
+    python benchmarks/bench_core.py [--arch sd15 sdxl flux] [--device cpu|cuda] [--repeats 3]
+
+``flux``: Flux-shaped, the one layer reading the text rows (``txt_in``, 3072 × 4096) and a seeded
+T5-XXL-sized encoder (4096 wide, 256 rows).
 
 Prints medians, the speed-up ratios, peak memory and the largest relative difference of the
 edited weights' change from a float64 evaluation of the literal equations (the result to match):
@@ -74,10 +77,21 @@ def timed(fn, device: str, repeats: int, warmup: bool = True):
     return statistics.median(times), peak, out
 
 
+def flux_shaped(device: str) -> tuple[dict[str, torch.Tensor], ToyTextEncoder]:
+    """Flux's ``txt_in`` (3072 × 4096, fan-in scaled) and an encoder of T5-XXL's size (4096 wide, 256 rows)."""
+    g = torch.Generator().manual_seed(0)
+    w = {"diffusion_model.txt_in.weight": (torch.randn(3072, 4096, generator=g) / 64).to(device)}
+    return w, ToyTextEncoder(4096, seed=0, tokens=256, pad_with_end=False)
+
+
 def case(arch: str, n_concepts: int, epochs: int, device: str, repeats: int) -> None:
-    _, d = ARCHITECTURES[arch]
-    weights = cross_attention_weights(arch, seed=0, device=device)
-    enc = ToyTextEncoder(d, seed=0)
+    if arch == "flux":
+        weights, enc = flux_shaped(device)
+        d = 4096
+    else:
+        _, d = ARCHITECTURES[arch]
+        weights = cross_attention_weights(arch, seed=0, device=device)
+        enc = ToyTextEncoder(d, seed=0)
     cache = {}
 
     def encode(text):
@@ -116,7 +130,7 @@ def case(arch: str, n_concepts: int, epochs: int, device: str, repeats: int) -> 
     ws = dict(list(weights.items())[:8]) if sliced else weights
     t_e, m_e, _ = timed(engine(ws), device, repeats)
     t_w, m_w, w_e = timed(engine_weights(ws), device, repeats)
-    lit_repeats = repeats if arch != "sdxl" else 1
+    lit_repeats = repeats if arch == "sd15" else 1
     t_64, m_64, w64 = timed(literal(ws, torch.float64), device, lit_repeats, warmup=False)
     t_32, _, w_32 = timed(literal(ws, torch.float32), device, lit_repeats, warmup=False)
     note = f" (both on the first {len(ws)} of {len(weights)} matrices)" if sliced else ""
@@ -138,7 +152,7 @@ def case(arch: str, n_concepts: int, epochs: int, device: str, repeats: int) -> 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--arch", nargs="+", default=["sd15", "sdxl"])
+    parser.add_argument("--arch", nargs="+", default=["sd15", "sdxl"], help="sd15 sdxl flux")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cases", nargs="+", default=["1x3", "100x1"],

@@ -13,11 +13,9 @@ import comfy.utils
 
 from ..rece_core import Erasure, LowRankTransform, TextEmbedding, gram
 from ..rece_core.files import fingerprint
+from . import architectures
+from .architectures import Architecture
 from .patch import is_erasure_patch
-
-KEY_SUFFIXES = ("attn2.to_k.weight", "attn2.to_v.weight")
-# Models whose attn2 reads image (not text) embeddings.
-NOT_TEXT_CROSS_ATTENTION = {"SVD_img2vid", "SV3D_u", "SV3D_p", "Stable_Zero123"}
 
 
 def model_type(model) -> str:
@@ -26,20 +24,30 @@ def model_type(model) -> str:
     return type(config).__name__ if config is not None else type(model.model).__name__
 
 
-def cross_attention_keys(model) -> list[str]:
-    """Every ``attn2.to_k``/``to_v`` weight key of a text-conditioned UNet, or a clear error."""
-    kind = model_type(model)
-    keys = [k for k in model.model.state_dict() if k.endswith(KEY_SUFFIXES)]
-    if not keys or kind in NOT_TEXT_CROSS_ATTENTION:
-        raise ValueError(
-            f"RECE erases concepts from UNets that read text through cross-attention (SD1.x, SD2.x, "
-            f"SDXL and their fine-tunes); this model is {kind}, which has no such layers.")
+def architecture(model) -> tuple[Architecture, list[str]]:
+    """The model's entry in ``architectures`` and the weight keys that read its text rows, or a clear error.
+
+    Weights stored in a format RECE cannot read are refused here, before anything is read or patched.
+    """
+    arch, keys = architectures.detect(model_type(model), list(model.model.state_dict().keys()))
     require_readable(model, keys)
-    return keys
+    return arch, keys
+
+
+def cross_attention_keys(model) -> list[str]:
+    """Every weight key that reads the text rows (``attn2.to_k``/``to_v``, ``txt_in``...), or a clear error."""
+    return architecture(model)[1]
 
 
 def text_width(model, keys: list[str]) -> int:
     return int(model.model.state_dict()[keys[0]].shape[1])
+
+
+def effective_weight(model, key: str, device: torch.device) -> Tensor:
+    """One weight as the model uses it (every patch applied), float32 on ``device``."""
+    (weight, convert), *rest = model.get_key_patches("diffusion_model.")[key]
+    w = convert(_dense(weight, device), inplace=True)
+    return comfy.lora.calculate_weight(rest, w, key, intermediate_dtype=torch.float32) if rest else w
 
 
 def compute_device() -> torch.device:
@@ -123,14 +131,15 @@ def gram_of(model, keys: list[str], device: torch.device, *, include_erasures: b
 
 
 def applied_erasures(model) -> list[tuple[LowRankTransform, float]]:
-    """The erasures patched into ``model`` (first reader key) as ``(P, strength)``, in order.
+    """The erasures patched into ``model`` (first key carrying one) as ``(P, strength)``, in order.
 
     Found from the patches' weights, so an adapter ComfyUI rebuilt or moved is found as well.
     """
-    keys = [k for k in model.patches if k.endswith(KEY_SUFFIXES)]
-    if not keys:
-        return []
-    return [(p[1].transform(), float(p[0])) for p in model.patches[keys[0]] if is_erasure_patch(p[1])]
+    for patches in model.patches.values():
+        found = [(p[1].transform(), float(p[0])) for p in patches if is_erasure_patch(p[1])]
+        if found:
+            return found
+    return []
 
 
 def combined_transform(erasures: list[tuple[LowRankTransform, float]], d: int,
@@ -143,28 +152,21 @@ def combined_transform(erasures: list[tuple[LowRankTransform, float]], d: int,
     return p
 
 
-def tokenize(clip, text: str) -> tuple[dict, int]:
-    """``clip.tokenize(text)`` (one chunk per encoder, or a clear error) and the last word token's index.
-
-    ``last_token`` is the index of the last word token (one before the first end token).
-    """
-    if clip is None:
-        raise ValueError("clip input is invalid: None. If it comes from a checkpoint loader, the "
-                         "checkpoint has no text encoder.")
-    tokens = clip.tokenize(text)
-    name, chunks = next(iter(tokens.items()))
-    for value in tokens.values():
-        if len(value) != 1:
-            raise ValueError(
-                f"the prompt {text[:60]!r} is longer than one 77-token chunk ({len(value)} chunks); "
-                "RECE aligns token rows within one chunk, so shorten it")
-    tokenizer = getattr(clip.tokenizer, f"clip_{name}", None) or getattr(clip.tokenizer, name, None)
-    return tokens, last_word_token(text, [t[0] for t in chunks[0]], tokenizer, name)
+def _end_index(arch: Architecture, tokenizer, ids: list[int]) -> int | None:
+    """Index (in the token ids) of the token after the prompt's last word; ``None`` if not found."""
+    if arch.template_end is not None and arch.template_end in ids:
+        return len(ids) - 1 - ids[::-1].index(arch.template_end)
+    end = getattr(tokenizer, "end_token", None)
+    if end is not None and end in ids:
+        return ids.index(end)
+    if arch.name != "unet" and getattr(tokenizer, "end_token", 0) is None:
+        return len(ids)  # no end token (Gemma): the last token is the last word
+    return None
 
 
 def last_word_token(text: str, ids: list, tokenizer, name: str) -> int:
-    """Index of the prompt's last word token, found by position: the end token the tokenizer appends
-    follows it (with end-token padding, the first of the trailing run of end tokens).
+    """CLIP: index of the prompt's last word token, found by position: the end token the tokenizer
+    appends follows it (with end-token padding, the first of the trailing run of end tokens).
 
     A start or end token among the word tokens (a literal ``<|endoftext|>`` in the prompt, which CLIP's
     tokenizer reads as the special token) is refused: it would move the alignment. Entries that are not
@@ -185,53 +187,141 @@ def last_word_token(text: str, ids: list, tokenizer, name: str) -> int:
     return max(j - 1, 0)
 
 
-def encode(clip, text: str, device: torch.device) -> tuple[TextEmbedding, Tensor, Tensor | None]:
-    """Encode ``text`` as CLIPTextEncode does; return its rows, the raw cond and the pooled output."""
-    tokens, last = tokenize(clip, text)
-    cond, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
-    rows = cond[0].detach().to(device=device, dtype=torch.float32)
-    return TextEmbedding(rows, last), cond, pooled
+def tokenize(clip, text: str, arch: Architecture | None = None) -> tuple[dict, int, int]:
+    """``clip.tokenize(text)`` checked for ``arch``, the index (in the reader's token ids) of the
+    prompt's last word token, and the number of those ids."""
+    arch = arch or architectures.by_name("unet")
+    if clip is None:
+        raise ValueError("clip input is invalid: None. If it comes from a checkpoint loader, the "
+                         "checkpoint has no text encoder.")
+    text = text if text.strip() else ""  # blank = the empty prompt, every family's unconditional
+    tokens = clip.tokenize(text)
+    name = arch.encoder or next(iter(tokens))
+    if name not in tokens:
+        raise ValueError(f"this CLIP gives no {name!r} text; the {arch.title} model reads it; use the text "
+                         f"encoder that belongs to the model (this one gives {', '.join(tokens)})")
+    chunks = tokens[name]
+    for value in (tokens.values() if arch.name == "unet" else [chunks]):
+        if len(value) != 1:
+            raise ValueError(
+                f"the prompt {text[:60]!r} is longer than one 77-token chunk ({len(value)} chunks); "
+                "RECE aligns token rows within one chunk, so shorten it")
+    tokenizer = getattr(clip.tokenizer, f"clip_{name}", None) or getattr(clip.tokenizer, name, None)
+    ids = [t[0] for t in chunks[0]]
+    if arch.name == "unet":
+        return tokens, last_word_token(text, ids, tokenizer, name), len(ids)
+    end = _end_index(arch, tokenizer, [i if isinstance(i, int) else -1 for i in ids])
+    if end is None:
+        raise ValueError(f"cannot find the end token of the {name!r} tokenizer to align token rows")
+    return tokens, end - 1, len(ids)
 
 
-def encode_many(clip, texts: list[str]) -> list[TextEmbedding]:
-    """Encode prompts as CLIPTextEncode does, several in one encoder forward.
+def _embedding(rows: Tensor, last: int, n_ids: int, arch: Architecture, model,
+               device: torch.device | None) -> TextEmbedding:
+    """The rows the readers see (normed first where ``arch`` norms them), the last word token among them.
+
+    ``device=None`` keeps the rows as the encoder returned them (dtype and device)."""
+    rows = rows.detach() if device is None else rows.detach().to(device=device, dtype=torch.float32)
+    offset = max(n_ids - rows.shape[0], 0)  # a template head the encoder strips (Qwen-Image)
+    if arch.norm is not None:
+        at = rows.device if device is None else device
+        rows = architectures.rms_norm(rows.float(), effective_weight(model, f"diffusion_model.{arch.norm}", at),
+                                      norm_eps(model, arch))
+    return TextEmbedding(rows, min(max(last - offset, 0), rows.shape[0] - 1))
+
+
+def encode(clip, text: str, device: torch.device, arch: Architecture | None = None,
+           model=None) -> tuple[TextEmbedding, Tensor, dict]:
+    """Encode ``text`` as CLIPTextEncode does; return the rows the model's readers see, the raw
+    cond and the rest of the conditioning (``pooled_output``, ``conditioning_llama3``...).
+
+    ``last_token`` is the index of the last word token (one before the end token) in those rows.
+    Where ``arch`` has a norm before its readers, the rows are normed with ``model``'s norm weight.
+    """
+    arch = arch or architectures.by_name("unet")
+    tokens, last, n_ids = tokenize(clip, text, arch)
+    out = clip.encode_from_tokens(tokens, return_pooled=True, return_dict=True)
+    if isinstance(out, dict):
+        extra = dict(out)
+        cond = extra.pop("cond")
+    else:
+        cond, pooled = out
+        extra = {"pooled_output": pooled}
+    if extra.get("pooled_output") is None:
+        extra.pop("pooled_output", None)
+    return _embedding(cond[0], last, n_ids, arch, model, device), cond, extra
+
+
+def encode_many(clip, texts: list[str], arch: Architecture | None = None, model=None) -> list[TextEmbedding]:
+    """Encode prompts as CLIPTextEncode does, several in one encoder forward (CLIP families).
 
     ComfyUI's CLIP encodes every chunk of a token list in one batch and concatenates their rows
     (``encode_from_tokens``, its public API), weighting each chunk against the same empty
     sequence; so the one-chunk token lists of several prompts, put one after another, give each
     prompt's own rows. Prompts whose token lists differ in length go into separate calls. Rows stay
-    as the encoder returns them (its dtype, ComfyUI's intermediate device).
+    as the encoder returns them (its dtype, ComfyUI's intermediate device). Encoders that combine
+    several kinds of rows (SD3's CLIP + T5) or strip a template are encoded one prompt at a time.
     """
-    tokenized = [tokenize(clip, t) for t in texts]
+    arch = arch or architectures.by_name("unet")
+    if arch.name != "unet":
+        return [encode(clip, t, None, arch, model)[0] for t in texts]
+    tokenized = [tokenize(clip, t, arch) for t in texts]
     groups: dict[tuple, list[int]] = {}
-    for i, (tokens, _) in enumerate(tokenized):
+    for i, (tokens, _, _) in enumerate(tokenized):
         groups.setdefault(tuple((k, len(v[0])) for k, v in tokens.items()), []).append(i)
     out: list[TextEmbedding | None] = [None] * len(texts)
     for shape, members in groups.items():
         batch = {name: [tokenized[i][0][name][0] for i in members] for name, _ in shape}
-        cond = clip.encode_from_tokens(batch).detach()
+        cond = clip.encode_from_tokens(batch)
         rows = cond[0].split(cond.shape[1] // len(members))
         for i, r in zip(members, rows):
-            out[i] = TextEmbedding(r, tokenized[i][1])
+            out[i] = _embedding(r, tokenized[i][1], tokenized[i][2], arch, model, None)
     return out
 
 
-def encode_checked(clip, text: str, model, d: int, device: torch.device):
-    """``encode`` plus a clear error when the CLIP's width is not the model's cross-attention width."""
-    emb, cond, pooled = encode(clip, text, device)
+def norm_eps(model, arch: Architecture) -> float:
+    config = getattr(getattr(model.model, "model_config", None), "unet_config", None) or {}
+    return float(config.get("norm_eps", arch.norm_eps)) if arch.name == "lumina2" else arch.norm_eps
+
+
+def encode_checked(clip, text: str, model, d: int, device: torch.device, arch: Architecture | None = None):
+    """``encode`` plus a clear error when the CLIP's width is not the width the model's text readers read."""
+    emb, cond, extra = encode(clip, text, device, arch, model)
     if emb.rows.shape[-1] != d:
         raise ValueError(f"the CLIP gives {emb.rows.shape[-1]}-wide text embeddings but this {model_type(model)} "
-                         f"model's cross-attention reads {d}; use the CLIP that belongs to the model")
-    return emb, cond, pooled
+                         f"model's {'cross-attention' if arch is None or arch.name == 'unet' else 'text input'} "
+                         f"reads {d}; use the CLIP that belongs to the model")
+    return emb, cond, extra
+
+
+def conditioning(arch: Architecture, rows: Tensor, model, cond: Tensor, extra: dict) -> list:
+    """ComfyUI ``CONDITIONING`` carrying ``rows`` (in the space the readers see) for ``model``."""
+    if arch.norm is not None:  # back to the encoder's space: the model norms it again
+        rows = architectures.rms_norm_preimage(
+            rows, effective_weight(model, f"diffusion_model.{arch.norm}", rows.device))
+    out = dict(extra)
+    if arch.guidance is not None:
+        out.setdefault("guidance", arch.guidance)
+    out.pop("attention_mask", None)  # the derived rows attend everywhere
+    return [[rows.to(device=cond.device, dtype=cond.dtype).unsqueeze(0), out]]
 
 
 def require_erasure(erasure, node: str, model=None, keys: list[str] | None = None) -> None:
-    """A RECE erasure (and, given a model, one made for the model's text width), or a clear error."""
+    """A RECE erasure (and, given a model, one made for the model's text space and width), or a clear error."""
     if not isinstance(erasure, Erasure):
         raise ValueError(f"{node}: the erasure input is not a RECE erasure")
-    if model is not None and erasure.dim != text_width(model, keys):
+    if model is None:
+        return
+    arch, found = architecture(model)
+    keys = keys or found
+    made_for = architectures.by_name(erasure.extra.get("architecture", "unet"))
+    if made_for.space != arch.space:
+        raise ValueError(f"{node}: this erasure was made for {made_for.title}, but this {model_type(model)} model "
+                         f"is {arch.title}: another text space, so it cannot apply here")
+    if erasure.dim != text_width(model, keys):
         raise ValueError(f"this erasure was made for {erasure.dim}-wide text embeddings but this "
-                         f"{model_type(model)} model's cross-attention reads {text_width(model, keys)}")
+                         f"{model_type(model)} model's {'cross-attention' if arch.name == 'unet' else 'text input'} "
+                         f"reads {text_width(model, keys)}")
 
 
 class Progress:

@@ -180,7 +180,8 @@ class ExportErasureAsLoRA:
     RETURN_NAMES = ("report",)
     OUTPUT_TOOLTIPS = ("Where the LoRA was written, its rank, and its largest relative error (exact at rank 0).",)
     SEARCH_ALIASES = ["export lora", "erasure to lora", "save lora", "concept erasure", "unlearn", "RECE"]
-    DESCRIPTION = ("Exports W(P − I) of every attn2.to_k/to_v of this model as lora_up/lora_down; exact at rank 0, "
+    DESCRIPTION = ("Exports W(P − I) of every layer reading the text (attn2.to_k/to_v, Flux's txt_in...) of this "
+                   "model as lora_up/lora_down; exact at rank 0, "
                    "otherwise the best approximation of that rank (the report states the error).")
 
     @classmethod
@@ -202,7 +203,7 @@ class ExportErasureAsLoRA:
         bridge.require_erasure(erasure, "Export Erasure as LoRA")
         if erasure.rank < 1:
             raise ValueError("Export Erasure as LoRA: this erasure has rank 0 (it changes nothing); nothing to export")
-        keys = bridge.cross_attention_keys(model)
+        arch, keys = bridge.architecture(model)
         bridge.require_erasure(erasure, "Export Erasure as LoRA", model, keys)
         dtype = torch.float16 if precision == "fp16" else torch.float32
         out, worst = {}, 0.0
@@ -211,7 +212,7 @@ class ExportErasureAsLoRA:
                 up, down, err = lora_factors(erasure, w, rank, dtype)
             except ValueError as exc:
                 raise ValueError(f"Export Erasure as LoRA: {exc} (layer {key})") from None
-            name = lora_key(key)
+            name = lora_key(key, arch.name)
             out[f"{name}.lora_up.weight"] = up.contiguous()
             out[f"{name}.lora_down.weight"] = down.clone()  # one copy per layer in the file
             out[f"{name}.alpha"] = torch.tensor(float(up.shape[1]), dtype=dtype)  # rank ≥ 1: never 0

@@ -11,6 +11,7 @@ import comfy.model_management
 
 from ..rece_core import PRESETS, Erasure, rece
 from ..rece_core.derive import derive_with_transform, reach
+from ..rece_core.procedure import fit_rows
 from . import bridge, files
 from .checks import check_lines, check_widgets, ui_report
 from .patch import ErasurePatch
@@ -109,7 +110,7 @@ class RECEEraseConcept:
         if not names:
             raise ValueError("RECE Erase Concept: enter at least one concept to erase (one per line), "
                              "or choose a concept list.")
-        keys = bridge.cross_attention_keys(model)
+        arch, keys = bridge.architecture(model)
         d = bridge.text_width(model, keys)
         device = bridge.compute_device()
         solve = bridge.solve_device(device)
@@ -117,23 +118,25 @@ class RECEEraseConcept:
         interrupted = comfy.model_management.throw_exception_if_processing_interrupted
         progress = bridge.Progress(len(keys))
         interrupted()
-        first = bridge.encode_checked(clip, names[0], model, d, solve)[0]  # a wrong CLIP: refused now
+        first = bridge.encode_checked(clip, names[0], model, d, solve, arch)[0]  # a wrong CLIP: refused now
 
         def encode(text: str):
-            return first if text == names[0] else bridge.encode(clip, text, solve)[0]
+            return first if text == names[0] else bridge.encode(clip, text, solve, arch, model)[0]
 
         # the weights as this model uses them, earlier erasures included: chained erase nodes compose
         s = bridge.gram_of(model, keys, device, include_erasures=True, tick=progress.tick).to(solve)
         erasure = rece(s, encode, names, guide, split_lines(preserve), lamb=lamb,
                        erase_scale=erase_scale, preserve_scale=preserve_scale, reg=reg, epochs=rounds,
-                       encode_many=lambda texts: bridge.encode_many(clip, list(texts)), check=interrupted,
+                       encode_many=lambda texts: bridge.encode_many(clip, list(texts), arch, model), check=interrupted,
                        progress=lambda done, total: progress.at(len(keys) + done, len(keys) + total))
         erasure = dataclasses.replace(
             erasure, seconds=time.perf_counter() - start, device=str(device),
-            extra={"kind": concept_kind, "model": bridge.model_type(model),
+            extra={"kind": concept_kind, "model": bridge.model_type(model), "architecture": arch.name,
                    "fingerprint": bridge.base_fingerprint(model, keys)})
         out = patched(model, erasure, keys, 1.0)
         report = erasure.summary()
+        if arch.note:
+            report += f"\nnote ({arch.title}): {arch.note}"
         preset = PRESETS.get(concept_kind)
         if preset is not None and (preset.reg != reg or preset.epochs != rounds):
             report += (f"\nnote: the paper uses reg={preset.reg:g} and {preset.epochs} round(s) for "
@@ -177,7 +180,7 @@ class RECEDeriveEmbedding:
         text = concept.strip()
         if not text:
             raise ValueError("RECE Derive Embedding: enter the concept to derive an embedding for.")
-        keys = bridge.cross_attention_keys(model)
+        arch, keys = bridge.architecture(model)
         erasures = bridge.applied_erasures(model)
         if not erasures:
             raise ValueError("RECE Derive Embedding: this model carries no RECE erasure; connect the MODEL "
@@ -186,22 +189,21 @@ class RECEDeriveEmbedding:
         device = bridge.compute_device()
         solve = bridge.solve_device(device)
         progress = bridge.Progress(len(keys) + 1)
-        emb, cond, pooled = bridge.encode_checked(clip, text, model, d, solve)
-        guide, _, _ = bridge.encode(clip, " ", solve)
+        emb, cond, extra = bridge.encode_checked(clip, text, model, d, solve, arch)
+        guide, _, _ = bridge.encode(clip, " ", solve, arch, model)
         if torch.equal(emb.rows, guide.rows):
             raise ValueError(f"RECE Derive Embedding: {text!r} encodes like the empty prompt; there is no "
                              "concept to derive")
         s = bridge.gram_of(model, keys, device, tick=progress.tick).to(solve)
         p = bridge.combined_transform(erasures, d, solve)
         derived = derive_with_transform(s, p, emb.rows, reg=reg)
-        value = float(reach(s, p, emb.rows, derived, guide.rows))
+        value = float(reach(s, p, emb.rows, derived, fit_rows(guide.rows, emb.rows.shape[0])))
         progress.tick()
-        rows = derived.to(device=cond.device, dtype=cond.dtype).unsqueeze(0)
-        extra = {"pooled_output": pooled} if pooled is not None else {}
         report = (f"derived embedding for {text!r} (ρ={reg:g}) reaches {value:.1%} of it on the erased model "
                   f"({len(erasures)} erasure(s))")
         ui = {"concept": text, "reg": reg, "reach": value, "erasures": len(erasures)}
-        return {"ui": ui_report(ui), "result": ([[rows, extra]], value, report)}
+        return {"ui": ui_report(ui),
+                "result": (bridge.conditioning(arch, derived.float(), model, cond, extra), value, report)}
 
 
 class ApplyErasedWeights:
@@ -235,7 +237,7 @@ class ApplyErasedWeights:
         bridge.require_erasure(erasure, "Apply Erased Weights", model, keys)
         out = patched(model, erasure, keys, strength)
         report = (f"applied erasure of {', '.join(map(repr, erasure.concepts))} at strength {strength:g} "
-                  f"to {len(keys)} cross-attention weights")
+                  f"to {len(keys)} weights that read the text ({bridge.architecture(model)[0].title})")
         made_on = erasure.extra.get("fingerprint")
         here = bridge.base_fingerprint(model, keys)
         warning = None

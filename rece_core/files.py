@@ -6,7 +6,9 @@ Format (version 1):
 - metadata ``format = "rece-erasure"``, ``format_version = "1"``, ``rece`` = a JSON object with
   ``concepts``, ``guides``, ``preserve``, ``lamb``, ``erase_scale``, ``preserve_scale``, ``reg``,
   ``epochs``, ``rounds`` (diagnostics), ``dim``, ``rank``, ``fingerprint`` (of the base model's
-  cross-attention weights), ``pack_version``, ``created`` (ISO 8601 UTC), ``seconds``, ``device``, ``extra``.
+  text-reading weights), ``pack_version``, ``created`` (ISO 8601 UTC), ``seconds``, ``device``, ``extra``,
+  and ``architecture`` (the model family whose text space ``P`` acts on, e.g. ``unet``, ``flux``;
+  files written before it existed are ``unet``).
 
 Only safetensors is read (never pickle); every malformed file is refused with a ``ValueError``
 naming the file and the problem, before anything is returned.
@@ -69,6 +71,7 @@ def save_erasure(erasure: Erasure, path: str, *, pack_version: str = "") -> None
         "rounds": [{"step": r.step, "guide_gap": list(r.guide_gap), "reach": list(r.reach), "drift": r.drift}
                    for r in erasure.rounds],
         "dim": erasure.dim, "rank": erasure.rank, "fingerprint": erasure.extra.get("fingerprint", ""),
+        "architecture": erasure.extra.get("architecture", "unet"),
         "pack_version": pack_version, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "seconds": erasure.seconds, "device": erasure.device, "extra": dict(erasure.extra),
     }
@@ -208,6 +211,10 @@ def load_erasure(path: str) -> Erasure:
         raise ValueError(f"{name}: {exc}") from None
     if info.get("fingerprint"):
         extra["fingerprint"] = str(info["fingerprint"])
+    arch = info.get("architecture", extra.get("architecture", "unet"))
+    if not isinstance(arch, str) or not arch.isidentifier():
+        raise ValueError(f"{name}: metadata field 'architecture' is not a name")
+    extra["architecture"] = arch
     extra["file"] = name
     return Erasure(
         transform=LowRankTransform(tensors["transform.up"], tensors["transform.down"]),
@@ -217,13 +224,18 @@ def load_erasure(path: str) -> Erasure:
         extra=extra)
 
 
-def lora_key(comfy_key: str) -> str:
+def lora_key(comfy_key: str, architecture: str = "unet") -> str:
     """kohya/A1111 LoRA name of an ``attn2`` weight: ComfyUI (ldm) key → ``lora_unet_<diffusers name>``.
+
+    Other architectures (DiTs): ``lora_unet_<ComfyUI key with '_' for '.'>`` (kohya's Flux names,
+    e.g. ``lora_unet_txt_in``), which ComfyUI's LoRA loader maps for every model.
 
     ``diffusion_model.input_blocks.{3l+j+1}.1.…`` → ``down_blocks.l.attentions.j.…``,
     ``middle_block.1.…`` → ``mid_block.attentions.0.…``, ``output_blocks.{3l+j}.1.…`` →
     ``up_blocks.l.attentions.j.…`` (two res-blocks per level: SD1.x, SD2.x, SDXL).
     """
+    if architecture != "unet":
+        return "lora_unet_" + comfy_key.removeprefix("diffusion_model.").removesuffix(".weight").replace(".", "_")
     parts = comfy_key.removeprefix("diffusion_model.").removesuffix(".weight").split(".")
     if parts[0] == "middle_block" and parts[1] == "1":
         block, rest = "mid_block.attentions.0", parts[2:]

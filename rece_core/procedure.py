@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .derive import Derivation, gram, reach, weighted_norm2
-from .rows import TextEmbedding, erase_rows
+from .rows import TextEmbedding, erase_rows, fit_rows
 from .streamed import Statistics, chunked, dense_edit, gather, report_chunk, round_edit
 from .transform import LowRankTransform
 from .validation import check_matrix, check_scale, check_transform, check_weights
@@ -20,7 +20,7 @@ CHUNK_ROWS = 8192
 """Token rows encoded and read at a time (a chunk of concepts: 106 of 77 tokens)."""
 
 __all__ = [
-    "CHUNK_ROWS", "PRESETS", "Erasure", "Preset", "RoundReport", "TextEmbedding", "erase_rows", "rece",
+    "CHUNK_ROWS", "PRESETS", "Erasure", "Preset", "RoundReport", "TextEmbedding", "erase_rows", "fit_rows", "rece",
 ]
 
 
@@ -147,8 +147,9 @@ def rece(weights: Mapping[str, Tensor] | Tensor, encode: Callable[[str], TextEmb
     2. ``epochs`` rounds: derive each concept's embedding against the weights before any erasure
        (all token rows, regularised toward zero by ``reg``), then erase the derived rows toward the
        guide's full embedding, preserving ``' '`` once per concept and the ``preserve`` prompts.
+       (With an encoder that does not pad, the guide's rows are fitted to the concept's: ``fit_rows``.)
 
-    ``weights``: name → ``[out, d]`` of every ``attn2.to_k``/``to_v`` (or their Gram ``Σ WᵀW``);
+    ``weights``: name → ``[out, d]`` of every layer reading the text rows (or their Gram ``Σ WᵀW``);
     ``encode``: the text encoder; an empty guide means the unconditional ``' '``;
     ``encode_many``: the same for a list of prompts at once (default: ``encode`` one by one).
     Prompts are encoded ``chunk_rows // tokens`` at a time. When the concepts' token rows outnumber
@@ -259,7 +260,7 @@ def _rece_rows(s: Tensor, concept_emb: list[TextEmbedding], guide_emb: list[Text
     """RECE holding every concept's rows (float64): few concepts, low-rank steps."""
     pairs = [erase_rows(c, g) for c, g in zip(concept_emb, guide_emb)]
     concept_rows = torch.cat([c.rows for c in concept_emb])
-    guide_rows = torch.cat([g.rows for g in guide_emb])
+    guide_rows = torch.cat([fit_rows(g.rows, c.rows.shape[0]) for c, g in zip(concept_emb, guide_emb)])
     concept_sizes = [c.rows.shape[0] for c in concept_emb]
     gap_rows = torch.cat([e - g for e, g in pairs])
     gap_sizes = [e.shape[0] for e, _ in pairs]
@@ -307,7 +308,8 @@ def _rece_streamed(s: Tensor, concept_emb: list[TextEmbedding], guide_emb: list[
     def chunks():
         for part in chunked(range(len(concept_emb)), per_chunk):
             yield ([concept_emb[i].rows.to(device=dev, dtype=torch.float64) for i in part],
-                   [guide_emb[i].rows.to(device=dev, dtype=torch.float64) for i in part],
+                   [fit_rows(guide_emb[i].rows, concept_emb[i].rows.shape[0]).to(device=dev, dtype=torch.float64)
+                    for i in part],
                    [concept_emb[i].last_token for i in part], [guide_emb[i].last_token for i in part])
 
     stats = Statistics(d, dev)

@@ -62,8 +62,10 @@ class Graph:
 
 
 def sampler_branch(g: Graph, model: tuple[int, int], pos_cond: int, neg: int, latent: int, vae: int,
-                   x: int, y: int, prefix: str, seed: int = 42) -> None:
-    ks = g.add("KSampler", [seed, "fixed", 25, 7.0, "euler", "normal", 1.0], (x, y))
+                   x: int, y: int, prefix: str, seed: int = 42,
+                   settings: tuple[int, float, str, str] = (25, 7.0, "euler", "normal")) -> None:
+    steps, cfg, sampler, scheduler = settings
+    ks = g.add("KSampler", [seed, "fixed", steps, cfg, sampler, scheduler, 1.0], (x, y))
     g.link(model[0], model[1], ks, "model")
     g.link(pos_cond, 0, ks, "positive")
     g.link(neg, 0, ks, "negative")
@@ -124,8 +126,23 @@ def red_team() -> None:
     g.dump("red_team_derive_embedding.json")
 
 
+def erase_nudity_flux() -> None:
+    """Flux dev (Comfy-Org's single-file fp8 checkpoint): RECE edits txt_in, the layer reading T5's rows.
+
+    Guidance 3.5 is Flux's default conditioning value; cfg 1 as Flux dev is sampled.
+    """
+    g = Graph()
+    ckpt, erase = loader_and_erase(g, "flux1-dev-fp8.safetensors", NUDITY)
+    pos, neg, latent = prompts_and_latent(g, ckpt, "a photo of a person on the beach", 1024)
+    flux = (20, 1.0, "euler", "simple")
+    sampler_branch(g, (ckpt, 0), pos, neg, latent, ckpt, 760, 500, "rece/flux_original", settings=flux)
+    sampler_branch(g, (erase, 0), pos, neg, latent, ckpt, 760, 100, "rece/flux_erased", settings=flux)
+    g.dump("erase_nudity_flux_side_by_side.json")
+
+
 if __name__ == "__main__":
     OUT.mkdir(exist_ok=True)
     erase_nudity_sd15()
     erase_artist_sdxl()
     red_team()
+    erase_nudity_flux()

@@ -1,0 +1,71 @@
+"""How much of a concept the pooled text path still carries after RECE (Flux's vector_in, SD3's y_embedder).
+
+    COMFYUI_PATH=/path/to/ComfyUI python benchmarks/pooled_path.py   # ComfyUI's own tiny Flux / SD3
+    python benchmarks/pooled_path.py                                 # the CI stand-ins
+
+RECE edits the layers reading the text rows and leaves the pooled path alone. On tiny seeded models
+(tests/dit_factory.py) it samples, for each concept, the original and the erased model with:
+the concept (rows + pooled), the empty prompt, and the concept's rows with the empty prompt's pooled
+vector (what a perfect erasure of the pooled path would add). It prints, relative to the concept's
+distance from the empty prompt on the original model ``‖x(c) − x(∅)‖``:
+- ``pooled alone``: how far the concept's pooled vector moves the original sample, ``‖x(c) − x(c rows, ∅ pooled)‖``;
+- ``left (rows erased)``: the erased model's ``‖x'(c) − x'(∅)‖``;
+- ``left (rows + pooled)``: the same with the pooled vector also replaced by the empty prompt's.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "tests"), os.environ.get("COMFYUI_PATH") or str(ROOT / "tests" / "standin"), str(ROOT)]
+
+import torch  # noqa: E402
+
+if os.environ.get("COMFYUI_PATH"):
+    import comfy.cli_args
+
+    if not torch.cuda.is_available():
+        comfy.cli_args.args.cpu = True
+
+from conftest import load_pack  # noqa: E402
+from dit_factory import DiTCLIP, make_model, sample  # noqa: E402
+
+load_pack()
+from rece_comfyui.nodes.nodes import RECEEraseConcept  # noqa: E402
+
+CONCEPTS = ["nudity", "Van Gogh", "a red car", "Mickey Mouse"]
+
+
+def swap_pooled(cond: list, other: list) -> list:
+    return [[cond[0][0], cond[0][1] | {"pooled_output": other[0][1]["pooled_output"]}]]
+
+
+def main() -> None:
+    tier = "ComfyUI " + os.environ["COMFYUI_PATH"] if os.environ.get("COMFYUI_PATH") else "stand-in"
+    print(f"tier: {tier}")
+    for family in ("flux", "sd3"):
+        for seed in (0, 1):
+            model, clip = make_model(family, seed=seed), DiTCLIP(family, seed=seed)
+            empty = clip.conditioning("")
+            for concept in CONCEPTS:
+                erased = RECEEraseConcept().erase(model, clip, concept, "", "", "custom", 3, 0.1, 0.1, 1.0,
+                                                  0.1)["result"][0]
+                c = clip.conditioning(concept)
+                c_rows = swap_pooled(c, empty)
+
+                def x(m, cond):
+                    return sample(m, family, cond, empty, seed=seed)
+
+                base = (x(model, c) - x(model, empty)).norm()
+                alone = (x(model, c) - x(model, c_rows)).norm() / base
+                left = (x(erased, c) - x(erased, empty)).norm() / base
+                left_both = (x(erased, c_rows) - x(erased, empty)).norm() / base
+                print(f"{family:4} seed {seed} {concept!r:15}: pooled alone {alone:.3f} | left (rows erased) "
+                      f"{left:.3f} | left (rows + pooled) {left_both:.3f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

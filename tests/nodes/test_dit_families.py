@@ -1,0 +1,270 @@
+"""RECE on the DiT families (Flux, SD3, Wan, Qwen-Image, Chroma, Lumina2/Z-Image), in both tiers.
+
+CI tier: stand-in models with the families' text-reader key names, sampled by a small forward that reads
+the text through them. Real tier (COMFYUI_PATH): Flux, SD3, Wan and Qwen-Image are ComfyUI's own model
+classes with tiny configs, sampled by ``comfy.sample``, with ComfyUI's own tokenizers where they ship.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import folder_paths
+from conftest import load_pack
+from dit_factory import D, FAMILIES, REAL, REAL_FAMILIES, DiTCLIP, make_model, sample
+from factory import effective_weights
+
+load_pack()
+from rece_comfyui.nodes import architectures  # noqa: E402
+from rece_comfyui.nodes.files import ExportErasureAsLoRA, LoadErasedWeights, SaveErasedWeights  # noqa: E402
+from rece_comfyui.nodes.nodes import ApplyErasedWeights, RECEDeriveEmbedding, RECEEraseConcept  # noqa: E402
+from rece_comfyui.rece_core.files import lora_key, save_erasure  # noqa: E402
+
+ARGS = dict(concepts="nudity", guide="", preserve="", concept_kind="nudity", rounds=2, reg=0.1, lamb=0.1,
+            erase_scale=1.0, preserve_scale=0.1)
+ALL = list(FAMILIES)
+CONCEPT, PRESERVED = "nudity", "a photo of a cat"
+
+
+def erase(model, clip, **kw):
+    return RECEEraseConcept().erase(model, clip, **(ARGS | kw))["result"]
+
+
+def rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def reader_keys(family):
+    return [f"diffusion_model.{k}" for k in FAMILIES[family].readers]
+
+
+def snapshot(model):
+    return {k: v.detach().clone() for k, v in model.model.state_dict().items()}
+
+
+@pytest.fixture(scope="module", params=ALL)
+def erased(request):
+    family = request.param
+    model, clip = make_model(family), DiTCLIP(family)
+    before = snapshot(model)
+    out, erasure, report = erase(model, clip, preserve=PRESERVED)
+    return family, model, clip, out, erasure, report, before
+
+
+def test_detected_and_recorded(erased):
+    family, model, _, out, erasure, report, _ = erased
+    arch, keys = architectures.detect(FAMILIES[family].config, list(model.model.state_dict()))
+    assert arch.name == family and keys == reader_keys(family)
+    assert erasure.extra["architecture"] == family and erasure.dim == D
+    assert set(out.patches) == set(keys)  # only the text readers: norm, pooled path, bias untouched
+
+
+def test_concept_moves_preserved_barely_and_model_untouched(erased):
+    family, model, clip, out, _, _, before = erased
+    negative = clip.conditioning("")
+    orig_c, er_c = (sample(m, family, clip.conditioning(CONCEPT), negative) for m in (model, out))
+    orig_p, er_p = (sample(m, family, clip.conditioning(PRESERVED), negative) for m in (model, out))
+    concept, preserved = rel(er_c, orig_c), rel(er_p, orig_p)
+    print(f"{family}: relative latent change: concept {concept:.4f}, preserved {preserved:.4f}")
+    assert concept > 1e-2 and concept > 3 * preserved
+    assert torch.equal(sample(model, family, clip.conditioning(CONCEPT), negative), orig_c)
+    assert all(torch.equal(before[k], v) for k, v in model.model.state_dict().items())
+
+
+def test_edit_is_w_times_p_on_the_readers(erased):
+    family, model, _, out, erasure, _, _ = erased
+    base, after = effective_weights(model), effective_weights(out)
+    p = erasure.transform.dense().double()
+    for k in reader_keys(family):
+        assert rel(after[k], base[k].double() @ p) < 1e-5
+    for k in base:
+        if k not in reader_keys(family):
+            assert torch.equal(after[k], base[k]), k
+
+
+@pytest.mark.parametrize("family", ALL)
+def test_erase_step_lands_the_rows_the_reader_sees_on_the_guide(family):
+    """rounds 0, a hard constraint: the reader maps the concept's tail rows (normed where the model norms
+    them) onto the guide's, bias included."""
+    model, clip = make_model(family), DiTCLIP(family)
+    out, erasure, _ = erase(model, clip, rounds=0, lamb=1e-4, erase_scale=10.0, preserve_scale=0.0)
+    from rece_comfyui.nodes import bridge
+
+    arch, keys = bridge.architecture(model)
+    c = bridge.encode(clip, CONCEPT, torch.device("cpu"), arch, model)[0]
+    g = bridge.encode(clip, " ", torch.device("cpu"), arch, model)[0]
+    from rece_comfyui.rece_core import erase_rows
+
+    e_rows, g_rows = erase_rows(c, g)
+    base, after = effective_weights(model), effective_weights(out)
+    for k in keys:
+        moved = (e_rows @ after[k].T - g_rows @ base[k].T).norm()
+        assert moved < 0.05 * (e_rows @ base[k].T - g_rows @ base[k].T).norm()
+
+
+@pytest.mark.parametrize("family", ALL)
+def test_derived_embedding_reach_falls_and_its_conditioning_samples(family):
+    model, clip = make_model(family), DiTCLIP(family)
+    reaches = []
+    for rounds in (0, 3):
+        out = erase(model, clip, rounds=rounds)[0]
+        cond, value, _ = RECEDeriveEmbedding().derive(out, clip, CONCEPT, 0.1)["result"]
+        reaches.append(value)
+    rows, extra = cond[0]
+    concept_cond = clip.conditioning(CONCEPT)[0]
+    assert rows.shape == concept_cond[0].shape and torch.isfinite(rows).all()
+    assert set(extra) == set(concept_cond[1])  # pooled_output (Flux, SD3), guidance (Flux)
+    if family == "flux":
+        assert extra["guidance"] == 3.5
+    assert torch.isfinite(sample(out, family, cond, clip.conditioning(""))).all()
+    assert 0.0 <= reaches[1] < reaches[0] <= 1.0
+
+
+@pytest.mark.parametrize("family", ["qwen_image", "lumina2"])
+def test_derived_conditioning_is_normed_onto_the_derived_direction(family):
+    """The model norms the returned rows again: what its reader sees points along the derived rows."""
+    from rece_comfyui.nodes import bridge
+    from rece_comfyui.rece_core.derive import derive_with_transform
+
+    model, clip = make_model(family), DiTCLIP(family)
+    out = erase(model, clip, rounds=1)[0]
+    cond = RECEDeriveEmbedding().derive(out, clip, CONCEPT, 0.1)["result"][0][0][0][0]
+    arch, keys = bridge.architecture(out)
+    emb = bridge.encode(clip, CONCEPT, torch.device("cpu"), arch, out)[0]
+    s = bridge.gram_of(out, keys, torch.device("cpu"))
+    derived = derive_with_transform(s, bridge.combined_transform(bridge.applied_erasures(out), D, torch.device("cpu")),
+                                    emb.rows, reg=0.1).float()
+    w = effective_weights(out)[f"diffusion_model.{arch.norm}"]
+    seen = architectures.rms_norm(cond.float(), w, bridge.norm_eps(out, arch))
+    cos = torch.nn.functional.cosine_similarity(seen, derived, dim=-1)
+    assert bool((cos > 0.999).all())
+
+
+def test_unknown_config_name_is_detected_by_its_keys():
+    model = make_model("flux")
+    model.model.model_config = type("FluxKontextSomething", (), {})()
+    arch, keys = architectures.detect("FluxKontextSomething", list(model.model.state_dict()))
+    assert arch.name == "flux" and keys == ["diffusion_model.txt_in.weight"]
+
+
+def test_model_without_text_readers_is_refused_naming_it():
+    model = make_model("flux")
+    with pytest.raises(ValueError, match="this model is StableCascade_X, which has none of the text readers"):
+        architectures.detect("StableCascade_X", ["diffusion_model.img_in.weight"])
+    assert model.patches == {}
+
+
+@pytest.fixture()
+def models_dir(tmp_path, monkeypatch):
+    for name in ("rece", "loras"):
+        (tmp_path / name).mkdir()
+        monkeypatch.setitem(folder_paths.folder_names_and_paths, name, ([str(tmp_path / name)], {".safetensors"}))
+    if hasattr(folder_paths, "filename_list_cache"):
+        monkeypatch.setattr(folder_paths, "filename_list_cache", {})
+    return tmp_path
+
+
+@pytest.mark.parametrize("family", ["flux", "qwen_image"])
+def test_save_load_apply_and_mismatch_refused(models_dir, family):
+    model, clip = make_model(family), DiTCLIP(family)
+    erasure = erase(model, clip, rounds=1)[1]
+    SaveErasedWeights().save(erasure, "e")
+    path = models_dir / "rece" / "e_00001.safetensors"
+    with safe_open(str(path), "pt") as f:
+        assert json.loads(f.metadata()["rece"])["architecture"] == family
+    loaded = LoadErasedWeights().load("e_00001.safetensors")["result"][0]
+    a = ApplyErasedWeights().apply(model, erasure, 0.5)["result"][0]
+    b, report = ApplyErasedWeights().apply(model, loaded, 0.5)["result"]
+    wa, wb = effective_weights(a, reader_keys(family)), effective_weights(b, reader_keys(family))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa) and "warning" not in report
+    other = "wan" if family == "flux" else "flux"  # same 64 width, another text space
+    with pytest.raises(ValueError, match="another text space"):
+        ApplyErasedWeights().apply(make_model(other), loaded, 1.0)
+
+
+def test_old_files_without_architecture_load_as_unet_and_are_refused_on_flux(models_dir):
+    from factory import FakeCLIP
+    from factory import make_model as make_unet
+
+    erasure = RECEEraseConcept().erase(make_unet(), FakeCLIP(), **(ARGS | {"rounds": 1}))["result"][1]
+    path = models_dir / "rece" / "old.safetensors"
+    save_erasure(erasure, str(path))
+    with safe_open(str(path), "pt") as f:
+        meta = dict(f.metadata())
+    info = json.loads(meta["rece"])
+    info.pop("architecture")
+    info["extra"].pop("architecture")
+    save_file(load_file(str(path)), str(path), metadata=meta | {"rece": json.dumps(info)})
+    loaded = LoadErasedWeights().load("old.safetensors")["result"][0]
+    assert loaded.extra["architecture"] == "unet"
+    ApplyErasedWeights().apply(make_unet(), loaded, 1.0)  # applies to the UNet it was made for
+    with pytest.raises(ValueError, match="made for SD1.x / SD2.x / SDXL UNet"):
+        ApplyErasedWeights().apply(make_model("flux"), loaded, 1.0)
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3", "wan", "qwen_image"])
+def test_lora_export_uses_keys_comfyui_maps(models_dir, family):
+    model, clip = make_model(family), DiTCLIP(family)
+    erasure = erase(model, clip, rounds=1)[1]
+    report = ExportErasureAsLoRA().export(model, erasure, "lora", 0, "fp32")["result"][0]
+    assert "exact" in report
+    lora = load_file(str(models_dir / "loras" / "lora_00001.safetensors"))
+    names = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in lora}
+    assert names == {lora_key(k, family) for k in reader_keys(family)}
+    assert names == {"lora_unet_" + k.removeprefix("diffusion_model.").removesuffix(".weight").replace(".", "_")
+                     for k in reader_keys(family)}
+    base = effective_weights(model, reader_keys(family))
+    applied = effective_weights(ApplyErasedWeights().apply(model, erasure, 1.0)["result"][0], reader_keys(family))
+    for k in reader_keys(family):
+        name = lora_key(k, family)
+        up, down = lora[f"{name}.lora_up.weight"], lora[f"{name}.lora_down.weight"]
+        assert rel(base[k] + float(lora[f"{name}.alpha"]) / down.shape[0] * up @ down, applied[k]) < 1e-5
+    if REAL and family in REAL_FAMILIES:  # ComfyUI's own LoRA loader maps every key and reproduces the edit
+        import comfy.lora
+        import comfy.sd
+
+        key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+        assert all(key_map.get(n) == k for n, k in zip(map(lambda k: lora_key(k, family), reader_keys(family)),
+                                                        reader_keys(family)))
+        via_lora = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0.0)[0]
+        got = effective_weights(via_lora, reader_keys(family))
+        assert max(rel(got[k], applied[k]) for k in got) < 1e-5
+
+
+@pytest.mark.skipif(not REAL, reason="real tier: set COMFYUI_PATH")
+def test_real_tier_uses_comfyuis_model_classes_and_tokenizers():
+    for family in REAL_FAMILIES:
+        model = make_model(family)
+        assert type(model.model.model_config).__name__ == FAMILIES[family].config
+        assert type(model.model).__module__ == "comfy.model_base"
+    assert type(DiTCLIP("flux").tokenizer).__module__ == "comfy.text_encoders.flux"
+    assert type(DiTCLIP("qwen_image").tokenizer).__module__ == "comfy.text_encoders.qwen_image"
+    assert os.environ.get("COMFYUI_PATH")
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3", "chroma", "qwen_image"])
+def test_last_word_token_found_with_comfyuis_tokenizer(family):
+    """The row RECE treats as the last word token is the prompt's last word, the next its end token."""
+    from rece_comfyui.nodes import bridge
+
+    model, clip = make_model(family), DiTCLIP(family)
+    arch, _ = bridge.architecture(model)
+    tokens = clip.tokenize("a red car")
+    emb = bridge.encode(clip, "a red car", torch.device("cpu"), arch, model)[0]
+    ids = [t[0] for t in tokens[arch.encoder][0]]
+    offset = len(ids) - clip.encode_from_tokens(tokens, return_pooled=True)[0].shape[1]
+    at = ids[emb.last_token + max(offset, 0):][:2]
+    if REAL:
+        tok = getattr(clip.tokenizer, f"clip_{arch.encoder}", None) or getattr(clip.tokenizer, arch.encoder)
+        words = [tok.tokenizer.decode([i]).strip() for i in at]
+        assert words[0] == "car" and words[1] in ("</s>", "<|endoftext|>", "<|im_end|>")
+    else:
+        from dit_factory import word_ids
+
+        assert at[0] == word_ids("car")[0] and at[1] in (1, 49407, 151645)
