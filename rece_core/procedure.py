@@ -214,9 +214,16 @@ def rece(weights: Mapping[str, Tensor] | Tensor, encode: Callable[[str], TextEmb
         if progress is not None:
             progress(done, total)
 
+    def encode_each(part: Sequence[str]) -> list[TextEmbedding]:
+        out = []
+        for text in part:
+            check()
+            out.append(encode(text))
+        return out
+
     for part in chunked(todo, per_chunk):
         check()
-        out = list(encode_many(part)) if encode_many is not None else [encode(t) for t in part]
+        out = list(encode_many(part)) if encode_many is not None else encode_each(part)
         if len(out) != len(part):
             raise ValueError(f"the encoder returned {len(out)} embeddings for {len(part)} prompts")
         for text, e in zip(part, out):

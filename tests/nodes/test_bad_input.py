@@ -357,7 +357,7 @@ def table_cases(models_dir, model, clip, erasure, erased_model):
 
     def too_many():
         saved = comfy.model_management.get_free_memory
-        comfy.model_management.get_free_memory = lambda dev=None, torch_free_too=False: 2**20
+        comfy.model_management.get_free_memory = lambda dev=None, torch_free_too=False: 2**16
         try:
             return erase(concepts="a\nb\nc")
         finally:
@@ -370,8 +370,8 @@ def table_cases(models_dir, model, clip, erasure, erased_model):
     os.symlink(link, models_dir / "rece" / "link.safetensors")
     loud, big = overflowing(erasure)
     return {
-        "a model without text cross-attention (Flux, SD3, video models)":
-            lambda: erase(make_model(config="Flux", cross_attention=False)),
+        "a model with none of the text readers the pack knows (e.g. a video VAE, an image-conditioned SVD)":
+            lambda: erase(make_model(config="SVD_img2vid", cross_attention=False)),
         "a CLIP whose text width is not the model's": lambda: erase(clip=FakeCLIP("sd15")),
         "no concept (empty or blank lines)": lambda: erase(concepts=" \n "),
         "a prompt over 75 tokens": lambda: erase(concepts=" ".join(["word"] * 100)),

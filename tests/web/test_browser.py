@@ -162,7 +162,7 @@ def test_reports_presets_and_panel_as_a_user_sees_them(server, mode):
     preset = result["preset"]
     assert preset["before"] == {"concept_kind": "nudity", "reg": 0.1, "rounds": 3}
     assert preset["after"] == {"concept_kind": "artistic_style", "reg": 0.001, "rounds": 1}
-    assert len(preset["saved"]) == 9  # the report widget is not saved into widgets_values
+    assert len(preset["saved"]) == 10  # the widgets (concept_list included), not the report
     assert preset["saved"][3:6] == ["artistic_style", 1, 0.001]
 
     # nothing in the browser's console comes from this pack
