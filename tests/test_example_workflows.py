@@ -110,10 +110,10 @@ def test_example_matches_node_definitions(path: Path):
         assert lid in nodes[src]["outputs"][out_slot]["links"]
 
 
-def test_there_are_the_three_examples():
+def test_there_are_the_four_examples():
     names = {p.name for p in EXAMPLES}
     assert names == {"erase_nudity_sd15_side_by_side.json", "erase_artist_style_sdxl.json",
-                     "red_team_derive_embedding.json"}
+                     "red_team_derive_embedding.json", "erase_nudity_flux_side_by_side.json"}
 
 
 @pytest.mark.skipif(not os.environ.get("COMFYUI_PATH"), reason="real tier: set COMFYUI_PATH")
