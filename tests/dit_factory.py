@@ -281,6 +281,9 @@ def _real_model(fam: Family, seed: int):
     model = config.get_model({}, device=torch.device("cpu"))
     g = torch.Generator().manual_seed(seed)
     seed_module(model.diffusion_model, g)
+    for name, buffer in model.diffusion_model.named_buffers():
+        if name.endswith("pos_embed"):  # SD3's is allocated empty (a checkpoint fills it)
+            buffer.copy_(0.02 * torch.randn(buffer.shape, generator=g))
     if fam.norm:  # a norm weight that is not all ones, so the normed space differs from the encoder's
         dict(model.named_parameters())[f"diffusion_model.{fam.norm}"].copy_(1 + 0.3 * torch.rand(D, generator=g))
     return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))

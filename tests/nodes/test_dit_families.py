@@ -268,3 +268,11 @@ def test_last_word_token_found_with_comfyuis_tokenizer(family):
         from dit_factory import word_ids
 
         assert at[0] == word_ids("car")[0] and at[1] in (1, 49407, 151645)
+
+
+def test_hidream_edits_only_the_t5_projection():
+    """HiDream's last caption_projection reads T5; the others read Llama-3 layers (other spaces)."""
+    keys = [f"diffusion_model.caption_projection.{i}.linear.weight" for i in range(12)]
+    arch, found = architectures.detect("HiDream", keys + ["diffusion_model.x_embedder.proj.weight"])
+    assert arch.name == "hidream" and found == ["diffusion_model.caption_projection.11.linear.weight"]
+    assert "Llama" in arch.note
