@@ -82,7 +82,7 @@ def test_edit_is_w_times_p_on_the_readers(erased):
     base, after = effective_weights(model), effective_weights(out)
     p = erasure.transform.dense().double()
     for k in reader_keys(family):
-        assert rel(after[k], base[k].double() @ p) < 1e-5
+        assert rel(after[k], base[k].double() @ p.to(base[k].device)) < 1e-5
     for k in base:
         if k not in reader_keys(family):
             assert torch.equal(after[k], base[k]), k
