@@ -119,8 +119,10 @@ class Erasure:
 
 def _alike(a: Tensor, b: Tensor) -> bool:
     """Rows equal up to encoder round-off (a relative 1e-6)."""
-    a, b = a.to(torch.float64), b.to(device=a.device, dtype=torch.float64)
-    return a.shape == b.shape and bool((a - b).norm() <= 1e-6 * a.norm())
+    if a.shape != b.shape:
+        return False
+    a, b = a.float(), b.to(device=a.device, dtype=torch.float32)
+    return bool((a - b).norm() <= 1e-6 * a.norm())
 
 
 def _as_gram(weights: Mapping[str, Tensor] | Tensor, device: torch.device | None) -> Tensor:
@@ -313,10 +315,20 @@ def _rece_streamed(s: Tensor, concept_emb: list[TextEmbedding], guide_emb: list[
     d, dev = s.shape[0], s.device
 
     def chunks():
+        guides: dict[tuple[int, int], Tensor] = {}  # a shared guide goes to the device once per pass
         for part in chunked(range(len(concept_emb)), per_chunk):
-            yield ([concept_emb[i].rows.to(device=dev, dtype=torch.float64) for i in part],
-                   [fit_rows(guide_emb[i].rows, concept_emb[i].rows.shape[0]).to(device=dev, dtype=torch.float64)
-                    for i in part],
+            rows = [concept_emb[i].rows for i in part]
+            host = rows[-1].device  # one transfer per chunk, not one per concept
+            c = torch.cat([r.to(device=host) for r in rows]).to(device=dev, dtype=torch.float64)
+            g = []
+            for i, r in zip(part, rows):
+                key = (id(guide_emb[i].rows), r.shape[0])
+                if key not in guides:
+                    if len(guides) >= 8:  # many distinct guides: keep the device copies to a chunk's worth
+                        guides.clear()
+                    guides[key] = fit_rows(guide_emb[i].rows, r.shape[0]).to(device=dev, dtype=torch.float64)
+                g.append(guides[key])
+            yield (list(c.split([r.shape[0] for r in rows])), g,
                    [concept_emb[i].last_token for i in part], [guide_emb[i].last_token for i in part])
 
     stats = Statistics(d, dev)
