@@ -69,7 +69,8 @@ class RECEEraseConcept:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("MODEL", {"tooltip": "The diffusion model to erase from (SD1.x, SD2.x, SDXL)."}),
+            "model": ("MODEL", {"tooltip": "The diffusion model to erase from (SD1.x, SD2.x, SDXL, Flux, Chroma, "
+                                           "SD3.x, Wan, Qwen-Image, HiDream, Lumina 2 / Z-Image)."}),
             "clip": ("CLIP", {"tooltip": "The text encoder that goes with the model."}),
             "concepts": ("STRING", {"multiline": True, "default": "nudity",
                                     "tooltip": "Concepts to erase, one per line."}),

@@ -74,7 +74,7 @@ export function reportModel(nodeType, r) {
     return {
       title: "RECE applied",
       lines: [`${quote(r.concepts)} at strength ${r.strength}`, r.file ? `from ${r.file}` : null,
-        `${r.weights} cross-attention weights`].filter(Boolean),
+        `${r.weights} weights that read the text`].filter(Boolean),
       bars: [],
       warning: r.warning || null,
     };
