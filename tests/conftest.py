@@ -64,3 +64,16 @@ def reference() -> tuple[dict, dict]:
     with safe_open(str(REFERENCE), "pt") as f:
         meta = {k: json.loads(v) if v[:1] in "[{" else v for k, v in f.metadata().items()}
     return load_file(str(REFERENCE)), meta
+
+
+@pytest.fixture()
+def models_dir(tmp_path, monkeypatch):
+    """Empty ``models/rece`` and ``models/loras`` in a temporary folder, registered with folder_paths."""
+    import folder_paths
+
+    for name in ("rece", "loras"):
+        (tmp_path / name).mkdir()
+        monkeypatch.setitem(folder_paths.folder_names_and_paths, name, ([str(tmp_path / name)], {".safetensors"}))
+    if hasattr(folder_paths, "filename_list_cache"):
+        monkeypatch.setattr(folder_paths, "filename_list_cache", {})
+    return tmp_path

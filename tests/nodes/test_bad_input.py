@@ -16,7 +16,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import comfy.model_management
-import folder_paths
 from conftest import ROOT, load_pack
 from factory import FakeCLIP, make_model
 
@@ -32,16 +31,6 @@ from rece_comfyui.rece_core.files import save_erasure  # noqa: E402
 ARGS = dict(concepts="nudity", guide="", preserve="", concept_kind="nudity", rounds=1, reg=0.1, lamb=0.1,
             erase_scale=1.0, preserve_scale=0.1)
 BAD_FLOATS = [math.nan, math.inf, -math.inf, 1e30]
-
-
-@pytest.fixture()
-def models_dir(tmp_path, monkeypatch):
-    for name in ("rece", "loras"):
-        (tmp_path / name).mkdir()
-        monkeypatch.setitem(folder_paths.folder_names_and_paths, name, ([str(tmp_path / name)], {".safetensors"}))
-    if hasattr(folder_paths, "filename_list_cache"):
-        monkeypatch.setattr(folder_paths, "filename_list_cache", {})
-    return tmp_path
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-import folder_paths
 from conftest import load_pack
 from dit_factory import D, FAMILIES, REAL, REAL_FAMILIES, DiTCLIP, make_model, sample
 from factory import effective_weights
@@ -158,16 +157,6 @@ def test_model_without_text_readers_is_refused_naming_it():
     with pytest.raises(ValueError, match="this model is StableCascade_X, which has none of the text readers"):
         architectures.detect("StableCascade_X", ["diffusion_model.img_in.weight"])
     assert model.patches == {}
-
-
-@pytest.fixture()
-def models_dir(tmp_path, monkeypatch):
-    for name in ("rece", "loras"):
-        (tmp_path / name).mkdir()
-        monkeypatch.setitem(folder_paths.folder_names_and_paths, name, ([str(tmp_path / name)], {".safetensors"}))
-    if hasattr(folder_paths, "filename_list_cache"):
-        monkeypatch.setattr(folder_paths, "filename_list_cache", {})
-    return tmp_path
 
 
 @pytest.mark.parametrize("family", ["flux", "qwen_image"])

@@ -24,16 +24,6 @@ ARGS = dict(concepts="nudity", guide="", preserve="", concept_kind="nudity", rou
             erase_scale=1.0, preserve_scale=0.1)
 
 
-@pytest.fixture()
-def models_dir(tmp_path, monkeypatch):
-    for name in ("rece", "loras"):
-        (tmp_path / name).mkdir()
-        monkeypatch.setitem(folder_paths.folder_names_and_paths, name, ([str(tmp_path / name)], {".safetensors"}))
-    if hasattr(folder_paths, "filename_list_cache"):
-        monkeypatch.setattr(folder_paths, "filename_list_cache", {})
-    return tmp_path
-
-
 @pytest.fixture(scope="module")
 def erased():
     model, clip = make_model("sd15"), FakeCLIP("sd15")
