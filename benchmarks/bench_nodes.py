@@ -4,7 +4,8 @@
     COMFYUI_PATH=/path/to/ComfyUI python benchmarks/bench_nodes.py --real [--device-note]
         # real ComfyUI: SD1.5 = a seeded real-format checkpoint loaded by ComfyUI (its real CLIP-L);
         # SDXL = ComfyUI's real SDXL CLIP (CLIP-L + bigG, seeded as a checkpoint would give it)
-        # over seeded SDXL-shaped cross-attention
+        # over seeded SDXL-shaped cross-attention; --arch flux: Flux's txt_in (3072 × 4096) with ComfyUI's
+        # real Flux text encoder (CLIP-L + T5-XXL, seeded)
 
 Cases: 1 concept × 3 rounds, 100 and 1000 concepts × 1 round (``--concepts`` to choose). The
 baseline of the same run is ComfyUI's CLIPTextEncode encoding the same prompts one by one, which
@@ -127,10 +128,40 @@ def real_sdxl_clip():
     return clip
 
 
+def flux_shaped():
+    """A Flux-shaped model's text reader (``txt_in``: 3072 × 4096, fp16, seeded) under ComfyUI's ModelPatcher,
+    and ComfyUI's real Flux text encoder (CLIP-L + T5-XXL, its own classes, seeded): what the node reads."""
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.sd
+    import comfy.text_encoders.flux
+    from checkpoint import seed_module
+
+    root, inner = torch.nn.Module(), torch.nn.Module()
+    root.add_module("diffusion_model", inner)
+    inner.add_module("txt_in", torch.nn.Linear(4096, 3072, dtype=torch.float16))
+    with torch.no_grad():
+        seed_module(inner, torch.Generator().manual_seed(0))
+    root.model_config = type("Flux", (), {})()
+    root.device = torch.device("cpu")
+    model = comfy.model_patcher.ModelPatcher(root, load_device=comfy.model_management.get_torch_device(),
+                                             offload_device=torch.device("cpu"))
+
+    class Target:
+        clip = comfy.text_encoders.flux.flux_clip()
+        tokenizer = comfy.text_encoders.flux.FluxTokenizer
+        params: dict = {}
+
+    clip = comfy.sd.CLIP(target=Target(), parameters=4_900_000_000)
+    with torch.no_grad():
+        seed_module(clip.cond_stage_model, torch.Generator().manual_seed(1))
+    return model, clip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--real", action="store_true", help="real ComfyUI (COMFYUI_PATH): real CLIP-L / SDXL CLIP")
-    parser.add_argument("--arch", nargs="+", default=["sd15", "sdxl"], choices=["sd15", "sdxl"])
+    parser.add_argument("--arch", nargs="+", default=["sd15", "sdxl"], choices=["sd15", "sdxl", "flux"])
     parser.add_argument("--concepts", nargs="+", type=int, default=[1, 100, 1000])
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
@@ -146,6 +177,9 @@ def main() -> None:
                 path = make_sd15_checkpoint(Path(tmp) / "sd15.safetensors")
                 model, clip = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=False)[:2]
             run("SD1.5 checkpoint, real CLIP-L", model, clip, args.concepts, args.repeats)
+        elif args.real and arch == "flux":
+            sys.path.insert(0, str(ROOT / "tests" / "real"))
+            run("Flux txt_in, real CLIP-L + T5-XXL", *flux_shaped(), args.concepts, args.repeats)
         elif args.real:
             sys.path.insert(0, str(ROOT / "tests" / "real"))
             run("SDXL cross-attn, real SDXL CLIP", make_model("sdxl", dtype=torch.float16), real_sdxl_clip(),
