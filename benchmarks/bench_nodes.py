@@ -10,7 +10,8 @@
 Cases: 1 concept × 3 rounds, 100 and 1000 concepts × 1 round (``--concepts`` to choose). The
 baseline of the same run is ComfyUI's CLIPTextEncode encoding the same prompts one by one, which
 is what the node cost before prompts were batched. Peak memory is the growth during the node
-call: CUDA's peak allocation, or the process's peak RSS on the CPU.
+call: CUDA's peak allocation, or on the CPU the process's resident memory sampled every 2 ms.
+``--keep-mib`` sets how much encoder output the node keeps between its passes (``KEEP_BYTES``).
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ import argparse
 import ctypes
 import gc
 import os
-import resource
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -44,6 +45,7 @@ from factory import FakeCLIP, make_model  # noqa: E402
 
 load_pack()
 from rece_comfyui.nodes.nodes import RECEEraseConcept  # noqa: E402
+from rece_comfyui.rece_core import procedure  # noqa: E402
 
 GiB = 2**30
 
@@ -53,37 +55,57 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """The process's resident memory now (bytes)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def peak_growth(fn) -> tuple[int, str]:
-    """Peak memory growth of one call: CUDA peak allocation, or peak RSS (grows only) on the CPU."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        fn()
-        sync()
-        return torch.cuda.max_memory_allocated() - base, "GPU"
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-    base = rss()
-    fn()
-    return rss() - base, "RSS"
+class PeakRSS:
+    """The most resident memory seen (sampled every 2 ms) while in the block, above what it was at its start."""
+
+    def __enter__(self) -> "PeakRSS":
+        gc.collect()
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except OSError:
+            pass
+        self.base = self.peak = rss()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self.stop.wait(0.002):
+            self.peak = max(self.peak, rss())
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.peak = max(self.peak, rss())
+
+    @property
+    def grown(self) -> int:
+        return self.peak - self.base
+
+
+def timed(fn, repeats: int) -> tuple[float, int, str]:
+    """Median wall time of ``fn`` and its peak memory growth: CUDA's peak allocation, or peak RSS on the CPU."""
+    times, peaks = [], []
+    for _ in range(repeats):
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        with PeakRSS() as watch:
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - t0)
+        peaks.append(torch.cuda.max_memory_allocated() - base if torch.cuda.is_available() else watch.grown)
+    return statistics.median(times), max(peaks), "GPU" if torch.cuda.is_available() else "RSS"
 
 
 def prompts(n: int) -> list[str]:
@@ -92,23 +114,26 @@ def prompts(n: int) -> list[str]:
 
 def run(label: str, model, clip, cases: list[int], repeats: int) -> None:
     node = RECEEraseConcept()
+    node.erase(model, clip, **settings(prompts(1), 1))  # warm-up (and the encoder's load onto the device)
     for n in cases:
         rounds = 3 if n == 1 else 1
         texts = prompts(n)
-        kw = dict(concepts="\n".join(texts), guide="", preserve="", concept_kind="custom", rounds=rounds,
-                  reg=0.1, lamb=0.1, erase_scale=1.0, preserve_scale=0.1)
-        node.erase(model, clip, **kw)  # warm-up (and the encoder's load onto the device)
+        kw = settings(texts, rounds)
         reps = repeats if n < 1000 else 1
-        t = median_time(lambda: node.erase(model, clip, **kw), reps)
-        grown, where = peak_growth(lambda: node.erase(model, clip, **kw))
+        t, grown, where = timed(lambda: node.erase(model, clip, **kw), reps)
 
         def clip_text_encode_loop():
             for text in texts + ["", " "]:
                 clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
 
-        t_enc = median_time(clip_text_encode_loop, reps)
+        t_enc = statistics.median(timed(clip_text_encode_loop, 1)[0] for _ in range(reps))
         print(f"{label:34} {n:5} concept(s) x {rounds}: node {t:8.3f} s | CLIPTextEncode loop of the same "
-              f"prompts {t_enc:8.3f} s | ratio {t_enc / t:6.2f}x | peak {where} +{grown / GiB:.2f} GiB", flush=True)
+              f"prompts {t_enc:8.3f} s | ratio {t_enc / t:6.2f}x | peak {where} +{grown / GiB:.3f} GiB", flush=True)
+
+
+def settings(texts: list[str], rounds: int) -> dict:
+    return dict(concepts="\n".join(texts), guide="", preserve="", concept_kind="custom", rounds=rounds, reg=0.1,
+                lamb=0.1, erase_scale=1.0, preserve_scale=0.1)
 
 
 def real_sdxl_clip():
@@ -164,9 +189,14 @@ def main() -> None:
     parser.add_argument("--arch", nargs="+", default=["sd15", "sdxl"], choices=["sd15", "sdxl", "flux"])
     parser.add_argument("--concepts", nargs="+", type=int, default=[1, 100, 1000])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--keep-mib", type=int, default=None,
+                        help="encoder output kept for the report pass (default: rece_core's KEEP_BYTES)")
     args = parser.parse_args()
+    if args.keep_mib is not None:
+        procedure.KEEP_BYTES = args.keep_mib * 2**20
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
-    print(f"torch {torch.__version__}, {device}, ComfyUI: {os.environ.get('COMFYUI_PATH') or 'stand-in'}")
+    print(f"torch {torch.__version__}, {device}, ComfyUI: {os.environ.get('COMFYUI_PATH') or 'stand-in'}, "
+          f"encoder output kept up to {procedure.KEEP_BYTES / 2**20:.0f} MiB")
     for arch in args.arch:
         if args.real and arch == "sd15":
             import comfy.sd

@@ -287,11 +287,16 @@ def norm_eps(model, arch: Architecture) -> float:
 def encode_checked(clip, text: str, model, d: int, device: torch.device, arch: Architecture | None = None):
     """``encode`` plus a clear error when the CLIP's width is not the width the model's text readers read."""
     emb, cond, extra = encode(clip, text, device, arch, model)
-    if emb.rows.shape[-1] != d:
-        raise ValueError(f"the CLIP gives {emb.rows.shape[-1]}-wide text embeddings but this {model_type(model)} "
+    check_width(emb.rows.shape[-1], d, model, arch)
+    return emb, cond, extra
+
+
+def check_width(width: int, d: int, model, arch: Architecture | None = None) -> None:
+    """A clear error when the CLIP's width is not the width the model's text readers read."""
+    if width != d:
+        raise ValueError(f"the CLIP gives {width}-wide text embeddings but this {model_type(model)} "
                          f"model's {'cross-attention' if arch is None or arch.name == 'unet' else 'text input'} "
                          f"reads {d}; use the CLIP that belongs to the model")
-    return emb, cond, extra
 
 
 def conditioning(arch: Architecture, rows: Tensor, model, cond: Tensor, extra: dict) -> list:

@@ -119,17 +119,27 @@ class RECEEraseConcept:
         interrupted = comfy.model_management.throw_exception_if_processing_interrupted
         progress = bridge.Progress(len(keys))
         interrupted()
-        first = bridge.encode_checked(clip, names[0], model, d, solve, arch)[0]  # a wrong CLIP: refused now
+        read = 0  # weights read so far (their ticks come first in the bar)
 
-        def encode(text: str):
-            return first if text == names[0] else bridge.encode(clip, text, solve, arch, model)[0]
+        def gram():
+            """The weights as this model uses them, earlier erasures included: chained erase nodes compose."""
 
-        # the weights as this model uses them, earlier erasures included: chained erase nodes compose
-        s = bridge.gram_of(model, keys, device, include_erasures=True, tick=progress.tick).to(solve)
-        erasure = rece(s, encode, names, guide, split_lines(preserve), lamb=lamb,
+            def tick():
+                nonlocal read
+                read += 1
+                progress.at(read, progress.bar.total)
+
+            return bridge.gram_of(model, keys, device, include_erasures=True, tick=tick).to(solve)
+
+        def encode_many(texts):
+            out = bridge.encode_many(clip, list(texts), arch, model)
+            bridge.check_width(out[0].rows.shape[-1], d, model, arch)  # a wrong CLIP: refused before any weight is read
+            return out
+
+        erasure = rece(gram, lambda t: encode_many([t])[0], names, guide, split_lines(preserve), lamb=lamb,
                        erase_scale=erase_scale, preserve_scale=preserve_scale, reg=reg, epochs=rounds,
-                       encode_many=lambda texts: bridge.encode_many(clip, list(texts), arch, model), check=interrupted,
-                       progress=lambda done, total: progress.at(len(keys) + done, len(keys) + total))
+                       encode_many=encode_many, tokens=bridge.tokenize(clip, names[0], arch)[2], check=interrupted,
+                       progress=lambda done, total: progress.at(read + done, len(keys) + total))
         erasure = dataclasses.replace(
             erasure, seconds=time.perf_counter() - start, device=str(device),
             extra={"kind": concept_kind, "model": bridge.model_type(model), "architecture": arch.name,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -12,15 +12,22 @@ from torch import Tensor
 
 from .derive import Derivation, gram, reach, weighted_norm2
 from .rows import TextEmbedding, erase_rows, fit_rows
-from .streamed import Statistics, chunked, dense_edit, gather, report_chunk, round_edit
+from .streamed import Chunk, Statistics, chunked, dense_edit, gather, report_chunk, report_forms, round_edit
 from .transform import LowRankTransform
 from .validation import check_matrix, check_scale, check_transform, check_weights
 
 CHUNK_ROWS = 8192
 """Token rows encoded and read at a time (a chunk of concepts: 106 of 77 tokens)."""
 
+KEEP_BYTES = 512 * 2**20
+"""The most encoder output kept between the encoding pass and the report pass; beyond it the
+concepts are encoded again (a chunk at a time) to report."""
+
+REPORT_BYTES = 256 * 2**20
+"""The most ``d × d`` report forms held at once (more steps reported per pass over the rows)."""
+
 __all__ = [
-    "CHUNK_ROWS", "PRESETS", "Erasure", "Preset", "RoundReport", "TextEmbedding", "erase_rows", "fit_rows", "rece",
+    "CHUNK_ROWS", "KEEP_BYTES", "PRESETS", "REPORT_BYTES", "Erasure", "Preset", "RoundReport", "TextEmbedding", "erase_rows", "fit_rows", "rece",
 ]
 
 
@@ -135,13 +142,14 @@ def _as_gram(weights: Mapping[str, Tensor] | Tensor, device: torch.device | None
     return gram(weights.values(), device=device)
 
 
-def rece(weights: Mapping[str, Tensor] | Tensor, encode: Callable[[str], TextEmbedding],
+def rece(weights: Mapping[str, Tensor] | Tensor | Callable[[], Tensor], encode: Callable[[str], TextEmbedding],
          concepts: Sequence[str], guide: str | Sequence[str] = "", preserve: Sequence[str] = (), *,
          lamb: float = 0.1, erase_scale: float = 1.0, preserve_scale: float = 0.1,
          reg: float = 0.1, epochs: int = 3, device: torch.device | str | None = None,
          progress: Callable[[int, int], None] | None = None,
          encode_many: Callable[[Sequence[str]], Sequence[TextEmbedding]] | None = None,
-         chunk_rows: int = CHUNK_ROWS, check: Callable[[], None] | None = None) -> Erasure:
+         chunk_rows: int = CHUNK_ROWS, tokens: int | None = None, keep_bytes: int | None = None,
+         check: Callable[[], None] | None = None) -> Erasure:
     """Erase ``concepts`` as the RECE authors do.
 
     1. Erase step on each concept's tail rows paired with its guide's (``erase_rows``), preserving
@@ -151,12 +159,20 @@ def rece(weights: Mapping[str, Tensor] | Tensor, encode: Callable[[str], TextEmb
        guide's full embedding, preserving ``' '`` once per concept and the ``preserve`` prompts.
        (With an encoder that does not pad, the guide's rows are fitted to the concept's: ``fit_rows``.)
 
-    ``weights``: name → ``[out, d]`` of every layer reading the text rows (or their Gram ``Σ WᵀW``);
-    ``encode``: the text encoder; an empty guide means the unconditional ``' '``;
-    ``encode_many``: the same for a list of prompts at once (default: ``encode`` one by one).
-    Prompts are encoded ``chunk_rows // tokens`` at a time. When the concepts' token rows outnumber
-    ``d``, the steps run from ``d × d`` sums and the rows are read a chunk at a time (``streamed``);
-    the encoder outputs are kept as given (their own dtype and device), nothing else per row.
+    ``weights``: name → ``[out, d]`` of every layer reading the text rows, their Gram ``Σ WᵀW``, or a
+    function returning the Gram (called once the first prompts are encoded, so a wrong encoder is
+    refused before any weight is read); ``encode``: the text encoder; an empty guide means the
+    unconditional ``' '``; ``encode_many``: the same for a list of prompts at once (default: ``encode``
+    one by one).
+
+    Memory: concepts are encoded ``chunk_rows // tokens`` at a time (``tokens``: rows per prompt when
+    known in advance, e.g. CLIP's 77; else the first chunk is one concept and the rest are sized by
+    it), with the guides, ``''``, ``' '`` and ``preserve`` in the first call. When the concepts' rows
+    outnumber ``d``, each chunk is added to ``d × d`` sums as it is encoded (``streamed``), and the
+    reports read the rows once more; the encoder outputs are kept for that (as given: their dtype and
+    device) while they fit in ``keep_bytes`` (default ``KEEP_BYTES``), and else encoded again, a chunk at
+    a time. So memory grows with a chunk, and with the concepts only up to ``keep_bytes``.
+
     ``progress(done, total)`` is called after each chunk and step; raising from it cancels. ``check()``
     is called before every encoder call and in every loop over chunks and rounds; raising from it
     cancels promptly (e.g. ComfyUI's interrupt check).
@@ -180,33 +196,50 @@ def rece(weights: Mapping[str, Tensor] | Tensor, encode: Callable[[str], TextEmb
         raise ValueError(f"{len(concepts)} concepts but {len(guides)} guides; give one guide or one per concept")
     guides = tuple(g.strip() or " " for g in guides)
     preserve = tuple(p.strip() for p in preserve if p.strip())
+    keep_bytes = KEEP_BYTES if keep_bytes is None else keep_bytes
+    check = check or (lambda: None)
+    scales = dict(lamb=lamb, erase_scale=erase_scale, preserve_scale=preserve_scale)
+
+    def encode_part(part: Sequence[str]) -> list[TextEmbedding]:
+        """The encoder's outputs for ``part`` (each distinct prompt once), detached, as given."""
+        unique = list(dict.fromkeys(part))
+        check()
+        if encode_many is not None:
+            out = list(encode_many(unique))
+        else:
+            out = []
+            for text in unique:
+                check()
+                out.append(encode(text))
+        if len(out) != len(unique):
+            raise ValueError(f"the encoder returned {len(out)} embeddings for {len(unique)} prompts")
+        found = {t: TextEmbedding(e.rows.detach() if e.rows.requires_grad else e.rows, int(e.last_token))
+                 for t, e in zip(unique, out)}
+        return [found[t] for t in part]
+
+    # the first call: the prompts every concept needs (guides, '', ' ', preserve), and the first chunk
+    fixed_texts = list(dict.fromkeys(guides + ("", " ") + preserve))
+    first = list(concepts[:max(1, chunk_rows // tokens) if tokens else 1])
+    encoded = encode_part(fixed_texts + first)
+    fixed = dict(zip(fixed_texts, encoded))
+    first_emb = encoded[len(fixed_texts):]
 
     dev = torch.device(device) if device is not None else None
-    s = _as_gram(weights, dev)
-    dev = s.device
-    d = s.shape[0]
-    scales = dict(lamb=lamb, erase_scale=erase_scale, preserve_scale=preserve_scale)
-    check = check or (lambda: None)
-
-    cache: dict[str, TextEmbedding] = {}  # the encoder's output as given
-
-    def keep(text: str, e: TextEmbedding) -> None:
+    s = _as_gram(weights() if callable(weights) else weights, dev)
+    dev, d = s.device, s.shape[0]
+    for text, e in zip(fixed_texts + first, encoded):
         check_matrix(f"embedding of {text!r}", e.rows, d)
-        cache[text] = TextEmbedding(e.rows.detach(), int(e.last_token))
+    per_chunk = max(1, chunk_rows // max(e.rows.shape[0] for e in first_emb))
+    parts = [first] + [list(p) for p in chunked(concepts[len(first):], per_chunk)]
+    streamed = len(concepts) * first_emb[0].rows.shape[0] > d
 
-    def full(text: str) -> TextEmbedding:
-        """``text``'s rows in float64 on the solve device."""
-        e = cache[text]
+    def full(e: TextEmbedding) -> TextEmbedding:
+        """``e``'s rows in float64 on the solve device."""
         return TextEmbedding(e.rows.to(device=dev, dtype=torch.float64), e.last_token)
 
-    check()
-    keep(concepts[0], encode(concepts[0]))
-    tokens = cache[concepts[0]].rows.shape[0]
-    per_chunk = max(1, chunk_rows // tokens)
-    streamed = len(concepts) * tokens > d
-    todo = [t for t in dict.fromkeys(concepts + guides + ("", " ") + preserve) if t not in cache]
-    n_report = -(-len(concepts) // per_chunk) if streamed else 1
-    total = -(-len(todo) // per_chunk) + (1 + epochs) * n_report + (n_report if streamed else 0)
+    steps = 1 + epochs
+    passes = -(-steps // _report_group(d)) if streamed else 0
+    total = len(parts) * (1 + passes) + steps
     done = 0
 
     def tick() -> None:
@@ -216,43 +249,77 @@ def rece(weights: Mapping[str, Tensor] | Tensor, encode: Callable[[str], TextEmb
         if progress is not None:
             progress(done, total)
 
-    def encode_each(part: Sequence[str]) -> list[TextEmbedding]:
-        out = []
-        for text in part:
-            check()
-            out.append(encode(text))
-        return out
+    offsets = [0]
+    for part in parts:
+        offsets.append(offsets[-1] + len(part))
 
-    for part in chunked(todo, per_chunk):
-        check()
-        out = list(encode_many(part)) if encode_many is not None else encode_each(part)
-        if len(out) != len(part):
-            raise ValueError(f"the encoder returned {len(out)} embeddings for {len(part)} prompts")
-        for text, e in zip(part, out):
-            keep(text, e)
-        tick()
+    def part_guides(part_index: int) -> tuple[str, ...]:
+        return guides[offsets[part_index]:offsets[part_index + 1]]
 
-    for c, g in zip(concepts, guides):
-        if _alike(cache[c].rows, cache[g].rows):
-            raise ValueError(f"the concept {c!r} and its guide {g!r} encode to the same text embedding (the "
-                             "tokenizer reads them alike), so there is nothing to erase; choose another guide")
-    preserved = {name: full(name).rows for name in ("",) + preserve}
+    preserved = {name: full(fixed[name]).rows for name in ("",) + preserve}
     # The authors preserve ' ' once per concept; given preserve prompts are kept as well (the empty
     # prompt is every negative/unconditional branch, so it must not drift either). n copies of r add
     # n·rᵀr to the erase system, as one copy of √n·r does.
-    round_preserve = torch.cat([full(" ").rows * math.sqrt(len(concepts))] + [full(x).rows for x in preserve])
+    round_preserve = torch.cat([full(fixed[" "]).rows * math.sqrt(len(concepts))]
+                               + [full(fixed[x]).rows for x in preserve])
+    keep = not streamed or len(concepts) * _bytes(first_emb[0].rows) <= keep_bytes
+    kept: list[list[TextEmbedding]] = []
+    passes_made = 0
+
+    def concept_chunks() -> Iterator[tuple[list[TextEmbedding], list[TextEmbedding]]]:
+        """One pass over the concepts, a chunk at a time: the first pass encodes (and keeps what it
+        may); a later one reads what was kept, or encodes again (the first chunk is held either way)."""
+        nonlocal passes_made
+        first_pass = passes_made == 0
+        passes_made += 1
+        for i, part in enumerate(parts):
+            if i == 0:
+                emb = first_emb
+            elif not first_pass and keep:
+                emb = kept[i - 1]
+            else:
+                emb = encode_part(part)
+            if first_pass:
+                _refuse_alike(part, emb, part_guides(i), fixed, d)
+                if keep and i:
+                    kept.append(emb)
+            yield emb, [fixed[g] for g in part_guides(i)]
+
     if streamed:
-        p, rounds = _rece_streamed(s, [cache[c] for c in concepts], [cache[g] for g in guides], preserved,
-                                   round_preserve, per_chunk, reg=reg, epochs=epochs, tick=tick, **scales)
+        p, rounds = _rece_streamed(s, concept_chunks, preserved, round_preserve, reg=reg, epochs=epochs,
+                                   tick=tick, **scales)
     else:
-        p, rounds = _rece_rows(s, [full(c) for c in concepts], [full(g) for g in guides], preserved,
-                               round_preserve, reg=reg, epochs=epochs, tick=tick, **scales)
+        for _ in concept_chunks():
+            tick()
+        concept_emb = [full(e) for part in [first_emb] + kept for e in part]
+        guide_emb = [full(fixed[g]) for g in guides]
+        p, rounds = _rece_rows(s, concept_emb, guide_emb, preserved, round_preserve, reg=reg, epochs=epochs,
+                               tick=tick, **scales)
     check_transform(p.up, p.down)
     return Erasure(
         transform=p.to(dtype=torch.float32), concepts=concepts, guides=guides,
         preserve=preserve, lamb=lamb, erase_scale=erase_scale, preserve_scale=preserve_scale,
         reg=reg, epochs=epochs, rounds=tuple(rounds), seconds=time.perf_counter() - start,
         device=str(dev))
+
+
+def _bytes(t: Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _refuse_alike(part: Sequence[str], emb: list[TextEmbedding], part_guides: Sequence[str],
+                  fixed: Mapping[str, TextEmbedding], d: int) -> None:
+    """Check a chunk's embeddings, and refuse a concept that encodes as its guide does."""
+    for c, e, g in zip(part, emb, part_guides):
+        check_matrix(f"embedding of {c!r}", e.rows, d)
+        if _alike(e.rows, fixed[g].rows):
+            raise ValueError(f"the concept {c!r} and its guide {g!r} encode to the same text embedding (the "
+                             "tokenizer reads them alike), so there is nothing to erase; choose another guide")
+
+
+def _report_group(d: int) -> int:
+    """Steps reported in one pass over the rows: their ``d × d`` forms within ``REPORT_BYTES``."""
+    return max(1, REPORT_BYTES // (12 * d * d))  # Q in float64 and G in float32 per step
 
 
 def _drift(s: Tensor, p: LowRankTransform, preserved: dict[str, Tensor]) -> dict[str, float]:
@@ -307,56 +374,64 @@ def _rece_rows(s: Tensor, concept_emb: list[TextEmbedding], guide_emb: list[Text
     return system.p, rounds
 
 
-def _rece_streamed(s: Tensor, concept_emb: list[TextEmbedding], guide_emb: list[TextEmbedding],
-                   preserved: dict[str, Tensor], round_preserve: Tensor, per_chunk: int, *, reg: float,
-                   epochs: int, tick: Callable[[], None], **scales: float
-                   ) -> tuple[LowRankTransform, list[RoundReport]]:
-    """RECE from ``d × d`` sums, reading the concepts' rows ``per_chunk`` concepts at a time."""
+def _on_device(chunks: Iterable[tuple[list[TextEmbedding], list[TextEmbedding]]], dev: torch.device
+               ) -> Iterator[Chunk]:
+    """Each chunk's rows in float64 on ``dev``: one transfer per chunk; a shared guide moved once per pass."""
+    guides: dict[tuple[int, int], Tensor] = {}
+    for concept_emb, guide_emb in chunks:
+        rows = [e.rows for e in concept_emb]
+        host = rows[-1].device
+        c = torch.cat([r.to(device=host) for r in rows]).to(device=dev, dtype=torch.float64)
+        g = []
+        for e, r in zip(guide_emb, rows):
+            key = (id(e.rows), r.shape[0])
+            if key not in guides:
+                if len(guides) >= 8:  # many distinct guides: keep the device copies to a chunk's worth
+                    guides.clear()
+                guides[key] = fit_rows(e.rows, r.shape[0]).to(device=dev, dtype=torch.float64)
+            g.append(guides[key])
+        yield Chunk(c, [r.shape[0] for r in rows], g, [e.last_token for e in concept_emb],
+                    [e.last_token for e in guide_emb])
+
+
+def _rece_streamed(s: Tensor, chunks: Callable[[], Iterable[tuple[list[TextEmbedding], list[TextEmbedding]]]],
+                   preserved: dict[str, Tensor], round_preserve: Tensor, *, reg: float, epochs: int,
+                   tick: Callable[[], None], **scales: float) -> tuple[LowRankTransform, list[RoundReport]]:
+    """RECE from ``d × d`` sums; ``chunks()`` makes one pass over the concepts, ``(concept, guide)``
+    embeddings a chunk at a time. The first pass gathers the sums; every later pass reports as many
+    steps as ``_report_group`` allows."""
     d, dev = s.shape[0], s.device
-
-    def chunks():
-        guides: dict[tuple[int, int], Tensor] = {}  # a shared guide goes to the device once per pass
-        for part in chunked(range(len(concept_emb)), per_chunk):
-            rows = [concept_emb[i].rows for i in part]
-            host = rows[-1].device  # one transfer per chunk, not one per concept
-            c = torch.cat([r.to(device=host) for r in rows]).to(device=dev, dtype=torch.float64)
-            g = []
-            for i, r in zip(part, rows):
-                key = (id(guide_emb[i].rows), r.shape[0])
-                if key not in guides:
-                    if len(guides) >= 8:  # many distinct guides: keep the device copies to a chunk's worth
-                        guides.clear()
-                    guides[key] = fit_rows(guide_emb[i].rows, r.shape[0]).to(device=dev, dtype=torch.float64)
-                g.append(guides[key])
-            yield (list(c.split([r.shape[0] for r in rows])), g,
-                   [concept_emb[i].last_token for i in part], [guide_emb[i].last_token for i in part])
-
     stats = Statistics(d, dev)
-    for chunk in chunks():
-        gather(stats, s, *chunk)
+    for chunk in _on_device(chunks(), dev):
+        gather(stats, s, chunk)
         tick()
     reach_scale = torch.cat(stats.reach_scale).clamp_min(torch.finfo(torch.float64).tiny)
     gap_before = torch.cat(stats.gap_before).clamp_min(1e-300)
-    preserve_rows = torch.cat(list(preserved.values()))
     system = Derivation(s, None, reg=reg).then(
-        dense_edit(stats.tail_gram, stats.tail_cross, preserve_rows, **scales))
-
-    def report(step: int) -> tuple[RoundReport, Tensor]:
-        k = system.map()
-        misses, gaps = [], []
-        for chunk in chunks():
-            miss, gap = report_chunk(s, system.p, k, *chunk)
-            misses.append(miss)
-            gaps.append(gap)
-            tick()
-        reaches = (1.0 - torch.cat(misses) / reach_scale).clamp(0.0, 1.0)
-        gap = (torch.cat(gaps) / gap_before).sqrt()
-        return RoundReport(step, tuple(gap.tolist()), tuple(reaches.tolist()), _drift(s, system.p, preserved)), k
-
-    first, k = report(0)
-    rounds = [first]
-    for epoch in range(1, epochs + 1):
-        system.then(round_edit(stats, k, round_preserve, **scales))
-        r, k = report(epoch)
-        rounds.append(r)
+        dense_edit(stats.tail_gram, stats.tail_cross, torch.cat(list(preserved.values())), **scales))
+    group = _report_group(d)
+    rounds: list[RoundReport] = []
+    forms: list[tuple[Tensor, Tensor]] = []
+    drifts: list[dict[str, float]] = []
+    k = system.map()
+    for step in range(epochs + 1):
+        if step:
+            system.then(round_edit(stats, k, round_preserve, **scales))
+            k = system.map()
+        forms.append(report_forms(s, system.p, k, system.system))
+        drifts.append(_drift(s, system.p, preserved))
+        tick()
+        if len(forms) == group or step == epochs:
+            per_chunk = []
+            for chunk in _on_device(chunks(), dev):
+                per_chunk.append(report_chunk(forms, chunk))
+                tick()
+            for j in range(len(forms)):
+                miss = torch.cat([part[j][0] for part in per_chunk])
+                gaps = torch.cat([part[j][1] for part in per_chunk])
+                reaches = (1.0 - miss / reach_scale).clamp(0.0, 1.0)
+                rounds.append(RoundReport(len(rounds), tuple((gaps / gap_before).sqrt().tolist()),
+                                          tuple(reaches.tolist()), drifts[j]))
+            forms.clear()
+            drifts.clear()
     return system.p, rounds

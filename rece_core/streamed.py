@@ -2,29 +2,54 @@
 
 When the concepts' token rows outnumber ``d``, every erase step is the dense system of
 ``edit.from_edit`` and every derivation a ``d × d`` map ``K = (PᵀSP + ρI)⁻¹PᵀS``. Both need only
-sums over the rows, gathered in one pass:
+sums over the rows, gathered in one pass (the encoding pass: each chunk is gathered as it is encoded):
 
 - erase step: ``Σ eᵀe`` and ``Σ eᵀ(g − e)`` over the concepts' tail rows (``erase_rows``);
 - rounds: the derived rows are ``c Kᵀ``, so ``Σ c'ᵀc' = K C Kᵀ`` and ``Σ c'ᵀ(g − c') = K X − K C Kᵀ``
   with ``C = Σ cᵀc`` and ``X = Σ cᵀg`` over all rows.
 
-The per-concept diagnostics (reach, guide gap) read the rows again, a chunk at a time. Nothing of
-size ``[n_concepts × tokens, d]`` is formed; the caller keeps each concept's encoder output (in the
-encoder's own dtype, wherever it likes) and hands over chunks.
+Since no step needs a single concept's rows, every step's ``P`` and ``K`` are known before any
+report is made. The per-concept diagnostics are quadratic forms of the rows in ``d × d`` matrices
+(``report_forms``), so one more pass over the rows reports several steps at once. Nothing of size
+``[n_concepts × tokens, d]`` is formed.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from .derive import weighted_norm2
-from .rows import TextEmbedding, erase_rows
 from .transform import LowRankTransform, spd_solve
 
-__all__ = ["Statistics", "chunked", "dense_edit", "gather", "report_chunk", "round_edit"]
+__all__ = ["Chunk", "Statistics", "chunked", "dense_edit", "gather", "report_chunk", "report_forms", "round_edit"]
+
+@dataclass(frozen=True)
+class Chunk:
+    """A chunk of concepts on the solve device.
+
+    ``rows: [R, d]`` float64: the concepts' rows one after another, ``sizes[i]`` of them each;
+    ``guides[i]``: concept i's guide rows fitted to its length (a shared guide is one tensor);
+    ``last``/``guide_last``: the last word token of each concept and of its guide.
+    """
+
+    rows: Tensor
+    sizes: list[int]
+    guides: list[Tensor]
+    last: list[int]
+    guide_last: list[int]
+
+    def concepts(self) -> Iterator[tuple[Tensor, Tensor, slice, slice]]:
+        """Per concept: its rows, its guide's, and the tail slices ``erase_rows`` pairs (concept, guide)."""
+        start = 0
+        for size, g, fc, fg in zip(self.sizes, self.guides, self.last, self.guide_last):
+            n = min(size - fc, g.shape[0] - fg)
+            yield self.rows[start:start + size], g, slice(fc, fc + n), slice(fg, fg + n)
+            start += size
+
 
 class Statistics:
     """Sums over every concept's rows (float64, ``[d, d]``) and each concept's denominators."""
@@ -37,22 +62,47 @@ class Statistics:
         self.gap_before: list[Tensor] = []  # ‖e − g‖²_S per concept (tail rows)
 
 
-def _tails(c: list[Tensor], g: list[Tensor], fc: list[int], fg: list[int]) -> tuple[list[Tensor], list[Tensor]]:
-    pairs = [erase_rows(TextEmbedding(ci, a), TextEmbedding(gi, b)) for ci, gi, a, b in zip(c, g, fc, fg)]
-    return [e for e, _ in pairs], [t for _, t in pairs]
+def gather(stats: Statistics, s: Tensor, chunk: Chunk) -> None:
+    """Add one chunk of concepts to ``stats``: two ``[R, d] × [d, d]`` products, the rest per guide.
 
-
-def gather(stats: Statistics, s: Tensor, c: list[Tensor], g: list[Tensor], fc: list[int], fg: list[int]) -> None:
-    """Add one chunk of concepts (rows ``[T, d]`` each, float64 on ``s``'s device) to ``stats``."""
-    e, eg = _tails(c, g, fc, fg)
-    tails, tail_guides = torch.cat(e), torch.cat(eg)
-    stats.tail_gram.addmm_(tails.T, tails)
-    stats.tail_cross.addmm_(tails.T, tail_guides - tails)
-    rows, guides = torch.cat(c), torch.cat(g)
-    stats.gram.addmm_(rows.T, rows)
-    stats.cross.addmm_(rows.T, guides)
-    stats.reach_scale.append(weighted_norm2(rows - guides, s, [x.shape[0] for x in c]))
-    stats.gap_before.append(weighted_norm2(tails - tail_guides, s, [x.shape[0] for x in e]))
+    ``Σ cᵀg = Σ_guides (Σ c)ᵀ g`` (and ``Σ eᵀ g_tail`` likewise) for concepts sharing a guide; the
+    tails' Gram is the rows' Gram less the few rows outside the tails; the per-concept norms
+    ``‖x − y‖²_S = Σ (xS − yS)·(x − y)`` reuse ``cS`` and each guide's ``gS``.
+    """
+    rows_s = chunk.rows @ s
+    guide_s: dict[int, tuple[Tensor, Tensor]] = {}  # id → (g, g S)
+    sum_rows: dict[int, Tensor] = {}  # Σ c per guide
+    sum_tails: dict[tuple[int, int, int], Tensor] = {}  # Σ e per (guide, its tail start, tail length)
+    outside: list[Tensor] = []
+    reach_scale, gap_before = [], []
+    start = 0
+    for c, g, tail, guide_tail in chunk.concepts():
+        cs = rows_s[start:start + c.shape[0]]
+        start += c.shape[0]
+        if id(g) not in guide_s:
+            guide_s[id(g)] = (g, g @ s)
+        gs = guide_s[id(g)][1]
+        reach_scale.append(torch.vdot((cs - gs).flatten(), (c - g).flatten()))
+        gap_before.append(torch.vdot((cs[tail] - gs[guide_tail]).flatten(), (c[tail] - g[guide_tail]).flatten()))
+        outside += [c[:tail.start], c[tail.stop:]]
+        key = (id(g), guide_tail.start, guide_tail.stop)
+        for sums, k, x in ((sum_rows, id(g), c), (sum_tails, key, c[tail])):
+            if k in sums:
+                sums[k] += x
+            else:
+                sums[k] = x.clone()
+    gram = chunk.rows.T @ chunk.rows
+    out = torch.cat(outside)
+    tail_gram = torch.addmm(gram, out.T, out, alpha=-1.0)  # Σ eᵀe = Σ cᵀc − Σ (rows outside the tails)ᵀ(...)
+    stats.gram += gram
+    stats.tail_gram += tail_gram
+    for k, x in sum_rows.items():
+        stats.cross.addmm_(x.T, guide_s[k][0])
+    stats.tail_cross -= tail_gram
+    for (k, a, b), x in sum_tails.items():
+        stats.tail_cross.addmm_(x.T, guide_s[k][0][a:b])
+    stats.reach_scale.append(torch.stack(reach_scale))
+    stats.gap_before.append(torch.stack(gap_before))
 
 
 def dense_edit(erase_gram: Tensor, erase_cross: Tensor, preserve: Tensor, *, lamb: float, erase_scale: float,
@@ -75,14 +125,26 @@ def round_edit(stats: Statistics, k: Tensor, preserve: Tensor, **scales: float) 
     return dense_edit(derived_gram, k @ stats.cross - derived_gram, preserve, **scales)
 
 
-def report_chunk(s: Tensor, p: LowRankTransform, k: Tensor, c: list[Tensor], g: list[Tensor], fc: list[int],
-                 fg: list[int]) -> tuple[Tensor, Tensor]:
-    """Per concept of the chunk: ``‖c Kᵀ Pᵀ − c‖²_S`` (reach's miss) and ``‖(e − g)Pᵀ‖²_S`` (guide gap)."""
-    rows = torch.cat(c)
-    miss = weighted_norm2(p.apply_rows(rows @ k.T) - rows, s, [x.shape[0] for x in c])
-    e, eg = _tails(c, g, fc, fg)
-    gaps = weighted_norm2(p.apply_rows(torch.cat(e) - torch.cat(eg)), s, [x.shape[0] for x in e])
-    return miss, gaps
+def report_forms(s: Tensor, p: LowRankTransform, k: Tensor, pulled_back: Tensor) -> tuple[Tensor, Tensor]:
+    """The ``d × d`` forms of one step's per-concept diagnostics.
+
+    ``Q = A S Aᵀ`` with ``A = KᵀPᵀ − I``: reach's miss ``‖c Kᵀ Pᵀ − c‖²_S = Σ_rows c Q cᵀ`` (float64);
+    ``G = PᵀSP`` (``pulled_back``, as the derivation holds it): the guide gap ``‖(e − g)Pᵀ‖²_S =
+    Σ_rows (e − g) G (e − g)ᵀ``, in float32 (a ratio shown to 3 digits).
+    """
+    a = p.apply_rows(k.T)  # Kᵀ Pᵀ
+    a.diagonal().sub_(1.0)
+    q = a @ s @ a.T
+    return (q + q.T) / 2, pulled_back.float()
+
+
+def report_chunk(forms: Sequence[tuple[Tensor, Tensor]], chunk: Chunk) -> list[tuple[Tensor, Tensor]]:
+    """Per step of ``forms``, per concept of the chunk: ``(‖c Kᵀ Pᵀ − c‖²_S, ‖(e − g)Pᵀ‖²_S)``."""
+    pairs = [(c[tail], g[guide_tail]) for c, g, tail, guide_tail in chunk.concepts()]
+    gap_rows = torch.cat([e - t for e, t in pairs]).float()
+    gap_sizes = [e.shape[0] for e, _ in pairs]
+    return [(weighted_norm2(chunk.rows, q, chunk.sizes), weighted_norm2(gap_rows, gm, gap_sizes).double())
+            for q, gm in forms]
 
 
 def chunked(items: Sequence, size: int) -> Iterator[Sequence]:

@@ -9,7 +9,6 @@ import json
 import math
 import os
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -73,7 +72,7 @@ def test_cancel_while_prompts_are_encoded_stops_at_the_next_chunk():
             erase(model, clip, concepts=concepts)
     finally:
         comfy.model_management.interrupt_current_processing(False)
-    assert clip.calls == 2  # the first prompt, then one chunk; not 5: the other chunks were never encoded
+    assert clip.calls == 2  # the first chunk, then the second; not 4: the other chunks were never encoded
     assert model.patches == {}
 
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+from collections import Counter
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -9,6 +13,7 @@ from torch.utils._pytree import tree_leaves
 
 from rece_core import rece
 from rece_core.derive import gram
+from rece_core import procedure
 from rece_core.procedure import _rece_rows, _rece_streamed
 from rece_core.toy import ToyTextEncoder, cross_attention_weights
 from measure import rel  # noqa: E402
@@ -30,20 +35,33 @@ def inputs(enc, s, concepts, guides, preserve):
     return [full(c) for c in concepts], [full(g) for g in guides], preserved, round_preserve
 
 
+def passes(concept_emb, guide_emb, size):
+    """A ``chunks()`` for ``_rece_streamed``: a pass over the embeddings, ``size`` concepts at a time."""
+    return lambda: ((concept_emb[i:i + size], guide_emb[i:i + size]) for i in range(0, len(concept_emb), size))
+
+
 @pytest.mark.parametrize("epochs", [0, 2])
-def test_streamed_steps_and_reports_equal_the_row_holding_procedure(tiny, epochs):
+@pytest.mark.parametrize("report_bytes", [1, None])  # one step per report pass, or every step in one pass
+def test_streamed_steps_and_reports_equal_the_row_holding_procedure(tiny, epochs, report_bytes, monkeypatch):
     weights, enc = tiny
     s = gram(weights.values())
     guides = [" ", "art", " ", "a building"] * 3
-    args = inputs(enc, s, CONCEPTS, guides, ["a cat"])
-    p_rows, r_rows = _rece_rows(s, *args, epochs=epochs, tick=lambda: None, **KW)
-    p_str, r_str = _rece_streamed(s, *args, per_chunk=5, epochs=epochs, tick=lambda: None, **KW)
+    concept_emb, guide_emb, preserved, round_preserve = inputs(enc, s, CONCEPTS, guides, ["a cat"])
+    if report_bytes is not None:
+        monkeypatch.setattr(procedure, "REPORT_BYTES", report_bytes)
+    p_rows, r_rows = _rece_rows(s, concept_emb, guide_emb, preserved, round_preserve, epochs=epochs,
+                                tick=lambda: None, **KW)
+    p_str, r_str = _rece_streamed(s, passes(concept_emb, guide_emb, 5), preserved, round_preserve, epochs=epochs,
+                                  tick=lambda: None, **KW)
     assert rel(p_str.dense(), p_rows.dense()) < 1e-9
+    assert len(r_str) == len(r_rows) == epochs + 1
     for a, b in zip(r_rows, r_str):
         assert a.step == b.step
         assert a.reach == pytest.approx(b.reach, abs=1e-7)
-        assert a.guide_gap == pytest.approx(b.guide_gap, abs=1e-5)  # the row path measures gaps in float32
+        assert a.guide_gap == pytest.approx(b.guide_gap, abs=1e-5)  # both measure gaps in float32
         assert a.drift == pytest.approx(b.drift, abs=1e-5)
+    if epochs:  # the rounds closed holes: every concept is reached less
+        assert all(b < a for a, b in zip(r_str[0].reach, r_str[-1].reach))
 
 
 def test_chunk_size_does_not_change_the_erasure(tiny):
@@ -79,31 +97,62 @@ def test_memory_scales_with_a_chunk_not_with_the_number_of_concepts(tiny):
     assert watch.rows <= 770 + 3 * 77  # a chunk, or the few preserved prompts (√n·' ', '', ...)
 
 
+class _Counted:
+    """The toy encoder, counting calls and how many of its outputs are alive (not yet freed)."""
+
+    def __init__(self, enc: ToyTextEncoder) -> None:
+        self.enc, self.calls, self.encoded = enc, [], Counter()
+        self.alive: weakref.WeakSet = weakref.WeakSet()
+        self.most_alive = 0
+
+    def watch(self, *_: int) -> None:
+        gc.collect()
+        self.most_alive = max(self.most_alive, len(self.alive))
+
+    def __call__(self, texts):
+        self.watch()
+        self.calls.append(len(texts))
+        self.encoded.update(texts)
+        out = [self.enc(t) for t in texts]
+        self.alive.update(e.rows for e in out)
+        return out
+
+
 def test_encoding_is_chunked_and_cancel_stops_within_it(tiny):
     weights, enc = tiny
-    calls: list[int] = []
-
-    def encode_many(texts):
-        calls.append(len(texts))
-        return [enc(t) for t in texts]
-
+    counted = _Counted(enc)
     concepts = [f"concept number {i}" for i in range(30)]
-    erasure = rece(weights, enc, concepts, epochs=1, chunk_rows=770, encode_many=encode_many, **KW)
-    assert max(calls) <= 10 and sum(calls) == 30 - 1 + 2  # every prompt once ('' and ' ' too)
+    erasure = rece(weights, enc, concepts, epochs=1, chunk_rows=770, tokens=77, encode_many=counted, **KW)
+    # the first call: the first chunk with the guide ' ' and ''; then chunks of 10; every prompt once
+    assert counted.calls == [12, 10, 10] and set(counted.encoded.values()) == {1}
     assert len(erasure.rounds) == 2
 
     class Cancelled(Exception):
         pass
 
-    calls.clear()
-
     def progress(done: int, total: int) -> None:
         if done == 1:
             raise Cancelled
 
+    counted = _Counted(enc)
     with pytest.raises(Cancelled):
-        rece(weights, enc, concepts, epochs=1, chunk_rows=770, encode_many=encode_many, progress=progress, **KW)
-    assert calls == [10]  # the first chunk only: Cancel did not wait for every prompt
+        rece(weights, enc, concepts, epochs=1, chunk_rows=770, encode_many=counted, progress=progress, **KW)
+    assert counted.calls == [3]  # the first concept, ' ' and '': Cancel did not wait for every prompt
+
+
+def test_the_kept_rows_are_bounded_and_the_reports_encode_again_beyond_the_bound(tiny):
+    weights, enc = tiny
+    concepts = [f"concept number {i}" for i in range(40)]
+    kept, again = _Counted(enc), _Counted(enc)
+    a = rece(weights, enc, concepts, epochs=2, chunk_rows=770, encode_many=kept, progress=kept.watch, **KW)
+    b = rece(weights, enc, concepts, epochs=2, chunk_rows=770, encode_many=again, progress=again.watch,
+             keep_bytes=0, **KW)
+    assert rel(a.transform.dense(), b.transform.dense()) == 0.0
+    assert a.rounds == b.rounds  # the same reports, bit for bit
+    assert set(kept.encoded.values()) == {1}  # kept: every prompt encoded once
+    assert {again.encoded[c] for c in concepts[1:]} == {2}  # bounded: once more for the report pass
+    assert kept.most_alive >= 2 + 40  # kept: every concept's rows alive at once
+    assert again.most_alive <= 2 + 1 + 10 + 10  # bounded: '', ' ', the first chunk held, one chunk
 
 
 def test_progress_counts_every_chunk_and_step(tiny):
@@ -113,4 +162,4 @@ def test_progress_counts_every_chunk_and_step(tiny):
          progress=lambda d, t: seen.append((d, t)), **KW)
     total = seen[0][1]
     assert [d for d, _ in seen] == list(range(1, total + 1)) and all(t == total for _, t in seen)
-    assert total == 4 + 3 + 3 * 3  # encode chunks (31 prompts), gather chunks, 3 steps × 3 report chunks
+    assert total == 4 + 3 + 4  # encode chunks (1 + 10 + 10 + 9 concepts), 3 steps, one report pass of 4 chunks
