@@ -9,13 +9,22 @@ import torch
 
 import comfy.model_management
 
+from ..rece_core import procedure
+
 BYTES_PER_LINE = 2 * 77 * 4
-"""Memory one concept (or preserve) line costs per text-embedding dimension: RECE keeps each prompt's
-77 encoder rows as the encoder returned them (at most float32) on ComfyUI's intermediate device,
-and everything else in chunks (``rece_core.streamed``); twice that allows for the encoder's batch
+"""Memory one held line costs per text-embedding dimension: its 77 encoder rows as the encoder returned
+them (at most float32) on ComfyUI's intermediate device; twice that allows for the encoder's batch
 output before it is split."""
 MEMORY_SHARE = 0.5
-"""Share of the intermediate device's free memory the kept rows may take."""
+"""Share of the intermediate device's free memory the held rows may take."""
+
+
+def held_lines(concepts: int, preserve: int, d: int) -> int:
+    """Lines whose rows are held at once: every preserve line, and of the concepts only as many as
+    ``rece_core``'s ``KEEP_BYTES`` keeps for the report pass plus a chunk being encoded (beyond that,
+    the concepts are encoded again to report: ``rece_core.streamed``)."""
+    keep = procedure.KEEP_BYTES // (77 * d * 4) + procedure.CHUNK_ROWS // 77
+    return preserve + min(concepts, keep)
 
 
 def check_widgets(node: type, title: str, **values: float) -> None:
@@ -44,15 +53,17 @@ def max_lines(d: int, device: torch.device | None = None) -> int:
     return max(1, int(MEMORY_SHARE * free // (BYTES_PER_LINE * d)))
 
 
-def check_lines(n: int, d: int, device: torch.device | None = None) -> None:
-    """Refuse, before anything is encoded, more lines than ``max_lines`` allows."""
+def check_lines(concepts: int, preserve: int, d: int, device: torch.device | None = None) -> None:
+    """Refuse, before anything is encoded, more ``held_lines`` than ``max_lines`` allows."""
     device = device or comfy.model_management.intermediate_device()
     limit = max_lines(d, device)
-    if n > limit:
+    held = held_lines(concepts, preserve, d)
+    if held > limit:
         raise ValueError(
-            f"RECE Erase Concept: {n} concept and preserve lines is more than fit in memory at once (limit {limit} "
+            f"RECE Erase Concept: {held} concept and preserve lines is more than fit in memory at once (limit {limit} "
             f"for {d}-wide text on {device}, about {BYTES_PER_LINE * d / 2**20:.1f} MiB per line, "
-            f"{MEMORY_SHARE:.0%} of the free memory); split them over several chained RECE Erase Concept nodes")
+            f"{MEMORY_SHARE:.0%} of the free memory; every preserve line is held, and the concepts up to "
+            f"{procedure.KEEP_BYTES / 2**20:.0f} MiB); split them over several chained RECE Erase Concept nodes")
 
 
 def json_safe(value):

@@ -115,7 +115,7 @@ class RECEEraseConcept:
         d = bridge.text_width(model, keys)
         device = bridge.compute_device()
         solve = bridge.solve_device(device)
-        check_lines(len(names) + len(split_lines(preserve)), d)
+        check_lines(len(names), len(split_lines(preserve)), d)
         interrupted = comfy.model_management.throw_exception_if_processing_interrupted
         progress = bridge.Progress(len(keys))
         interrupted()

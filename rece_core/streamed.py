@@ -140,9 +140,8 @@ def report_forms(s: Tensor, p: LowRankTransform, k: Tensor, pulled_back: Tensor)
 
 def report_chunk(forms: Sequence[tuple[Tensor, Tensor]], chunk: Chunk) -> list[tuple[Tensor, Tensor]]:
     """Per step of ``forms``, per concept of the chunk: ``(‖c Kᵀ Pᵀ − c‖²_S, ‖(e − g)Pᵀ‖²_S)``."""
-    pairs = [(c[tail], g[guide_tail]) for c, g, tail, guide_tail in chunk.concepts()]
-    gap_rows = torch.cat([e - t for e, t in pairs]).float()
-    gap_sizes = [e.shape[0] for e, _ in pairs]
+    gaps = [(c[tail] - g[guide_tail]).float() for c, g, tail, guide_tail in chunk.concepts()]
+    gap_rows, gap_sizes = torch.cat(gaps), [x.shape[0] for x in gaps]
     return [(weighted_norm2(chunk.rows, q, chunk.sizes), weighted_norm2(gap_rows, gm, gap_sizes).double())
             for q, gm in forms]
 

@@ -24,7 +24,7 @@ from rece_comfyui.nodes.files import (  # noqa: E402
     ExportErasureAsLoRA, LoadErasedWeights, SaveErasedWeights)
 from rece_comfyui.nodes.nodes import (  # noqa: E402
     MIN_LAMB, MIN_REG, ApplyErasedWeights, RECEDeriveEmbedding, RECEEraseConcept)
-from rece_comfyui.rece_core import LowRankTransform  # noqa: E402
+from rece_comfyui.rece_core import LowRankTransform, procedure  # noqa: E402
 from rece_comfyui.rece_core.files import save_erasure  # noqa: E402
 
 ARGS = dict(concepts="nudity", guide="", preserve="", concept_kind="nudity", rounds=1, reg=0.1, lamb=0.1,
@@ -163,6 +163,19 @@ def test_too_many_lines_refused_before_anything_is_encoded(monkeypatch):
         erase(clip=clip, concepts=lines)
     assert clip.calls == 0
     erase(clip=clip, concepts="\n".join(f"c{i}" for i in range(limit)), rounds=0)  # at the limit: runs
+
+
+def test_concepts_beyond_the_kept_rows_do_not_count_against_the_limit(monkeypatch):
+    """Only ``KEEP_BYTES`` of concept rows (plus a chunk) are held; preserve lines are all held."""
+    monkeypatch.setattr(comfy.model_management, "get_free_memory", lambda dev=None, torch_free_too=False: 2**24)
+    monkeypatch.setattr(procedure, "KEEP_BYTES", 10 * 77 * 64 * 4)  # 10 prompts' rows
+    limit = checks.max_lines(64, torch.device("cpu"))
+    assert checks.held_lines(limit + 100, 0, 64) == 10 + 106 < limit
+    clip = FakeCLIP()
+    (_, erasure, _) = erase(clip=clip, concepts="\n".join(f"c{i}" for i in range(limit + 100)), rounds=0)["result"]
+    assert len(erasure.rounds[0].reach) == limit + 100
+    with pytest.raises(ValueError, match=rf"{limit + 1} concept and preserve lines is more than fit in memory"):
+        erase(clip=clip, concepts="c", preserve="\n".join(f"p{i}" for i in range(limit)))
 
 
 def test_the_limit_follows_the_free_memory_and_text_width():
