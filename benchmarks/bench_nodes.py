@@ -136,23 +136,6 @@ def settings(texts: list[str], rounds: int) -> dict:
                 lamb=0.1, erase_scale=1.0, preserve_scale=0.1)
 
 
-def real_sdxl_clip():
-    """ComfyUI's SDXL CLIP (CLIP-L + OpenCLIP bigG, its own classes), seeded by module kind."""
-    import comfy.sd
-    import comfy.sdxl_clip
-    from checkpoint import seed_module
-
-    class Target:
-        clip = comfy.sdxl_clip.SDXLClipModel
-        tokenizer = comfy.sdxl_clip.SDXLTokenizer
-        params: dict = {}
-
-    clip = comfy.sd.CLIP(target=Target(), parameters=817_000_000)
-    with torch.no_grad():
-        seed_module(clip.cond_stage_model, torch.Generator().manual_seed(0))
-    return clip
-
-
 def flux_shaped():
     """A Flux-shaped model's text reader (``txt_in``: 3072 × 4096, fp16, seeded) under ComfyUI's ModelPatcher,
     and ComfyUI's real Flux text encoder (CLIP-L + T5-XXL, its own classes, seeded): what the node reads."""
@@ -212,7 +195,9 @@ def main() -> None:
             run("Flux txt_in, real CLIP-L + T5-XXL", *flux_shaped(), args.concepts, args.repeats)
         elif args.real:
             sys.path.insert(0, str(ROOT / "tests" / "real"))
-            run("SDXL cross-attn, real SDXL CLIP", make_model("sdxl", dtype=torch.float16), real_sdxl_clip(),
+            from checkpoint import sdxl_clip
+
+            run("SDXL cross-attn, real SDXL CLIP", make_model("sdxl", dtype=torch.float16), sdxl_clip(),
                 args.concepts, args.repeats)
         else:
             run(f"{arch} cross-attn, toy CLIP", make_model(arch), FakeCLIP(arch), args.concepts, args.repeats)

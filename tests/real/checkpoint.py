@@ -1,4 +1,4 @@
-"""A real-format SD1.5 single-file checkpoint from seeded weights, built with ComfyUI's own modules.
+"""A real-format SD1.5 single-file checkpoint, and ComfyUI's SDXL CLIP, from seeded weights (ComfyUI's own modules).
 
 Real tier only (needs COMFYUI_PATH). Seeded by module kind: norm weights 1 and biases 0,
 linear/conv weights fan-in scaled normal, embeddings N(0, 0.02); a UNet whose norms are zero
@@ -74,3 +74,20 @@ def make_sd15_checkpoint(path: Path, seed: int = 0, dtype: torch.dtype = torch.f
     out = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
     save_file(out, str(path))
     return path
+
+
+@torch.no_grad()
+def sdxl_clip(seed: int = 0):
+    """ComfyUI's SDXL CLIP (CLIP-L + OpenCLIP bigG, its own classes at their real size, ComfyUI's own
+    tokenizers), seeded by module kind as a checkpoint would give it: what an SDXL checkpoint loads."""
+    import comfy.sd
+    import comfy.sdxl_clip
+
+    class Target:
+        clip = comfy.sdxl_clip.SDXLClipModel
+        tokenizer = comfy.sdxl_clip.SDXLTokenizer
+        params: dict = {}
+
+    clip = comfy.sd.CLIP(target=Target(), parameters=817_000_000)
+    seed_module(clip.cond_stage_model, torch.Generator().manual_seed(seed))
+    return clip

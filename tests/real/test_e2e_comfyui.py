@@ -208,3 +208,30 @@ def test_batched_encoding_with_comfyuis_clip_equals_cliptextencode(loaded):
         one = comfy_nodes.CLIPTextEncode().encode(clip, text)[0][0][0][0]
         assert b.last_token == bridge.tokenize(clip, text)[1]
         assert rel(b.rows, one) < 1e-5, text
+
+
+def test_batched_encoding_with_comfyuis_sdxl_clip_equals_cliptextencode():
+    """ComfyUI's real SDXL CLIP (CLIP-L + bigG, seeded): prompts encoded together give CLIPTextEncode's
+    rows (both encoders' halves), weights included. ComfyUI's batched call returns one pooled output,
+    the first prompt's (Erase never reads pooled outputs): it equals CLIPTextEncode's."""
+    import nodes as comfy_nodes
+    from checkpoint import sdxl_clip
+    from conftest import load_pack
+
+    load_pack()
+    from rece_comfyui.nodes import bridge
+
+    clip = sdxl_clip()
+    texts = ["nudity", "(nudity:1.3), a photo", "", " ", "[blood] and (gore:0.8)"]
+    with torch.inference_mode():
+        batched = bridge.encode_many(clip, texts)
+        for text, b in zip(texts, batched):
+            one = comfy_nodes.CLIPTextEncode().encode(clip, text)[0][0]
+            assert b.rows.shape == (77, 2048)
+            assert b.last_token == bridge.tokenize(clip, text)[1]
+            assert rel(b.rows[:, :768], one[0][0, :, :768]) < 1e-5, text  # CLIP-L
+            assert rel(b.rows[:, 768:], one[0][0, :, 768:]) < 1e-5, text  # bigG
+        tokens = {k: [clip.tokenize(t)[k][0] for t in texts] for k in ("g", "l")}
+        _, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
+        first = comfy_nodes.CLIPTextEncode().encode(clip, texts[0])[0][0][1]["pooled_output"]
+        assert pooled.shape == (1, 1280) and rel(pooled, first) < 1e-5
