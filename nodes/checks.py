@@ -19,12 +19,18 @@ MEMORY_SHARE = 0.5
 """Share of the intermediate device's free memory the held rows may take."""
 
 
-def held_lines(concepts: int, preserve: int, d: int) -> int:
+def keep_bytes(device: torch.device | None = None) -> int:
+    """Encoder output the erase keeps for its report pass: ``rece_core``'s ``KEEP_BYTES``, or a quarter of
+    the free memory of ComfyUI's intermediate device (where the encoder returns its rows) if less."""
+    device = device or comfy.model_management.intermediate_device()
+    return int(min(procedure.KEEP_BYTES, comfy.model_management.get_free_memory(device) // 4))
+
+
+def held_lines(concepts: int, preserve: int, d: int, keep: int) -> int:
     """Lines whose rows are held at once: every preserve line, and of the concepts only as many as
-    ``rece_core``'s ``KEEP_BYTES`` keeps for the report pass plus a chunk being encoded (beyond that,
-    the concepts are encoded again to report: ``rece_core.streamed``)."""
-    keep = procedure.KEEP_BYTES // (77 * d * 4) + procedure.CHUNK_ROWS // 77
-    return preserve + min(concepts, keep)
+    ``keep`` bytes hold for the report pass plus a chunk being encoded (beyond that the concepts are
+    encoded again to report: ``rece_core.streamed``)."""
+    return preserve + min(concepts, keep // (77 * d * 4) + procedure.CHUNK_ROWS // 77)
 
 
 def check_widgets(node: type, title: str, **values: float) -> None:
@@ -53,17 +59,19 @@ def max_lines(d: int, device: torch.device | None = None) -> int:
     return max(1, int(MEMORY_SHARE * free // (BYTES_PER_LINE * d)))
 
 
-def check_lines(concepts: int, preserve: int, d: int, device: torch.device | None = None) -> None:
-    """Refuse, before anything is encoded, more ``held_lines`` than ``max_lines`` allows."""
+def check_lines(concepts: int, preserve: int, d: int, device: torch.device | None = None) -> int:
+    """Refuse, before anything is encoded, more ``held_lines`` than ``max_lines`` allows; return the
+    bytes of encoder output the erase may keep (``keep_bytes``)."""
     device = device or comfy.model_management.intermediate_device()
-    limit = max_lines(d, device)
-    held = held_lines(concepts, preserve, d)
+    limit, keep = max_lines(d, device), keep_bytes(device)
+    held = held_lines(concepts, preserve, d, keep)
     if held > limit:
         raise ValueError(
             f"RECE Erase Concept: {held} concept and preserve lines is more than fit in memory at once (limit {limit} "
             f"for {d}-wide text on {device}, about {BYTES_PER_LINE * d / 2**20:.1f} MiB per line, "
             f"{MEMORY_SHARE:.0%} of the free memory; every preserve line is held, and the concepts up to "
-            f"{procedure.KEEP_BYTES / 2**20:.0f} MiB); split them over several chained RECE Erase Concept nodes")
+            f"{keep / 2**20:.0f} MiB); split them over several chained RECE Erase Concept nodes")
+    return keep
 
 
 def json_safe(value):

@@ -115,7 +115,7 @@ class RECEEraseConcept:
         d = bridge.text_width(model, keys)
         device = bridge.compute_device()
         solve = bridge.solve_device(device)
-        check_lines(len(names), len(split_lines(preserve)), d)
+        keep = check_lines(len(names), len(split_lines(preserve)), d)
         interrupted = comfy.model_management.throw_exception_if_processing_interrupted
         progress = bridge.Progress(len(keys))
         interrupted()
@@ -138,7 +138,8 @@ class RECEEraseConcept:
 
         erasure = rece(gram, lambda t: encode_many([t])[0], names, guide, split_lines(preserve), lamb=lamb,
                        erase_scale=erase_scale, preserve_scale=preserve_scale, reg=reg, epochs=rounds,
-                       encode_many=encode_many, tokens=bridge.tokenize(clip, names[0], arch)[2], check=interrupted,
+                       encode_many=encode_many, tokens=bridge.tokenize(clip, names[0], arch)[2], keep_bytes=keep,
+                       check=interrupted,
                        progress=lambda done, total: progress.at(read + done, len(keys) + total))
         erasure = dataclasses.replace(
             erasure, seconds=time.perf_counter() - start, device=str(device),

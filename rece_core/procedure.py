@@ -19,9 +19,10 @@ from .validation import check_matrix, check_scale, check_transform, check_weight
 CHUNK_ROWS = 8192
 """Token rows encoded and read at a time (a chunk of concepts: 106 of 77 tokens)."""
 
-KEEP_BYTES = 512 * 2**20
-"""The most encoder output kept between the encoding pass and the report pass; beyond it the
-concepts are encoded again (a chunk at a time) to report."""
+KEEP_BYTES = 2**30
+"""The most encoder output kept between the encoding pass and the report pass (1,700 SDXL prompts in
+float32, as ComfyUI's CLIP returns them); beyond it the concepts are encoded again, a chunk at a time,
+to report."""
 
 REPORT_BYTES = 256 * 2**20
 """The most ``d × d`` report forms held at once (more steps reported per pass over the rows)."""

@@ -20,6 +20,7 @@ from factory import FakeCLIP, make_model
 
 load_pack()
 from rece_comfyui.nodes import checks  # noqa: E402
+from rece_comfyui.nodes import nodes as nodes_module  # noqa: E402
 from rece_comfyui.nodes.files import (  # noqa: E402
     ExportErasureAsLoRA, LoadErasedWeights, SaveErasedWeights)
 from rece_comfyui.nodes.nodes import (  # noqa: E402
@@ -169,13 +170,23 @@ def test_concepts_beyond_the_kept_rows_do_not_count_against_the_limit(monkeypatc
     """Only ``KEEP_BYTES`` of concept rows (plus a chunk) are held; preserve lines are all held."""
     monkeypatch.setattr(comfy.model_management, "get_free_memory", lambda dev=None, torch_free_too=False: 2**24)
     monkeypatch.setattr(procedure, "KEEP_BYTES", 10 * 77 * 64 * 4)  # 10 prompts' rows
-    limit = checks.max_lines(64, torch.device("cpu"))
-    assert checks.held_lines(limit + 100, 0, 64) == 10 + 106 < limit
+    limit, keep = checks.max_lines(64, torch.device("cpu")), checks.keep_bytes(torch.device("cpu"))
+    assert keep == procedure.KEEP_BYTES and checks.held_lines(limit + 100, 0, 64, keep) == 10 + 106 < limit
     clip = FakeCLIP()
     (_, erasure, _) = erase(clip=clip, concepts="\n".join(f"c{i}" for i in range(limit + 100)), rounds=0)["result"]
     assert len(erasure.rounds[0].reach) == limit + 100
     with pytest.raises(ValueError, match=rf"{limit + 1} concept and preserve lines is more than fit in memory"):
         erase(clip=clip, concepts="c", preserve="\n".join(f"p{i}" for i in range(limit)))
+
+
+def test_the_kept_encoder_output_is_at_most_a_quarter_of_the_free_memory(monkeypatch):
+    monkeypatch.setattr(comfy.model_management, "get_free_memory", lambda dev=None, torch_free_too=False: 2**30)
+    assert checks.keep_bytes(torch.device("cpu")) == 2**28 < procedure.KEEP_BYTES
+    seen = []
+    real = procedure.rece
+    monkeypatch.setattr(nodes_module, "rece", lambda *a, **kw: seen.append(kw["keep_bytes"]) or real(*a, **kw))
+    erase(concepts="a\nb")
+    assert seen == [2**28]
 
 
 def test_the_limit_follows_the_free_memory_and_text_width():
@@ -379,7 +390,7 @@ def table_cases(models_dir, model, clip, erasure, erased_model):
         "a literal `<|endoftext|>` (or `<|startoftext|>`) inside a prompt":
             lambda: erase(concepts="a <|endoftext|> b"),
         "a guide that encodes like its concept (`Nudity` for `nudity`)": lambda: erase(guide="Nudity"),
-        "more concept + preserve lines than fit in memory": too_many,
+        "more lines held at once than fit in memory (every preserve line; concepts only up to 1 GiB of rows)": too_many,
         "NaN, Infinity or an out-of-range number in a widget (e.g. strength NaN through the API)":
             lambda: ApplyErasedWeights().apply(model, erasure, math.nan),
         "Cancel while the node runs": cancel,
