@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Callable
 
 import torch
@@ -252,30 +254,69 @@ def encode(clip, text: str, device: torch.device, arch: Architecture | None = No
     return _embedding(cond[0], last, n_ids, arch, model, device), cond, extra
 
 
-def encode_many(clip, texts: list[str], arch: Architecture | None = None, model=None) -> list[TextEmbedding]:
+class EncoderCalls:
+    """Sizes the encoder calls of a batched encoding so each takes about ``seconds``.
+
+    Cancel (``check``) is honoured between calls, so within about ``seconds`` even where one chunk of
+    prompts takes minutes (CPU, bigG); where the encoder is fast (a GPU) the calls grow to whole chunks
+    after the first. Each call's time per prompt sizes the next (``clock``: injectable for tests).
+    """
+
+    def __init__(self, seconds: float = 1.0, first: int = 16, check: Callable[[], None] | None = None,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
+        self.seconds, self.size, self.check, self.clock = seconds, max(1, first), check or (lambda: None), clock
+        self.sizes: list[int] = []  # every call's number of prompts, in order
+
+    def run(self, n: int, call: Callable[[int, int], None]) -> None:
+        """``call(start, stop)`` over ``range(n)`` in calls of the current size, ``check()`` before each."""
+        start = 0
+        while start < n:
+            self.check()
+            stop = min(n, start + self.size)
+            t0 = self.clock()
+            call(start, stop)
+            per_prompt = max(self.clock() - t0, 1e-9) / (stop - start)
+            self.sizes.append(stop - start)
+            self.size = max(1, int(min(self.seconds / per_prompt, 2**31)))
+            start = stop
+
+
+def encode_many(clip, texts: list[str], arch: Architecture | None = None, model=None,
+                calls: EncoderCalls | None = None) -> list[TextEmbedding]:
     """Encode prompts as CLIPTextEncode does, several in one encoder forward (CLIP families).
 
     ComfyUI's CLIP encodes every chunk of a token list in one batch and concatenates their rows
     (``encode_from_tokens``, its public API), weighting each chunk against the same empty
     sequence; so the one-chunk token lists of several prompts, put one after another, give each
-    prompt's own rows. Prompts whose token lists differ in length go into separate calls. Rows stay
-    as the encoder returns them (its dtype, ComfyUI's intermediate device). Encoders that combine
-    several kinds of rows (SD3's CLIP + T5) or strip a template are encoded one prompt at a time.
+    prompt's own rows. Prompts whose token lists differ in length go into separate calls, and
+    ``calls`` (default: one call per length) bounds how long each call takes. Rows stay as the
+    encoder returns them (its dtype, ComfyUI's intermediate device). Encoders that combine several
+    kinds of rows (SD3's CLIP + T5) or strip a template are encoded one prompt at a time.
     """
     arch = arch or architectures.by_name("unet")
     if arch.name != "unet":
-        return [encode(clip, t, None, arch, model)[0] for t in texts]
+        out = [None] * len(texts)
+
+        def one(start: int, stop: int) -> None:
+            for i in range(start, stop):
+                out[i] = encode(clip, texts[i], None, arch, model)[0]
+
+        (calls or EncoderCalls(seconds=math.inf)).run(len(texts), one)
+        return out
     tokenized = [tokenize(clip, t, arch) for t in texts]
     groups: dict[tuple, list[int]] = {}
     for i, (tokens, _, _) in enumerate(tokenized):
         groups.setdefault(tuple((k, len(v[0])) for k, v in tokens.items()), []).append(i)
     out: list[TextEmbedding | None] = [None] * len(texts)
     for shape, members in groups.items():
-        batch = {name: [tokenized[i][0][name][0] for i in members] for name, _ in shape}
-        cond = clip.encode_from_tokens(batch)
-        rows = cond[0].split(cond.shape[1] // len(members))
-        for i, r in zip(members, rows):
-            out[i] = _embedding(r, tokenized[i][1], tokenized[i][2], arch, model, None)
+
+        def batch(start: int, stop: int) -> None:
+            part = members[start:stop]
+            cond = clip.encode_from_tokens({name: [tokenized[i][0][name][0] for i in part] for name, _ in shape})
+            for i, r in zip(part, cond[0].split(cond.shape[1] // len(part))):
+                out[i] = _embedding(r, tokenized[i][1], tokenized[i][2], arch, model, None)
+
+        (calls or EncoderCalls(seconds=math.inf, first=len(members))).run(len(members), batch)
     return out
 
 

@@ -131,8 +131,10 @@ class RECEEraseConcept:
 
             return bridge.gram_of(model, keys, device, include_erasures=True, tick=tick).to(solve)
 
+        calls = bridge.EncoderCalls(check=interrupted)  # about a second per encoder call: Cancel within it
+
         def encode_many(texts):
-            out = bridge.encode_many(clip, list(texts), arch, model)
+            out = bridge.encode_many(clip, list(texts), arch, model, calls)
             bridge.check_width(out[0].rows.shape[-1], d, model, arch)  # a wrong CLIP: refused before any weight is read
             return out
 

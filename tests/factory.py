@@ -108,6 +108,7 @@ class FakeCLIP:
             self.tokenizer = FakeTokenizers(["l"], self.parts)
             self.pooled = False
         self.calls = 0
+        self.prompts = 0  # one-chunk prompts encoded (chunks given to the encoder)
 
     def tokenize(self, text: str, return_word_ids=False, **kwargs):
         return self.tokenizer.tokenize_with_weights(text, return_word_ids, **kwargs)
@@ -116,6 +117,7 @@ class FakeCLIP:
         """Like ComfyUI: every chunk encoded (one batch), rows concatenated; pooled of the first chunk."""
         self.calls += 1
         chunks = [[t[0] for t in chunk] for chunk in tokens[self.tokenizer.names[-1] if self.pooled else "l"]]
+        self.prompts += len(chunks)
         per_chunk = [[enc.rows(ids) for enc in self.parts] for ids in chunks]
         cond = torch.cat([torch.cat(parts, dim=-1) for parts in per_chunk]).unsqueeze(0)
         first = chunks[0]

@@ -19,7 +19,7 @@ from conftest import ROOT, load_pack
 from factory import FakeCLIP, make_model
 
 load_pack()
-from rece_comfyui.nodes import checks  # noqa: E402
+from rece_comfyui.nodes import bridge, checks  # noqa: E402
 from rece_comfyui.nodes import nodes as nodes_module  # noqa: E402
 from rece_comfyui.nodes.files import (  # noqa: E402
     ExportErasureAsLoRA, LoadErasedWeights, SaveErasedWeights)
@@ -64,17 +64,29 @@ class CancellingCLIP(FakeCLIP):
         return out
 
 
-def test_cancel_while_prompts_are_encoded_stops_at_the_next_chunk():
-    """Prompts are encoded a chunk (106 CLIP prompts) per encoder call; Cancel is honoured after each."""
-    model, clip = make_model(), CancellingCLIP(after=2)
+def test_cancel_while_prompts_are_encoded_stops_within_the_chunk():
+    """Encoder calls are sized to about a second each (the first: 16 prompts); Cancel is honoured after
+    each, so within a chunk (106 CLIP prompts) that could take minutes on a CPU."""
+    model, clip = make_model(), CancellingCLIP(after=1)
     concepts = "\n".join(f"concept {i}" for i in range(400))
     try:
         with pytest.raises(comfy.model_management.InterruptProcessingException):
             erase(model, clip, concepts=concepts)
     finally:
         comfy.model_management.interrupt_current_processing(False)
-    assert clip.calls == 2  # the first chunk, then the second; not 4: the other chunks were never encoded
+    assert clip.calls == 1 and clip.prompts == 16  # not the 108 prompts of the first chunk
     assert model.patches == {}
+
+
+def test_encoder_calls_take_about_the_time_they_are_given():
+    now = [0.0]
+
+    def call(start: int, stop: int) -> None:  # 0.25 s a prompt (loading), then 1/128 s (warm)
+        now[0] += (stop - start) * (0.25 if start < 20 else 1 / 128)
+
+    calls = bridge.EncoderCalls(seconds=1.0, first=16, clock=lambda: now[0])
+    calls.run(200, call)
+    assert calls.sizes == [16, 4, 4, 128, 48]
 
 
 # --- 2. Non-finite and out-of-range numbers ------------------------------------------------------
