@@ -297,11 +297,14 @@ def encode_many(clip, texts: list[str], arch: Architecture | None = None, model=
     if arch.name != "unet":
         out = [None] * len(texts)
 
+        calls = calls or EncoderCalls(seconds=math.inf)
+
         def one(start: int, stop: int) -> None:
             for i in range(start, stop):
+                calls.check()  # one prompt per encoder call here: Cancel between any two
                 out[i] = encode(clip, texts[i], None, arch, model)[0]
 
-        (calls or EncoderCalls(seconds=math.inf)).run(len(texts), one)
+        calls.run(len(texts), one)
         return out
     tokenized = [tokenize(clip, t, arch) for t in texts]
     groups: dict[tuple, list[int]] = {}

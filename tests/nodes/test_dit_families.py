@@ -265,3 +265,26 @@ def test_hidream_edits_only_the_t5_projection():
     arch, found = architectures.detect("HiDream", keys + ["diffusion_model.x_embedder.proj.weight"])
     assert arch.name == "hidream" and found == ["diffusion_model.caption_projection.11.linear.weight"]
     assert "Llama" in arch.note
+
+
+def test_cancel_between_dit_prompts():
+    """DiT prompts are encoded one per encoder call: Cancel is honoured between any two of them."""
+    from rece_comfyui.nodes import bridge
+
+    class Cancelled(Exception):
+        pass
+
+    checks = []
+
+    def check() -> None:
+        checks.append(1)
+        if len(checks) == 3:
+            raise Cancelled
+
+    clip, encoded = DiTCLIP("flux"), []
+    encode = clip.encode_from_tokens
+    clip.encode_from_tokens = lambda *a, **kw: encoded.append(1) or encode(*a, **kw)
+    with pytest.raises(Cancelled):
+        bridge.encode_many(clip, [f"concept {i}" for i in range(40)], architectures.by_name("flux"),
+                           make_model("flux"), bridge.EncoderCalls(check=check))
+    assert len(encoded) == 1  # checked before the call and before each prompt: stopped before the second, not the 17th
