@@ -296,7 +296,6 @@ def encode_many(clip, texts: list[str], arch: Architecture | None = None, model=
     arch = arch or architectures.by_name("unet")
     if arch.name != "unet":
         out = [None] * len(texts)
-
         calls = calls or EncoderCalls(seconds=math.inf)
 
         def one(start: int, stop: int) -> None:

@@ -127,7 +127,7 @@ class RECEEraseConcept:
             def tick():
                 nonlocal read
                 read += 1
-                progress.at(read, progress.bar.total)
+                progress.at(read)
 
             return bridge.gram_of(model, keys, device, include_erasures=True, tick=tick).to(solve)
 

@@ -28,7 +28,8 @@ REPORT_BYTES = 256 * 2**20
 """The most ``d × d`` report forms held at once (more steps reported per pass over the rows)."""
 
 __all__ = [
-    "CHUNK_ROWS", "KEEP_BYTES", "PRESETS", "REPORT_BYTES", "Erasure", "Preset", "RoundReport", "TextEmbedding", "erase_rows", "fit_rows", "rece",
+    "CHUNK_ROWS", "KEEP_BYTES", "PRESETS", "REPORT_BYTES", "Erasure", "Preset", "RoundReport", "TextEmbedding",
+    "erase_rows", "fit_rows", "rece",
 ]
 
 
