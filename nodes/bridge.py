@@ -259,10 +259,11 @@ class EncoderCalls:
 
     Cancel (``check``) is honoured between calls, so within about ``seconds`` even where one chunk of
     prompts takes minutes (CPU, bigG); where the encoder is fast (a GPU) the calls grow to whole chunks
-    after the first. Each call's time per prompt sizes the next (``clock``: injectable for tests).
+    after the first. Each call's time per prompt sizes the next (``clock``: injectable for tests); the
+    first is small (``first``), since its cost is not yet known.
     """
 
-    def __init__(self, seconds: float = 1.0, first: int = 16, check: Callable[[], None] | None = None,
+    def __init__(self, seconds: float = 1.0, first: int = 4, check: Callable[[], None] | None = None,
                  clock: Callable[[], float] = time.perf_counter) -> None:
         self.seconds, self.size, self.check, self.clock = seconds, max(1, first), check or (lambda: None), clock
         self.sizes: list[int] = []  # every call's number of prompts, in order

@@ -65,7 +65,7 @@ class CancellingCLIP(FakeCLIP):
 
 
 def test_cancel_while_prompts_are_encoded_stops_within_the_chunk():
-    """Encoder calls are sized to about a second each (the first: 16 prompts); Cancel is honoured after
+    """Encoder calls are sized to about a second each (the first: 4 prompts); Cancel is honoured after
     each, so within a chunk (106 CLIP prompts) that could take minutes on a CPU."""
     model, clip = make_model(), CancellingCLIP(after=1)
     concepts = "\n".join(f"concept {i}" for i in range(400))
@@ -74,7 +74,7 @@ def test_cancel_while_prompts_are_encoded_stops_within_the_chunk():
             erase(model, clip, concepts=concepts)
     finally:
         comfy.model_management.interrupt_current_processing(False)
-    assert clip.calls == 1 and clip.prompts == 16  # not the 108 prompts of the first chunk
+    assert clip.calls == 1 and clip.prompts == 4  # not the 108 prompts of the first chunk
     assert model.patches == {}
 
 
