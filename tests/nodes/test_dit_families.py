@@ -287,4 +287,4 @@ def test_cancel_between_dit_prompts():
     with pytest.raises(Cancelled):
         bridge.encode_many(clip, [f"concept {i}" for i in range(40)], architectures.by_name("flux"),
                            make_model("flux"), bridge.EncoderCalls(check=check))
-    assert len(encoded) == 1  # checked before the call and before each prompt: stopped before the second, not after the first call's four
+    assert len(encoded) == 1  # checked before each prompt: stopped before the second (the first call holds four)
