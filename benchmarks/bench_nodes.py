@@ -22,7 +22,6 @@ import gc
 import os
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -126,7 +125,7 @@ def run(label: str, model, clip, cases: list[int], repeats: int) -> None:
             for text in texts + ["", " "]:
                 clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
 
-        t_enc = statistics.median(timed(clip_text_encode_loop, 1)[0] for _ in range(reps))
+        t_enc = timed(clip_text_encode_loop, reps)[0]
         print(f"{label:34} {n:5} concept(s) x {rounds}: node {t:8.3f} s | CLIPTextEncode loop of the same "
               f"prompts {t_enc:8.3f} s | ratio {t_enc / t:6.2f}x | peak {where} +{grown / GiB:.3f} GiB", flush=True)
 
@@ -182,14 +181,10 @@ def main() -> None:
           f"encoder output kept up to {procedure.KEEP_BYTES / 2**20:.0f} MiB")
     for arch in args.arch:
         if args.real and arch == "sd15":
-            import comfy.sd
             sys.path.insert(0, str(ROOT / "tests" / "real"))
-            from checkpoint import make_sd15_checkpoint
+            from checkpoint import sd15_model_and_clip
 
-            with tempfile.TemporaryDirectory() as tmp:
-                path = make_sd15_checkpoint(Path(tmp) / "sd15.safetensors")
-                model, clip = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=False)[:2]
-            run("SD1.5 checkpoint, real CLIP-L", model, clip, args.concepts, args.repeats)
+            run("SD1.5 checkpoint, real CLIP-L", *sd15_model_and_clip(), args.concepts, args.repeats)
         elif args.real and arch == "flux":
             sys.path.insert(0, str(ROOT / "tests" / "real"))
             run("Flux txt_in, real CLIP-L + T5-XXL", *flux_shaped(), args.concepts, args.repeats)

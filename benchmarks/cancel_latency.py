@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -32,8 +31,7 @@ if not torch.cuda.is_available():
     comfy.cli_args.args.cpu = True
 
 import comfy.model_management as mm  # noqa: E402
-import comfy.sd  # noqa: E402
-from checkpoint import make_sd15_checkpoint, sdxl_clip  # noqa: E402
+from checkpoint import sd15_model_and_clip, sdxl_clip  # noqa: E402
 from conftest import load_pack  # noqa: E402
 from factory import make_model  # noqa: E402
 
@@ -67,9 +65,7 @@ def main() -> None:
     parser.add_argument("--after", nargs="*", type=float, default=[5, 9], help="SD1.5: seconds before Cancel")
     parser.add_argument("--sdxl-after", nargs="*", type=float, default=[15, 25], help="SDXL: seconds before Cancel")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        model, clip = comfy.sd.load_checkpoint_guess_config(
-            str(make_sd15_checkpoint(Path(tmp) / "sd15.safetensors")), output_vae=False)[:2]
+    model, clip = sd15_model_and_clip()
     for after in args.after:
         latency(model, clip, "SD1.5, real CLIP-L, 300 concepts", after)
     if args.sdxl_after:

@@ -229,10 +229,13 @@ def rece(weights: Mapping[str, Tensor] | Tensor | Callable[[], Tensor], encode: 
     dev = torch.device(device) if device is not None else None
     s = _as_gram(weights() if callable(weights) else weights, dev)
     dev, d = s.device, s.shape[0]
-    for text, e in zip(fixed_texts + first, encoded):
+    for text, e in fixed.items():  # the concepts are checked chunk by chunk (_refuse_alike)
         check_matrix(f"embedding of {text!r}", e.rows, d)
     per_chunk = max(1, chunk_rows // max(e.rows.shape[0] for e in first_emb))
-    parts = [first] + [list(p) for p in chunked(concepts[len(first):], per_chunk)]
+    rest = len(first)
+    # each chunk's concepts and their guides
+    parts = [(first, guides[:rest])] + list(zip(chunked(concepts[rest:], per_chunk),
+                                                chunked(guides[rest:], per_chunk)))
     streamed = len(concepts) * first_emb[0].rows.shape[0] > d
 
     def full(e: TextEmbedding) -> TextEmbedding:
@@ -251,13 +254,6 @@ def rece(weights: Mapping[str, Tensor] | Tensor | Callable[[], Tensor], encode: 
         if progress is not None:
             progress(done, total)
 
-    offsets = [0]
-    for part in parts:
-        offsets.append(offsets[-1] + len(part))
-
-    def part_guides(part_index: int) -> tuple[str, ...]:
-        return guides[offsets[part_index]:offsets[part_index + 1]]
-
     preserved = {name: full(fixed[name]).rows for name in ("",) + preserve}
     # The authors preserve ' ' once per concept; given preserve prompts are kept as well (the empty
     # prompt is every negative/unconditional branch, so it must not drift either). n copies of r add
@@ -274,7 +270,7 @@ def rece(weights: Mapping[str, Tensor] | Tensor | Callable[[], Tensor], encode: 
         nonlocal passes_made
         first_pass = passes_made == 0
         passes_made += 1
-        for i, part in enumerate(parts):
+        for i, (part, part_guides) in enumerate(parts):
             if i == 0:
                 emb = first_emb
             elif not first_pass and keep:
@@ -282,10 +278,10 @@ def rece(weights: Mapping[str, Tensor] | Tensor | Callable[[], Tensor], encode: 
             else:
                 emb = encode_part(part)
             if first_pass:
-                _refuse_alike(part, emb, part_guides(i), fixed, d)
+                _refuse_alike(part, emb, part_guides, fixed, d)
                 if keep and i:
                     kept.append(emb)
-            yield emb, [fixed[g] for g in part_guides(i)]
+            yield emb, [fixed[g] for g in part_guides]
 
     if streamed:
         p, rounds = _rece_streamed(s, concept_chunks, preserved, round_preserve, reg=reg, epochs=epochs,

@@ -91,3 +91,14 @@ def sdxl_clip(seed: int = 0):
     clip = comfy.sd.CLIP(target=Target(), parameters=817_000_000)
     seed_module(clip.cond_stage_model, torch.Generator().manual_seed(seed))
     return clip
+
+
+def sd15_model_and_clip(seed: int = 0):
+    """ComfyUI's MODEL and CLIP of a seeded real-format SD1.5 checkpoint, loaded by ComfyUI itself."""
+    import tempfile
+
+    import comfy.sd
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = make_sd15_checkpoint(Path(tmp) / "sd15.safetensors", seed=seed)
+        return tuple(comfy.sd.load_checkpoint_guess_config(str(path), output_vae=False)[:2])
