@@ -43,7 +43,7 @@ from conftest import load_pack  # noqa: E402
 from factory import FakeCLIP, make_model  # noqa: E402
 
 load_pack()
-from rece_comfyui.nodes.nodes import RECEEraseConcept  # noqa: E402
+from rece_comfyui.nodes.rece import RECEEraseConcept  # noqa: E402
 from rece_comfyui.rece_core import procedure  # noqa: E402
 
 GiB = 2**30

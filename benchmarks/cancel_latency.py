@@ -36,7 +36,7 @@ from conftest import load_pack  # noqa: E402
 from factory import make_model  # noqa: E402
 
 load_pack()
-from rece_comfyui.nodes.nodes import RECEEraseConcept  # noqa: E402
+from rece_comfyui.nodes.rece import RECEEraseConcept  # noqa: E402
 
 
 def latency(model, clip, label: str, after: float) -> None:

@@ -34,7 +34,7 @@ from conftest import load_pack  # noqa: E402
 from dit_factory import DiTCLIP, make_model, sample  # noqa: E402
 
 load_pack()
-from rece_comfyui.nodes.nodes import RECEEraseConcept  # noqa: E402
+from rece_comfyui.nodes.rece import RECEEraseConcept  # noqa: E402
 
 CONCEPTS = ["nudity", "Van Gogh", "a red car", "Mickey Mouse"]
 

@@ -1,8 +1,14 @@
-"""ComfyUI nodes of the pack (imported only inside ComfyUI or with the test stand-in)."""
+"""ComfyUI nodes of the pack (imported only inside ComfyUI or with the test stand-in).
 
-from . import files, nodes
+One module a method (``rece``...) plus ``files`` (save, load, export of every method's results);
+each has its own ``NODE_CLASS_MAPPINGS`` and ``NODE_DISPLAY_NAME_MAPPINGS``, gathered here.
+"""
 
-NODE_CLASS_MAPPINGS = {**nodes.NODE_CLASS_MAPPINGS, **files.NODE_CLASS_MAPPINGS}
-NODE_DISPLAY_NAME_MAPPINGS = {**nodes.NODE_DISPLAY_NAME_MAPPINGS, **files.NODE_DISPLAY_NAME_MAPPINGS}
+from . import files, rece
+
+METHODS = (rece, files)
+
+NODE_CLASS_MAPPINGS = {k: v for m in METHODS for k, v in m.NODE_CLASS_MAPPINGS.items()}
+NODE_DISPLAY_NAME_MAPPINGS = {k: v for m in METHODS for k, v in m.NODE_DISPLAY_NAME_MAPPINGS.items()}
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

@@ -12,7 +12,7 @@ import folder_paths
 
 from ..rece_core import __version__
 from ..rece_core.files import load_erasure, lora_factors, lora_key, save_erasure
-from . import bridge
+from .host import weights
 from .checks import check_widgets, ui_report
 
 FOLDER = "rece"
@@ -139,7 +139,7 @@ class SaveErasedWeights:
                                                                        ".safetensors are added."})}}
 
     def save(self, erasure, filename_prefix):
-        bridge.require_erasure(erasure, "Save Erased Weights")
+        weights.require_erasure(erasure, "Save Erased Weights")
         path = new_path(FOLDER, filename_prefix)
         save_erasure(erasure, path, pack_version=__version__)
         rel = os.path.relpath(path, folder_paths.get_folder_paths(FOLDER)[0])
@@ -200,14 +200,14 @@ class ExportErasureAsLoRA:
     @torch.no_grad()
     def export(self, model, erasure, filename_prefix, rank, precision):
         check_widgets(type(self), "Export Erasure as LoRA", rank=rank)
-        bridge.require_erasure(erasure, "Export Erasure as LoRA")
+        weights.require_erasure(erasure, "Export Erasure as LoRA")
         if erasure.rank < 1:
             raise ValueError("Export Erasure as LoRA: this erasure has rank 0 (it changes nothing); nothing to export")
-        arch, keys = bridge.architecture(model)
-        bridge.require_erasure(erasure, "Export Erasure as LoRA", model, keys)
+        arch, keys = weights.architecture(model)
+        weights.require_erasure(erasure, "Export Erasure as LoRA", model, keys)
         dtype = torch.float16 if precision == "fp16" else torch.float32
         out, worst = {}, 0.0
-        for key, w in bridge.key_weights(model, keys, torch.device("cpu"), include_erasures=False):
+        for key, w in weights.key_weights(model, keys, torch.device("cpu"), include_erasures=False):
             try:
                 up, down, err = lora_factors(erasure, w, rank, dtype)
             except ValueError as exc:

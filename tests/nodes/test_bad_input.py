@@ -19,11 +19,12 @@ from conftest import ROOT, load_pack
 from factory import FakeCLIP, make_model
 
 load_pack()
-from rece_comfyui.nodes import bridge, checks  # noqa: E402
-from rece_comfyui.nodes import nodes as nodes_module  # noqa: E402
+from rece_comfyui.nodes import checks
+from rece_comfyui.nodes.host import encoding  # noqa: E402
+from rece_comfyui.nodes import rece as nodes_module  # noqa: E402
 from rece_comfyui.nodes.files import (  # noqa: E402
     ExportErasureAsLoRA, LoadErasedWeights, SaveErasedWeights)
-from rece_comfyui.nodes.nodes import (  # noqa: E402
+from rece_comfyui.nodes.rece import (  # noqa: E402
     MIN_LAMB, MIN_REG, ApplyErasedWeights, RECEDeriveEmbedding, RECEEraseConcept)
 from rece_comfyui.rece_core import LowRankTransform, procedure  # noqa: E402
 from rece_comfyui.rece_core.files import save_erasure  # noqa: E402
@@ -84,7 +85,7 @@ def test_encoder_calls_take_about_the_time_they_are_given():
     def call(start: int, stop: int) -> None:  # 0.25 s a prompt (loading), then 1/128 s (warm)
         now[0] += (stop - start) * (0.25 if start < 20 else 1 / 128)
 
-    calls = bridge.EncoderCalls(seconds=1.0, first=16, clock=lambda: now[0])
+    calls = encoding.EncoderCalls(seconds=1.0, first=16, clock=lambda: now[0])
     calls.run(200, call)
     assert calls.sizes == [16, 4, 4, 128, 48]
 

@@ -12,7 +12,7 @@ from factory import FakeCLIP, make_model
 
 load_pack()
 from rece_comfyui.nodes import files  # noqa: E402
-from rece_comfyui.nodes.nodes import RECEEraseConcept  # noqa: E402
+from rece_comfyui.nodes.rece import RECEEraseConcept  # noqa: E402
 
 ARGS = dict(guide="", preserve="", concept_kind="unsafe", rounds=1, reg=0.1, lamb=0.1, erase_scale=1.0,
             preserve_scale=0.1)

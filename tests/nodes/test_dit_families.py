@@ -20,9 +20,9 @@ from dit_factory import D, FAMILIES, REAL, REAL_FAMILIES, DiTCLIP, make_model, s
 from factory import effective_weights
 
 load_pack()
-from rece_comfyui.nodes import architectures  # noqa: E402
+from rece_comfyui.nodes.host import architectures  # noqa: E402
 from rece_comfyui.nodes.files import ExportErasureAsLoRA, LoadErasedWeights, SaveErasedWeights  # noqa: E402
-from rece_comfyui.nodes.nodes import ApplyErasedWeights, RECEDeriveEmbedding, RECEEraseConcept  # noqa: E402
+from rece_comfyui.nodes.rece import ApplyErasedWeights, RECEDeriveEmbedding, RECEEraseConcept  # noqa: E402
 from rece_comfyui.rece_core.files import lora_key, save_erasure  # noqa: E402
 
 ARGS = dict(concepts="nudity", guide="", preserve="", concept_kind="nudity", rounds=2, reg=0.1, lamb=0.1,
@@ -93,11 +93,11 @@ def test_erase_step_lands_the_rows_the_reader_sees_on_the_guide(family):
     them) onto the guide's, bias included."""
     model, clip = make_model(family), DiTCLIP(family)
     out, erasure, _ = erase(model, clip, rounds=0, lamb=1e-4, erase_scale=10.0, preserve_scale=0.0)
-    from rece_comfyui.nodes import bridge
+    from rece_comfyui.nodes.host import encoding, weights
 
-    arch, keys = bridge.architecture(model)
-    c = bridge.encode(clip, CONCEPT, torch.device("cpu"), arch, model)[0]
-    g = bridge.encode(clip, " ", torch.device("cpu"), arch, model)[0]
+    arch, keys = weights.architecture(model)
+    c = encoding.encode(clip, CONCEPT, torch.device("cpu"), arch, model)[0]
+    g = encoding.encode(clip, " ", torch.device("cpu"), arch, model)[0]
     from rece_comfyui.rece_core import erase_rows
 
     e_rows, g_rows = erase_rows(c, g)
@@ -128,19 +128,19 @@ def test_derived_embedding_reach_falls_and_its_conditioning_samples(family):
 @pytest.mark.parametrize("family", ["qwen_image", "lumina2"])
 def test_derived_conditioning_is_normed_onto_the_derived_direction(family):
     """The model norms the returned rows again: what its reader sees points along the derived rows."""
-    from rece_comfyui.nodes import bridge
+    from rece_comfyui.nodes.host import encoding, weights
     from rece_comfyui.rece_core.derive import derive_with_transform
 
     model, clip = make_model(family), DiTCLIP(family)
     out = erase(model, clip, rounds=1)[0]
     cond = RECEDeriveEmbedding().derive(out, clip, CONCEPT, 0.1)["result"][0][0][0][0]
-    arch, keys = bridge.architecture(out)
-    emb = bridge.encode(clip, CONCEPT, torch.device("cpu"), arch, out)[0]
-    s = bridge.gram_of(out, keys, torch.device("cpu"))
-    derived = derive_with_transform(s, bridge.combined_transform(bridge.applied_erasures(out), D, torch.device("cpu")),
+    arch, keys = weights.architecture(out)
+    emb = encoding.encode(clip, CONCEPT, torch.device("cpu"), arch, out)[0]
+    s = weights.gram_of(out, keys, torch.device("cpu"))
+    derived = derive_with_transform(s, weights.combined_transform(weights.applied_erasures(out), D, torch.device("cpu")),
                                     emb.rows, reg=0.1).float()
     w = effective_weights(out)[f"diffusion_model.{arch.norm}"]
-    seen = architectures.rms_norm(cond.float(), w, bridge.norm_eps(out, arch))
+    seen = architectures.rms_norm(cond.float(), w, weights.norm_eps(out, arch))
     cos = torch.nn.functional.cosine_similarity(seen, derived, dim=-1)
     assert bool((cos > 0.999).all())
 
@@ -240,12 +240,12 @@ def test_real_tier_uses_comfyuis_model_classes_and_tokenizers():
 @pytest.mark.parametrize("family", ["flux", "sd3", "chroma", "qwen_image"])
 def test_last_word_token_found_with_comfyuis_tokenizer(family):
     """The row RECE treats as the last word token is the prompt's last word, the next its end token."""
-    from rece_comfyui.nodes import bridge
+    from rece_comfyui.nodes.host import encoding, weights
 
     model, clip = make_model(family), DiTCLIP(family)
-    arch, _ = bridge.architecture(model)
+    arch, _ = weights.architecture(model)
     tokens = clip.tokenize("a red car")
-    emb = bridge.encode(clip, "a red car", torch.device("cpu"), arch, model)[0]
+    emb = encoding.encode(clip, "a red car", torch.device("cpu"), arch, model)[0]
     ids = [t[0] for t in tokens[arch.encoder][0]]
     offset = len(ids) - clip.encode_from_tokens(tokens, return_pooled=True)[0].shape[1]
     at = ids[emb.last_token + max(offset, 0):][:2]
@@ -269,7 +269,7 @@ def test_hidream_edits_only_the_t5_projection():
 
 def test_cancel_between_dit_prompts():
     """DiT prompts are encoded one per encoder call: Cancel is honoured between any two of them."""
-    from rece_comfyui.nodes import bridge
+    from rece_comfyui.nodes.host import encoding
 
     class Cancelled(Exception):
         pass
@@ -285,6 +285,6 @@ def test_cancel_between_dit_prompts():
     encode = clip.encode_from_tokens
     clip.encode_from_tokens = lambda *a, **kw: encoded.append(1) or encode(*a, **kw)
     with pytest.raises(Cancelled):
-        bridge.encode_many(clip, [f"concept {i}" for i in range(40)], architectures.by_name("flux"),
-                           make_model("flux"), bridge.EncoderCalls(check=check))
+        encoding.encode_many(clip, [f"concept {i}" for i in range(40)], architectures.by_name("flux"),
+                           make_model("flux"), encoding.EncoderCalls(check=check))
     assert len(encoded) == 1  # checked before each prompt: stopped before the second (the first call holds four)

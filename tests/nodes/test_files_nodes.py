@@ -14,7 +14,7 @@ from factory import FakeCLIP, effective_weights, make_model
 
 load_pack()
 from rece_comfyui.nodes.files import ExportErasureAsLoRA, LoadErasedWeights, SaveErasedWeights  # noqa: E402
-from rece_comfyui.nodes.nodes import ApplyErasedWeights, RECEEraseConcept  # noqa: E402
+from rece_comfyui.nodes.rece import ApplyErasedWeights, RECEEraseConcept  # noqa: E402
 from rece_comfyui.rece_core.files import lora_key  # noqa: E402
 from rece_comfyui.rece_core.toy import layer_names  # noqa: E402
 from measure import rel  # noqa: E402

@@ -15,8 +15,8 @@ from conftest import load_pack
 from factory import FakeCLIP, effective_weights, make_model
 
 load_pack()
-from rece_comfyui.nodes import bridge  # noqa: E402
-from rece_comfyui.nodes.nodes import ApplyErasedWeights, RECEDeriveEmbedding, RECEEraseConcept  # noqa: E402
+from rece_comfyui.nodes.host import weights  # noqa: E402
+from rece_comfyui.nodes.rece import ApplyErasedWeights, RECEDeriveEmbedding, RECEEraseConcept  # noqa: E402
 from rece_comfyui.nodes.patch import ErasurePatch, is_erasure_patch  # noqa: E402
 from rece_comfyui.rece_core.toy import layer_names  # noqa: E402
 from measure import rel  # noqa: E402
@@ -160,7 +160,7 @@ def test_derive_finds_erasures_from_rebuilt_adapters():
         clone.patches[key] = [(s, type(v)(v.loaded_keys, tuple(w.clone() if w is not None else None
                                                            for w in v.weights)), *rest)
                               if is_erasure_patch(v) else (s, v, *rest) for s, v, *rest in clone.patches[key]]
-    found = bridge.applied_erasures(clone)
+    found = weights.applied_erasures(clone)
     assert len(found) == 1 and found[0][1] == 1.0
     assert torch.allclose(found[0][0].dense(), erasure.transform.dense())
     a = RECEDeriveEmbedding().derive(out, FakeCLIP(), "nudity", 0.1)["result"]

@@ -11,7 +11,7 @@ from conftest import load_pack
 from factory import FakeCLIP, effective_weights, make_model
 
 pack = load_pack()
-from rece_comfyui.nodes.nodes import (  # noqa: E402
+from rece_comfyui.nodes.rece import (  # noqa: E402
     ApplyErasedWeights, RECEDeriveEmbedding, RECEEraseConcept)
 from rece_comfyui.rece_core import Erasure  # noqa: E402
 from rece_comfyui.rece_core.toy import layer_names  # noqa: E402
@@ -255,14 +255,14 @@ def test_chained_erase_nodes_compose_on_the_weights_in_use():
 
 @pytest.mark.parametrize("arch", ["tiny", "sdxl"])
 def test_batched_encoding_gives_each_prompt_its_own_rows(arch):
-    from rece_comfyui.nodes import bridge
+    from rece_comfyui.nodes.host import encoding
 
     clip = FakeCLIP(arch)
     texts = ["nudity", "a photo of a cat", " ", "", "blood and gore on the floor"]
-    batched = bridge.encode_many(clip, texts)
+    batched = encoding.encode_many(clip, texts)
     assert clip.calls == 1  # one encoder call for all of them
     for text, b in zip(texts, batched):
-        one = bridge.encode(clip, text, b.rows.device)[0]
+        one = encoding.encode(clip, text, b.rows.device)[0]
         assert b.last_token == one.last_token
         assert rel(b.rows, one.rows) < 1e-6
 

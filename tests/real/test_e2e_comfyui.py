@@ -59,7 +59,7 @@ def test_erase_concept_end_to_end(loaded):
     from conftest import load_pack
 
     load_pack()
-    from rece_comfyui.nodes.nodes import RECEEraseConcept
+    from rece_comfyui.nodes.rece import RECEEraseConcept
 
     model, clip = loaded[:2]
     assert type(model.model.model_config).__name__ == "SD15"
@@ -86,7 +86,7 @@ def test_lora_before_the_node_stays_in_effect(loaded):
     from factory import effective_weights
 
     load_pack()
-    from rece_comfyui.nodes.nodes import RECEEraseConcept
+    from rece_comfyui.nodes.rece import RECEEraseConcept
 
     model, clip = loaded[:2]
     g = torch.Generator().manual_seed(5)
@@ -121,7 +121,7 @@ def test_erased_model_saves_with_comfyuis_checkpoint_save(loaded, tmp_path):
     from factory import effective_weights
 
     load_pack()
-    from rece_comfyui.nodes.nodes import RECEEraseConcept
+    from rece_comfyui.nodes.rece import RECEEraseConcept
 
     model, clip, vae = loaded
     before = fingerprint(model)
@@ -159,7 +159,7 @@ def test_erased_model_samples_the_same_streamed_as_fully_loaded(loaded, checkpoi
     from conftest import load_pack
 
     load_pack()
-    from rece_comfyui.nodes.nodes import RECEEraseConcept
+    from rece_comfyui.nodes.rece import RECEEraseConcept
 
     model, clip = loaded[:2]
     if weights != "fp16":
@@ -199,14 +199,14 @@ def test_batched_encoding_with_comfyuis_clip_equals_cliptextencode(loaded):
     from conftest import load_pack
 
     load_pack()
-    from rece_comfyui.nodes import bridge
+    from rece_comfyui.nodes.host import encoding
 
     clip = loaded[1]
     texts = ["nudity", "(nudity:1.3), a photo", "a photo of a cat", "", " ", "[blood] and (gore:0.8)"]
-    batched = bridge.encode_many(clip, texts)
+    batched = encoding.encode_many(clip, texts)
     for text, b in zip(texts, batched):
         one = comfy_nodes.CLIPTextEncode().encode(clip, text)[0][0][0][0]
-        assert b.last_token == bridge.tokenize(clip, text)[1]
+        assert b.last_token == encoding.tokenize(clip, text)[1]
         assert rel(b.rows, one) < 1e-5, text
 
 
@@ -219,16 +219,16 @@ def test_batched_encoding_with_comfyuis_sdxl_clip_equals_cliptextencode():
     from conftest import load_pack
 
     load_pack()
-    from rece_comfyui.nodes import bridge
+    from rece_comfyui.nodes.host import encoding
 
     clip = sdxl_clip()
     texts = ["nudity", "(nudity:1.3), a photo", "", " ", "[blood] and (gore:0.8)"]
     with torch.inference_mode():
-        batched = bridge.encode_many(clip, texts)
+        batched = encoding.encode_many(clip, texts)
         for text, b in zip(texts, batched):
             one = comfy_nodes.CLIPTextEncode().encode(clip, text)[0][0]
             assert b.rows.shape == (77, 2048)
-            assert b.last_token == bridge.tokenize(clip, text)[1]
+            assert b.last_token == encoding.tokenize(clip, text)[1]
             assert rel(b.rows[:, :768], one[0][0, :, :768]) < 1e-5, text  # CLIP-L
             assert rel(b.rows[:, 768:], one[0][0, :, 768:]) < 1e-5, text  # bigG
         tokens = {k: [clip.tokenize(t)[k][0] for t in texts] for k in ("g", "l")}

@@ -1,4 +1,5 @@
-"""ComfyUI objects → rece_core inputs: the model's cross-attention weights, CLIP text rows, patches."""
+"""Encoding text as CLIPTextEncode does: tokenize and align token rows per family, batched encoding
+sized for Cancel, width checks, and CONDITIONING for derived rows."""
 
 from __future__ import annotations
 
@@ -9,149 +10,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-import comfy.lora
-import comfy.model_management
-import comfy.utils
-
-from ..rece_core import Erasure, LowRankTransform, TextEmbedding, gram
-from ..rece_core.files import fingerprint
+from ...rece_core import TextEmbedding
 from . import architectures
 from .architectures import Architecture
-from .patch import is_erasure_patch
-
-
-def model_type(model) -> str:
-    """A readable name of the model's architecture, e.g. ``SD15``, ``SDXL``, ``Flux``."""
-    config = getattr(model.model, "model_config", None)
-    return type(config).__name__ if config is not None else type(model.model).__name__
-
-
-def architecture(model) -> tuple[Architecture, list[str]]:
-    """The model's entry in ``architectures`` and the weight keys that read its text rows, or a clear error.
-
-    Weights stored in a format RECE cannot read are refused here, before anything is read or patched.
-    """
-    arch, keys = architectures.detect(model_type(model), list(model.model.state_dict().keys()))
-    require_readable(model, keys)
-    return arch, keys
-
-
-def cross_attention_keys(model) -> list[str]:
-    """Every weight key that reads the text rows (``attn2.to_k``/``to_v``, ``txt_in``...), or a clear error."""
-    return architecture(model)[1]
-
-
-def text_width(model, keys: list[str]) -> int:
-    return int(model.model.state_dict()[keys[0]].shape[1])
-
-
-def effective_weight(model, key: str, device: torch.device) -> Tensor:
-    """One weight as the model uses it (every patch applied), float32 on ``device``."""
-    (weight, convert), *rest = model.get_key_patches("diffusion_model.")[key]
-    w = convert(_dense(weight, device), inplace=True)
-    return comfy.lora.calculate_weight(rest, w, key, intermediate_dtype=torch.float32) if rest else w
-
-
-def compute_device() -> torch.device:
-    return comfy.model_management.get_torch_device()
-
-
-def solve_device(device: torch.device) -> torch.device:
-    """float64 solves run where float64 exists (not on Apple's MPS)."""
-    return torch.device("cpu") if device.type == "mps" else device
-
-
-def stored_format(weight) -> str | None:
-    """The name of a weight storage RECE cannot read, or ``None`` for a readable one.
-
-    Readable: floating tensors (fp32/fp16/bf16/fp8) and ComfyUI's ``QuantizedTensor`` (read
-    dequantized). Not readable: ComfyUI-GGUF's ``GGMLTensor`` and bitsandbytes' NF4/FP4 (their
-    torch shape and bytes are the packed storage, not the matrix), and any other integer storage.
-    """
-    names = {c.__name__ for c in type(weight).__mro__}
-    if "GGMLTensor" in names or hasattr(weight, "tensor_type") and hasattr(weight, "tensor_shape"):
-        return "GGUF (ComfyUI-GGUF GGMLTensor)"
-    if "Params4bit" in names or getattr(weight, "quant_state", None) is not None:
-        return "NF4/FP4 (bitsandbytes)"
-    if "QuantizedTensor" in names:
-        return None
-    if not isinstance(weight, Tensor) or not weight.is_floating_point():
-        return f"{getattr(weight, 'dtype', type(weight).__name__)} storage"
-    return None
-
-
-def require_readable(model, keys: list[str]) -> None:
-    """Refuse, before anything is read or patched, weights stored in a format RECE cannot read."""
-    patches = model.get_key_patches("diffusion_model.")
-    missing = [k for k in keys if k not in patches]
-    if missing:
-        raise ValueError(f"this {model_type(model)} model's weight {missing[0]} cannot be read "
-                         "(it is not a plain tensor)")
-    fmt = stored_format(patches[keys[0]][0][0])
-    if fmt is not None:
-        raise ValueError(f"this {model_type(model)} model's text-reading weights are stored as {fmt}, which "
-                         "RECE cannot read; load the checkpoint in fp16/bf16/fp8 (or ComfyUI's own quantized "
-                         "format) instead")
-
-
-def _dense(weight, device: torch.device) -> Tensor:
-    """``weight`` on ``device`` in float32, moved in its stored dtype first (one transfer, cast there)."""
-    w = comfy.model_management.cast_to_device(weight, device, None)
-    if any(c.__name__ == "QuantizedTensor" for c in type(w).__mro__):
-        w = w.dequantize()
-    return w.to(torch.float32, copy=True)
-
-
-def key_weights(model, keys: list[str], device: torch.device, *, include_erasures: bool,
-                tick: Callable[[], None] | None = None):
-    """Yield ``(key, W)``: each weight as the model will use it (float32, on ``device``).
-
-    Patches already on the model (LoRAs...) are applied with ComfyUI's own ``calculate_weight``;
-    our own erasure patches are left out unless ``include_erasures``. One matrix at a time.
-    """
-    patches = model.get_key_patches("diffusion_model.")
-    for key in keys:
-        (weight, convert), *rest = patches[key]
-        if not include_erasures:
-            rest = [p for p in rest if not is_erasure_patch(p[1])]
-        w = convert(_dense(weight, device), inplace=True)
-        if rest:
-            w = comfy.lora.calculate_weight(rest, w, key, intermediate_dtype=torch.float32)
-        yield key, w
-        if tick is not None:
-            tick()
-
-
-def gram_of(model, keys: list[str], device: torch.device, *, include_erasures: bool = False,
-            tick: Callable[[], None] | None = None) -> Tensor:
-    """``S = Σ WᵀW`` (float64 ``[d, d]``) over the model's effective cross-attention weights."""
-    weights = (w for _, w in key_weights(model, keys, device, include_erasures=include_erasures, tick=tick))
-    try:
-        return gram(weights)
-    except ValueError as exc:
-        raise ValueError(f"this model's {exc}") from None
-
-
-def applied_erasures(model) -> list[tuple[LowRankTransform, float]]:
-    """The erasures patched into ``model`` (first key carrying one) as ``(P, strength)``, in order.
-
-    Found from the patches' weights, so an adapter ComfyUI rebuilt or moved is found as well.
-    """
-    for patches in model.patches.values():
-        found = [(p[1].transform(), float(p[0])) for p in patches if is_erasure_patch(p[1])]
-        if found:
-            return found
-    return []
-
-
-def combined_transform(erasures: list[tuple[LowRankTransform, float]], d: int,
-                       device: torch.device) -> LowRankTransform:
-    """``P = Π (I + tᵢ (Pᵢ − I))`` of erasures applied one after another with strengths ``tᵢ``."""
-    p = LowRankTransform.identity(d, device=device)
-    for transform, strength in erasures:
-        t = transform.to(device=device, dtype=torch.float64)
-        p = p.then(LowRankTransform(strength * t.up, t.down))
-    return p
+from .weights import effective_weight, model_type, norm_eps
 
 
 def _end_index(arch: Architecture, tokenizer, ids: list[int]) -> int | None:
@@ -323,11 +185,6 @@ def encode_many(clip, texts: list[str], arch: Architecture | None = None, model=
     return out
 
 
-def norm_eps(model, arch: Architecture) -> float:
-    config = getattr(getattr(model.model, "model_config", None), "unet_config", None) or {}
-    return float(config.get("norm_eps", arch.norm_eps)) if arch.name == "lumina2" else arch.norm_eps
-
-
 def encode_checked(clip, text: str, model, d: int, device: torch.device, arch: Architecture | None = None):
     """``encode`` plus a clear error when the CLIP's width is not the width the model's text readers read."""
     emb, cond, extra = encode(clip, text, device, arch, model)
@@ -353,44 +210,3 @@ def conditioning(arch: Architecture, rows: Tensor, model, cond: Tensor, extra: d
         out.setdefault("guidance", arch.guidance)
     out.pop("attention_mask", None)  # the derived rows attend everywhere
     return [[rows.to(device=cond.device, dtype=cond.dtype).unsqueeze(0), out]]
-
-
-def require_erasure(erasure, node: str, model=None, keys: list[str] | None = None) -> None:
-    """A RECE erasure (and, given a model, one made for the model's text space and width), or a clear error."""
-    if not isinstance(erasure, Erasure):
-        raise ValueError(f"{node}: the erasure input is not a RECE erasure")
-    if model is None:
-        return
-    arch, found = architecture(model)
-    keys = keys or found
-    made_for = architectures.by_name(erasure.extra.get("architecture", "unet"))
-    if made_for.space != arch.space:
-        raise ValueError(f"{node}: this erasure was made for {made_for.title}, but this {model_type(model)} model "
-                         f"is {arch.title}: another text space, so it cannot apply here")
-    if erasure.dim != text_width(model, keys):
-        raise ValueError(f"this erasure was made for {erasure.dim}-wide text embeddings but this "
-                         f"{model_type(model)} model's {'cross-attention' if arch.name == 'unet' else 'text input'} "
-                         f"reads {text_width(model, keys)}")
-
-
-class Progress:
-    """ComfyUI's ProgressBar plus a cancel check at every step."""
-
-    def __init__(self, total: int) -> None:
-        self.bar = comfy.utils.ProgressBar(total)
-        self.done = 0
-
-    def tick(self) -> None:
-        self.at(self.done + 1)
-
-    def at(self, done: int, total: int | None = None) -> None:
-        """Cancel if asked to; else show ``done`` of ``total`` (the total may grow as work is known)."""
-        comfy.model_management.throw_exception_if_processing_interrupted()
-        self.done = done
-        self.bar.update_absolute(done, total)
-
-
-def base_fingerprint(model, keys: list[str]) -> str:
-    """Fingerprint of the checkpoint's own cross-attention weights (patches not applied)."""
-    patches = model.get_key_patches("diffusion_model.")
-    return fingerprint({k: patches[k][0][0] for k in keys})

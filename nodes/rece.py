@@ -12,7 +12,8 @@ import comfy.model_management
 from ..rece_core import PRESETS, Erasure, rece
 from ..rece_core.derive import derive_with_transform, reach
 from ..rece_core.procedure import fit_rows
-from . import bridge, files
+from . import files
+from .host import encoding, run, weights
 from .checks import check_lines, check_widgets, ui_report
 from .patch import ErasurePatch
 
@@ -111,13 +112,13 @@ class RECEEraseConcept:
         if not names:
             raise ValueError("RECE Erase Concept: enter at least one concept to erase (one per line), "
                              "or choose a concept list.")
-        arch, keys = bridge.architecture(model)
-        d = bridge.text_width(model, keys)
-        device = bridge.compute_device()
-        solve = bridge.solve_device(device)
+        arch, keys = weights.architecture(model)
+        d = weights.text_width(model, keys)
+        device = run.compute_device()
+        solve = run.solve_device(device)
         keep = check_lines(len(names), len(split_lines(preserve)), d)
         interrupted = comfy.model_management.throw_exception_if_processing_interrupted
-        progress = bridge.Progress(len(keys))
+        progress = run.Progress(len(keys))
         interrupted()
         read = 0  # weights read so far (their ticks come first in the bar)
 
@@ -129,24 +130,24 @@ class RECEEraseConcept:
                 read += 1
                 progress.at(read)
 
-            return bridge.gram_of(model, keys, device, include_erasures=True, tick=tick).to(solve)
+            return weights.gram_of(model, keys, device, include_erasures=True, tick=tick).to(solve)
 
-        calls = bridge.EncoderCalls(check=interrupted)  # about a second per encoder call: Cancel within it
+        calls = encoding.EncoderCalls(check=interrupted)  # about a second per encoder call: Cancel within it
 
         def encode_many(texts):
-            out = bridge.encode_many(clip, list(texts), arch, model, calls)
-            bridge.check_width(out[0].rows.shape[-1], d, model, arch)  # a wrong CLIP: refused before any weight is read
+            out = encoding.encode_many(clip, list(texts), arch, model, calls)
+            encoding.check_width(out[0].rows.shape[-1], d, model, arch)  # a wrong CLIP: refused before any weight is read
             return out
 
         erasure = rece(gram, lambda t: encode_many([t])[0], names, guide, split_lines(preserve), lamb=lamb,
                        erase_scale=erase_scale, preserve_scale=preserve_scale, reg=reg, epochs=rounds,
-                       encode_many=encode_many, tokens=bridge.tokenize(clip, names[0], arch)[2], keep_bytes=keep,
+                       encode_many=encode_many, tokens=encoding.tokenize(clip, names[0], arch)[2], keep_bytes=keep,
                        check=interrupted,
                        progress=lambda done, total: progress.at(read + done, len(keys) + total))
         erasure = dataclasses.replace(
             erasure, seconds=time.perf_counter() - start, device=str(device),
-            extra={"kind": concept_kind, "model": bridge.model_type(model), "architecture": arch.name,
-                   "fingerprint": bridge.base_fingerprint(model, keys)})
+            extra={"kind": concept_kind, "model": weights.model_type(model), "architecture": arch.name,
+                   "fingerprint": weights.base_fingerprint(model, keys)})
         out = patched(model, erasure, keys, 1.0)
         report = erasure.summary()
         if arch.note:
@@ -155,7 +156,7 @@ class RECEEraseConcept:
         if preset is not None and (preset.reg != reg or preset.epochs != rounds):
             report += (f"\nnote: the paper uses reg={preset.reg:g} and {preset.epochs} round(s) for "
                        f"{concept_kind}; this run used reg={reg:g}, {rounds} round(s)")
-        ui = round_ui(erasure) | {"kind": concept_kind, "model": bridge.model_type(model)}
+        ui = round_ui(erasure) | {"kind": concept_kind, "model": weights.model_type(model)}
         return {"ui": ui_report(ui), "result": (out, erasure, report)}
 
 
@@ -194,22 +195,22 @@ class RECEDeriveEmbedding:
         text = concept.strip()
         if not text:
             raise ValueError("RECE Derive Embedding: enter the concept to derive an embedding for.")
-        arch, keys = bridge.architecture(model)
-        erasures = bridge.applied_erasures(model)
+        arch, keys = weights.architecture(model)
+        erasures = weights.applied_erasures(model)
         if not erasures:
             raise ValueError("RECE Derive Embedding: this model carries no RECE erasure; connect the MODEL "
                              "output of RECE Erase Concept or Apply Erased Weights.")
-        d = bridge.text_width(model, keys)
-        device = bridge.compute_device()
-        solve = bridge.solve_device(device)
-        progress = bridge.Progress(len(keys) + 1)
-        emb, cond, extra = bridge.encode_checked(clip, text, model, d, solve, arch)
-        guide, _, _ = bridge.encode(clip, " ", solve, arch, model)
+        d = weights.text_width(model, keys)
+        device = run.compute_device()
+        solve = run.solve_device(device)
+        progress = run.Progress(len(keys) + 1)
+        emb, cond, extra = encoding.encode_checked(clip, text, model, d, solve, arch)
+        guide, _, _ = encoding.encode(clip, " ", solve, arch, model)
         if torch.equal(emb.rows, guide.rows):
             raise ValueError(f"RECE Derive Embedding: {text!r} encodes like the empty prompt; there is no "
                              "concept to derive")
-        s = bridge.gram_of(model, keys, device, tick=progress.tick).to(solve)
-        p = bridge.combined_transform(erasures, d, solve)
+        s = weights.gram_of(model, keys, device, tick=progress.tick).to(solve)
+        p = weights.combined_transform(erasures, d, solve)
         derived = derive_with_transform(s, p, emb.rows, reg=reg)
         value = float(reach(s, p, emb.rows, derived, fit_rows(guide.rows, emb.rows.shape[0])))
         progress.tick()
@@ -217,7 +218,7 @@ class RECEDeriveEmbedding:
                   f"({len(erasures)} erasure(s))")
         ui = {"concept": text, "reg": reg, "reach": value, "erasures": len(erasures)}
         return {"ui": ui_report(ui),
-                "result": (bridge.conditioning(arch, derived.float(), model, cond, extra), value, report)}
+                "result": (encoding.conditioning(arch, derived.float(), model, cond, extra), value, report)}
 
 
 class ApplyErasedWeights:
@@ -246,14 +247,14 @@ class ApplyErasedWeights:
 
     def apply(self, model, erasure, strength):
         check_widgets(type(self), "Apply Erased Weights", strength=strength)
-        bridge.require_erasure(erasure, "Apply Erased Weights")
-        keys = bridge.cross_attention_keys(model)
-        bridge.require_erasure(erasure, "Apply Erased Weights", model, keys)
+        weights.require_erasure(erasure, "Apply Erased Weights")
+        keys = weights.cross_attention_keys(model)
+        weights.require_erasure(erasure, "Apply Erased Weights", model, keys)
         out = patched(model, erasure, keys, strength)
         report = (f"applied erasure of {', '.join(map(repr, erasure.concepts))} at strength {strength:g} "
-                  f"to {len(keys)} weights that read the text ({bridge.architecture(model)[0].title})")
+                  f"to {len(keys)} weights that read the text ({weights.architecture(model)[0].title})")
         made_on = erasure.extra.get("fingerprint")
-        here = bridge.base_fingerprint(model, keys)
+        here = weights.base_fingerprint(model, keys)
         warning = None
         if made_on and made_on != here:
             warning = (f"warning: this erasure was computed on another base model (fingerprint {made_on}, this "
