@@ -18,11 +18,20 @@ import torch
 
 import comfy.model_management
 
-from ..rece_core.fewshot import (CONCEPT_TYPES, PARAMETER_SETS, Denoiser, Unlearning, prepare_images,
-                                 trainable_keys, unlearn, zero_shot_latents)
+import os
+import re
+
+from safetensors.torch import save_file
+
+import folder_paths
+
+from ..rece_core import __version__
+from ..rece_core.fewshot import (CONCEPT_TYPES, PARAMETER_SETS, Denoiser, Unlearning, load_unlearning, prepare_images,
+                                 save_unlearning, trainable_keys, unlearn, zero_shot_latents)
 from ..rece_core.train import AdamSettings, autograd_safe, saved_copies
 from .checks import check_widgets, ui_report
 from .host import run, weights
+from . import files
 
 CATEGORY = "model_patches/rece"
 UNLEARNING = "RECE_UNLEARNING"
@@ -198,20 +207,153 @@ class FewShotUnlearnConcept:
         finally:
             del frozen_te, frozen_unet, unet_params
         deltas = {k: v.detach().to("cpu", torch.float32) for k, v in result.deltas().items()}
-        out = clip.clone()
-        added = out.add_patches({k: ("diff", (d,)) for k, d in deltas.items()}, 1.0)
-        if len(added) != len(deltas):
-            raise ValueError(f"{TITLE}: only {len(added)} of {len(deltas)} text-encoder weights could be patched")
         unlearning = Unlearning(
             deltas=deltas, concept=concept.strip(), concept_type=concept_type, parameters=parameters, epochs=epochs,
             learning_rate=float(learning_rate), seed=int(seed), batch_size=batch_size, images=n_images,
             zero_shot=bool(zero_shot), resolution=resolution, family=family, parameterisation=kind,
             epoch_losses=list(result.epoch_losses), seconds=time.perf_counter() - start, device=str(device))
+        out = apply_unlearning(clip, unlearning, 1.0, TITLE)
         report = unlearning.summary()
         return {"ui": ui_report({"concept": unlearning.concept, "epoch_losses": unlearning.epoch_losses,
                                  "seconds": round(unlearning.seconds, 3), "parameters": result.parameters}),
                 "result": (out, unlearning, report)}
 
 
-NODE_CLASS_MAPPINGS = {"RECEFewShotUnlearnConcept": FewShotUnlearnConcept}
-NODE_DISPLAY_NAME_MAPPINGS = {"RECEFewShotUnlearnConcept": TITLE}
+def require_unlearning(value, node: str) -> Unlearning:
+    if not isinstance(value, Unlearning):
+        raise ValueError(f"{node}: the unlearning input is not a few-shot unlearning (connect Few-shot Unlearn "
+                         "Concept or Load Unlearning)")
+    return value
+
+
+def apply_unlearning(clip, u: Unlearning, strength: float, node: str):
+    """A clone of ``clip`` carrying ``u``'s deltas as ``diff`` weight patches; refuses another encoder."""
+    if clip is None or not hasattr(clip, "cond_stage_model"):
+        raise ValueError(f"{node}: the clip input is not a CLIP")
+    state = clip.cond_stage_model.state_dict()
+    for k, d in u.deltas.items():
+        if k not in state or tuple(state[k].shape) != tuple(d.shape):
+            found = "missing" if k not in state else f"of shape {tuple(state[k].shape)}"
+            raise ValueError(f"{node}: this unlearning was made for another text encoder ({u.family}): its weight "
+                             f"{k} is {found} in this CLIP, expected {tuple(d.shape)}")
+    out = clip.clone()
+    added = out.add_patches({k: ("diff", (d,)) for k, d in u.deltas.items()}, strength)
+    if len(added) != len(u.deltas):
+        raise ValueError(f"{node}: only {len(added)} of {len(u.deltas)} text-encoder weights could be patched")
+    return out
+
+
+_LORA_KEY = re.compile(r"^clip_[lh]\.transformer\.text_model\.encoder\.layers\.(\d+)\.(.+)\.(weight|bias)$")
+
+
+def lora_te_key(key: str) -> tuple[str, str]:
+    """``clip_l.transformer.text_model.encoder.layers.3.mlp.fc1.weight`` →
+    (``lora_te_text_model_encoder_layers_3_mlp_fc1``, ``diff``) (``diff_b`` for a bias): the kohya names
+    ComfyUI's LoRA loader maps to SD1.x's CLIP-L and SD2.x's CLIP-H."""
+    m = _LORA_KEY.match(key)
+    if m is None:
+        raise ValueError(f"no LoRA text-encoder name for weight {key}")
+    return f"lora_te_text_model_encoder_layers_{m[1]}_{m[2].replace('.', '_')}", \
+        "diff" if m[3] == "weight" else "diff_b"
+
+
+class SaveUnlearning:
+    """Write a few-shot unlearning to models/rece as a .safetensors file."""
+
+    CATEGORY = CATEGORY
+    FUNCTION = "save"
+    OUTPUT_NODE = True
+    RETURN_TYPES = ()
+    DESCRIPTION = ("Saves a few-shot unlearning (the text encoder's weight changes and how they were made) to "
+                   "models/rece, for Load Unlearning.")
+    SEARCH_ALIASES = ["save unlearning", "few-shot unlearning", "unlearn", "save text encoder"]
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"unlearning": (UNLEARNING, {"tooltip": "The unlearning to save."}),
+                             "filename_prefix": ("STRING", {"default": "rece/unlearning",
+                                                            "tooltip": "Path under models/rece; _00001 and "
+                                                                       ".safetensors are added."})}}
+
+    def save(self, unlearning, filename_prefix):
+        u = require_unlearning(unlearning, "Save Unlearning")
+        path = files.new_path(files.FOLDER, filename_prefix)
+        save_unlearning(u, path, pack_version=__version__)
+        rel = os.path.relpath(path, folder_paths.get_folder_paths(files.FOLDER)[0])
+        return {"ui": ui_report({"saved": rel, "concept": u.concept}), "result": ()}
+
+
+class LoadUnlearning:
+    """Load a few-shot unlearning from models/rece and apply it to a CLIP."""
+
+    CATEGORY = CATEGORY
+    FUNCTION = "load"
+    RETURN_TYPES = ("CLIP", UNLEARNING, "STRING")
+    RETURN_NAMES = ("clip", "unlearning", "report")
+    OUTPUT_TOOLTIPS = ("The CLIP with the unlearning applied (a patch on a clone).",
+                       "The loaded unlearning (e.g. for Export Unlearning as LoRA).",
+                       "The file name and how the unlearning was made.")
+    DESCRIPTION = ("Loads a few-shot unlearning file (.safetensors, checked before use) from models/rece and "
+                   "applies it to the CLIP as a patch; the given CLIP is left untouched.")
+    SEARCH_ALIASES = ["load unlearning", "few-shot unlearning", "unlearn", "apply unlearning"]
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"clip": ("CLIP", {"tooltip": "The text encoder the unlearning was made from."}),
+                             "unlearning_name": (files.loadable_names(),
+                                                 {"tooltip": "An unlearning file in models/rece."}),
+                             "strength": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.05,
+                                                    "tooltip": "1 = as trained; 0 = no change."})}}
+
+    def load(self, clip, unlearning_name, strength):
+        check_widgets(type(self), "Load Unlearning", strength=strength)
+        u = load_unlearning(files.resolve(files.FOLDER, unlearning_name))
+        out = apply_unlearning(clip, u, float(strength), "Load Unlearning")
+        return {"ui": ui_report({"loaded": unlearning_name, "concept": u.concept}),
+                "result": (out, u, f"loaded {unlearning_name}\n{u.summary()}")}
+
+
+class ExportUnlearningAsLoRA:
+    """Write the unlearning as a LoRA file (lora_te_… keys) that ComfyUI's LoRA loaders apply to the CLIP."""
+
+    CATEGORY = CATEGORY
+    FUNCTION = "export"
+    OUTPUT_NODE = True
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("report",)
+    OUTPUT_TOOLTIPS = ("Where the LoRA was written and how many text-encoder weights it changes.",)
+    DESCRIPTION = ("Exports the text encoder's weight changes as a LoRA file with full-weight difference keys "
+                   "(lora_te_….diff / .diff_b): exact; load it with Load LoRA (strength_clip).")
+    SEARCH_ALIASES = ["export lora", "unlearning to lora", "save lora", "few-shot unlearning", "unlearn"]
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"unlearning": (UNLEARNING, {"tooltip": "The unlearning to export."}),
+                             "filename_prefix": ("STRING", {"default": "rece/unlearning_lora",
+                                                            "tooltip": "Path under models/loras; _00001 and "
+                                                                       ".safetensors are added."}),
+                             "precision": (["fp32", "fp16"], {"default": "fp32",
+                                                              "tooltip": "fp32 is exact; fp16 halves the file and "
+                                                                         "rounds the changes."})}}
+
+    @torch.no_grad()
+    def export(self, unlearning, filename_prefix, precision):
+        u = require_unlearning(unlearning, "Export Unlearning as LoRA")
+        dtype = torch.float16 if precision == "fp16" else torch.float32
+        out = {}
+        for k, d in u.deltas.items():
+            name, kind = lora_te_key(k)
+            out[f"{name}.{kind}"] = d.to(dtype).contiguous()
+        path = files.new_path("loras", filename_prefix)
+        save_file(out, path, metadata={"rece_unlearning_concept": u.concept, "rece_unlearning_family": u.family})
+        rel = os.path.relpath(path, folder_paths.get_folder_paths("loras")[0])
+        report = (f"exported {len(out)} text-encoder tensors ({u.n_parameters:,} parameters) to loras/{rel} "
+                  f"({precision}{', exact' if precision == 'fp32' else ''}); apply with Load LoRA, strength_clip 1")
+        return {"ui": ui_report({"exported": rel}), "result": (report,)}
+
+
+NODE_CLASS_MAPPINGS = {"RECEFewShotUnlearnConcept": FewShotUnlearnConcept, "RECESaveUnlearning": SaveUnlearning,
+                       "RECELoadUnlearning": LoadUnlearning, "RECEExportUnlearningAsLoRA": ExportUnlearningAsLoRA}
+NODE_DISPLAY_NAME_MAPPINGS = {"RECEFewShotUnlearnConcept": TITLE, "RECESaveUnlearning": "Save Unlearning",
+                              "RECELoadUnlearning": "Load Unlearning",
+                              "RECEExportUnlearningAsLoRA": "Export Unlearning as LoRA"}

@@ -187,3 +187,100 @@ def test_v_and_flow_models_train_with_their_own_target(prediction):
     out, u, report = run(clip, model, vae, imgs, epochs=2)
     assert u.parameterisation == prediction and f"{prediction} loss" in report
     assert concept_loss(out, model, vae, imgs) > before * 1.01
+
+
+def test_save_load_roundtrip_and_bad_files_refused(trained, models_dir):
+    clip, model, vae, imgs, before, out, unlearning, report = trained
+    m = load_pack().nodes.fewshot
+    m.SaveUnlearning().save(unlearning, "rece/u")
+    path = models_dir / "rece" / "rece" / "u_00001.safetensors"
+    assert path.is_file()
+    loaded_clip, u, text = m.LoadUnlearning().load(clip, "rece/u_00001.safetensors", 1.0)["result"]
+    assert u.concept == CONCEPT and u.epoch_losses == unlearning.epoch_losses and "loaded" in text
+    assert all(torch.equal(u.deltas[k], unlearning.deltas[k]) for k in unlearning.deltas)
+    assert torch.equal(encode(loaded_clip, f"a photo of a {CONCEPT}"), encode(out, f"a photo of a {CONCEPT}"))
+    half = m.LoadUnlearning().load(clip, "rece/u_00001.safetensors", 0.0)["result"][0]
+    assert torch.equal(encode(half, f"a photo of a {CONCEPT}"), before["concept"])
+    # bad files: named in the message
+    (models_dir / "rece" / "junk.safetensors").write_bytes(b"\x00" * 3)
+    with pytest.raises(ValueError, match="junk.safetensors: not a safetensors file"):
+        m.LoadUnlearning().load(clip, "junk.safetensors", 1.0)
+    from safetensors.torch import save_file
+    save_file({"delta.x": torch.zeros(2)}, str(models_dir / "rece" / "other.safetensors"), metadata={"format": "x"})
+    with pytest.raises(ValueError, match="other.safetensors: not a few-shot unlearning file"):
+        m.LoadUnlearning().load(clip, "other.safetensors", 1.0)
+    bad = {f"delta.{k}": v.clone() for k, v in unlearning.deltas.items()}
+    next(iter(bad.values())).view(-1)[0] = float("nan")
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    save_file(bad, str(models_dir / "rece" / "nan.safetensors"), metadata=meta)
+    with pytest.raises(ValueError, match="nan.safetensors: tensor .* contains NaN"):
+        m.LoadUnlearning().load(clip, "nan.safetensors", 1.0)
+    # another encoder: refused by name
+    other = {k.replace("clip_l.", "clip_h."): v for k, v in unlearning.deltas.items()}
+    save_file({f"delta.{k}": v for k, v in other.items()}, str(models_dir / "rece" / "h.safetensors"), metadata=meta)
+    with pytest.raises(ValueError, match="made for another text encoder"):
+        m.LoadUnlearning().load(clip, "h.safetensors", 1.0)
+
+
+def test_export_as_lora_writes_te_diff_keys(trained, models_dir):
+    clip, model, vae, imgs, before, out, unlearning, report = trained
+    from safetensors.torch import load_file
+
+    m = load_pack().nodes.fewshot
+    text = m.ExportUnlearningAsLoRA().export(unlearning, "rece/ul", "fp32")["result"][0]
+    assert "exact" in text
+    sd = load_file(str(models_dir / "loras" / "rece" / "ul_00001.safetensors"))
+    assert len(sd) == len(unlearning.deltas)
+    for k, d in unlearning.deltas.items():
+        name, kind = m.lora_te_key(k)
+        assert name.startswith("lora_te_text_model_encoder_layers_") and torch.equal(sd[f"{name}.{kind}"], d)
+
+
+@pytest.mark.skipif(not ff.REAL, reason="real tier: ComfyUI's own LoRA loader")
+def test_exported_lora_through_comfyuis_loader_equals_the_patch(trained, models_dir):
+    import comfy.sd
+    import comfy.utils
+
+    clip, model, vae, imgs, before, out, unlearning, report = trained
+    m = load_pack().nodes.fewshot
+    m.ExportUnlearningAsLoRA().export(unlearning, "rece/ul", "fp32")
+    lora = comfy.utils.load_torch_file(str(models_dir / "loras" / "rece" / "ul_00001.safetensors"), safe_load=True)
+    _, lora_clip = comfy.sd.load_lora_for_models(model, clip, lora, 0.0, 1.0)
+    for text in (f"a photo of a {CONCEPT}", UNRELATED):
+        assert torch.equal(encode(lora_clip, text), encode(out, text))
+    assert set(lora_clip.patcher.patches) == set(unlearning.deltas)
+
+
+@pytest.mark.skipif(not ff.REAL, reason="real tier: ComfyUI's own CLIP classes")
+def test_gradient_through_comfyuis_clip_matches_finite_differences():
+    """ComfyUI's CLIP layers add in place; under ``saved_copies`` the gradient is still the true one."""
+    from rece_core.train import autograd_safe, saved_copies
+
+    clip = ff.real_clip(0)
+    clip.load_model()
+    m = load_pack().nodes.fewshot
+    key = "clip_l.transformer.text_model.encoder.layers.1.mlp.fc1.weight"
+    enc = clip.cond_stage_model
+    call = m._Call(enc, lambda tokens: m._encode_tokens(clip, tokens))
+    tokens = clip.tokenize(f"a photo of a {CONCEPT}")
+    with torch.inference_mode(False):
+        frozen = autograd_safe(dict(enc.named_parameters()))
+        w = frozen[key].clone().requires_grad_(True)
+        direction = torch.randn(w.shape, generator=torch.Generator().manual_seed(0))
+        probe = torch.randn(1, 77, ff.WIDTH, generator=torch.Generator().manual_seed(1))  # (a norm is ~constant)
+
+        def f(weight):
+            params = {f"inner.{k}": v for k, v in frozen.items()} | {f"inner.{key}": weight}
+            return (torch.func.functional_call(call, params, (tokens,)) * probe).sum()
+
+        with saved_copies():
+            value = f(w)
+        value.backward()
+        eps = 1e-2
+        with torch.no_grad():
+            fd = (f(w + eps * direction) - f(w - eps * direction)) / (2 * eps)
+    assert torch.equal(value.detach(), f(frozen[key]).detach())  # the same forward as ComfyUI's encode
+    assert torch.equal(value.detach(), (clip.encode_from_tokens(tokens) * probe).sum())
+    assert float((w.grad * direction).sum()) == pytest.approx(float(fd), rel=2e-2)
