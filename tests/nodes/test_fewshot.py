@@ -284,3 +284,17 @@ def test_gradient_through_comfyuis_clip_matches_finite_differences():
     assert torch.equal(value.detach(), f(frozen[key]).detach())  # the same forward as ComfyUI's encode
     assert torch.equal(value.detach(), (clip.encode_from_tokens(tokens) * probe).sum())
     assert float((w.grad * direction).sum()) == pytest.approx(float(fd), rel=2e-2)
+
+
+def test_runs_under_comfyuis_inference_mode():
+    """ComfyUI builds models and runs nodes under ``torch.inference_mode()`` (execution.py)."""
+    with torch.inference_mode():
+        clip, model, vae = ff.make(seed=6)
+        imgs = ff.images(2, 64)
+        assert all(p.is_inference() for p in model.model.parameters())
+        ref = snapshot(model.model)
+        out, u, report = run(clip, model, vae, imgs, epochs=1)
+    assert any(d.abs().max() > 0 for d in u.deltas.values()) and not any(d.is_inference() for d in u.deltas.values())
+    assert all(torch.equal(v, ref[k]) for k, v in snapshot(model.model).items())
+    with torch.inference_mode():
+        assert not torch.equal(encode(out, f"a photo of a {CONCEPT}"), encode(clip, f"a photo of a {CONCEPT}"))
