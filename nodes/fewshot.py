@@ -127,7 +127,7 @@ class FewShotUnlearnConcept:
                                    "tooltip": "Passes over the images (paper: 4-5 with 4 images)."}),
                 "learning_rate": ("FLOAT", {"default": 1e-5, "min": 1e-8, "max": 1e-1, "step": 1e-6,
                                             "tooltip": "Adam learning rate (paper: 1e-5)."}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
                                  "tooltip": "Fixes flips, captions, noise and timesteps: same seed, same result."}),
                 "parameters": (list(PARAMETER_SETS), {"default": PARAMETER_SETS[0],
                                                       "tooltip": "Which text-encoder weights are trained: "
