@@ -87,6 +87,9 @@ def check_inputs(clip, model) -> tuple[str, list[str]]:
     if family not in SUPPORTED:
         raise ValueError(f"{TITLE}: this {family} model is not supported: it trains through SD1.x and SD2.x "
                          f"models ({', '.join(SUPPORTED.values())}); {NOT_YET}")
+    if getattr(model.model, "concat_keys", ()) or getattr(model.model, "adm_channels", 0):
+        raise ValueError(f"{TITLE}: this {family} model takes more than the text (an inpainting or image-conditioned "
+                         "model); use the plain text-to-image checkpoint of the family, whose CLIP is the same")
     encoders = list(clip.tokenize("a"))
     if len(encoders) != 1:
         raise ValueError(f"{TITLE}: this CLIP has {len(encoders)} text encoders ({', '.join(encoders)}); "
@@ -152,6 +155,11 @@ class FewShotUnlearnConcept:
             raise ValueError(f"{TITLE}: concept_type must be one of {', '.join(CONCEPT_TYPES)}, got {concept_type!r}")
         if not isinstance(concept, str) or not concept.strip():
             raise ValueError(f"{TITLE}: the concept name is empty: name what the images show, e.g. 'Eiffel Tower'")
+        for name, value, lo, hi in (("resolution", resolution, 64, 2048), ("batch_size", batch_size, 1, 64)):
+            if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+                raise ValueError(f"{TITLE}: {name} must be a whole number from {lo} to {hi}, got {value!r}")
+        if resolution % 8:
+            raise ValueError(f"{TITLE}: resolution must be a multiple of 8 (the VAE's scale), got {resolution}")
         family, clip_keys = check_inputs(clip, model)
         keys = trainable_keys(clip_keys, parameters)
         kind, sigma_data = parameterisation(model)

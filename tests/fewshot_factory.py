@@ -295,14 +295,39 @@ def real_clip(seed: int = 0):
     return clip
 
 
-def real_model(seed: int = 0, prediction: str = "eps"):
+def real_clip_h(seed: int = 0):
+    """ComfyUI's SD2 ``CLIP`` (CLIP-H classes: penultimate layer, pad 0, SD2 tokenizer) with a small text model."""
+    import functools
+
+    import comfy.sd
+    import comfy.sd1_clip
+    from comfy.text_encoders import sd2_clip
+
+    class TinyClipH(comfy.sd1_clip.SDClipModel):  # SD2ClipHModel with a small config
+        def __init__(self, device="cpu", dtype=None, model_options={}):
+            super().__init__(device=device, layer="hidden", layer_idx=-2, dtype=dtype, model_options=model_options,
+                             textmodel_json_config=dict(TINY_CLIP, hidden_act="gelu"),
+                             special_tokens={"start": 49406, "end": 49407, "pad": 0}, return_projected_pooled=True)
+
+    class Target:
+        clip = functools.partial(comfy.sd1_clip.SD1ClipModel, clip_name="h", clip_model=TinyClipH)  # = SD2ClipModel
+        tokenizer = sd2_clip.SD2Tokenizer
+        params: dict = {}
+
+    clip = comfy.sd.CLIP(target=Target(), parameters=2_000_000)
+    seed_module(clip.cond_stage_model, seed)
+    return clip
+
+
+def real_model(seed: int = 0, prediction: str = "eps", family: str = "SD15"):
     """ComfyUI's ``BaseModel`` of ``supported_models.SD15`` (small UNet, context width 32) in a ModelPatcher."""
     import comfy.model_base
     import comfy.model_management
     import comfy.model_patcher
     import comfy.supported_models
 
-    config = comfy.supported_models.SD15(dict(TINY_UNET))
+    unet = dict(TINY_UNET, model_channels=64) if family == "SD20" else dict(TINY_UNET)  # SD2: 64 channels a head
+    config = getattr(comfy.supported_models, family)(unet)
     kind = {"eps": comfy.model_base.ModelType.EPS, "v": comfy.model_base.ModelType.V_PREDICTION,
             "flow": comfy.model_base.ModelType.FLOW}[prediction]
     base = comfy.model_base.BaseModel(config, kind, device=torch.device("cpu"))

@@ -141,6 +141,8 @@ def test_zero_shot_runs_without_images():
     (dict(parameters="everything"), "parameters to train"),
     (dict(learning_rate=float("nan")), "learning_rate"),
     (dict(concept_type="person"), "concept_type"),
+    (dict(resolution=100), "multiple of 8"),
+    (dict(batch_size=0), "batch_size"),
 ])
 def test_bad_input_refused(kw, match):
     clip, model, vae = ff.make(seed=0)
@@ -298,3 +300,30 @@ def test_runs_under_comfyuis_inference_mode():
     assert all(torch.equal(v, ref[k]) for k, v in snapshot(model.model).items())
     with torch.inference_mode():
         assert not torch.equal(encode(out, f"a photo of a {CONCEPT}"), encode(clip, f"a photo of a {CONCEPT}"))
+
+
+@pytest.mark.skipif(not ff.REAL, reason="real tier: ComfyUI's own SD2 classes (CLIP-H, v-prediction)")
+def test_sd2_clip_h_v_prediction(models_dir):
+    """SD2.x: CLIP-H read at its penultimate layer, a v-prediction model; the export maps through ComfyUI's loader."""
+    import comfy.sd
+    import comfy.utils
+
+    clip, model, vae = ff.real_clip_h(0), ff.real_model(0, "v", "SD20"), ff.ToyVAE(0)
+    imgs = ff.images(2, 64)
+    before = concept_loss(clip, model, vae, imgs)
+    out, u, report = run(clip, model, vae, imgs, epochs=2)
+    assert u.family == "SD2.x" and u.parameterisation == "v" and all(k.startswith("clip_h.") for k in u.deltas)
+    assert concept_loss(out, model, vae, imgs) > before * 1.01
+    m = load_pack().nodes.fewshot
+    m.ExportUnlearningAsLoRA().export(u, "rece/h", "fp32")
+    lora = comfy.utils.load_torch_file(str(models_dir / "loras" / "rece" / "h_00001.safetensors"), safe_load=True)
+    lora_clip = comfy.sd.load_lora_for_models(None, clip, lora, 0.0, 1.0)[1]
+    assert torch.equal(encode(lora_clip, f"a photo of a {CONCEPT}"), encode(out, f"a photo of a {CONCEPT}"))
+
+
+@pytest.mark.skipif(ff.REAL, reason="CI tier: an image-conditioned stand-in model")
+def test_inpainting_model_refused():
+    clip, model, vae = ff.make(seed=0)
+    model.model.concat_keys = ("mask", "masked_image")
+    with pytest.raises(ValueError, match="inpainting or image-conditioned"):
+        run(clip, model, vae, ff.images(2, 64))
