@@ -223,7 +223,8 @@ class FewShotUnlearnConcept:
         out = apply_unlearning(clip, unlearning, 1.0, TITLE)
         report = unlearning.summary()
         return {"ui": ui_report({"concept": unlearning.concept, "epoch_losses": unlearning.epoch_losses,
-                                 "seconds": round(unlearning.seconds, 3), "parameters": result.parameters}),
+                                 "seconds": round(unlearning.seconds, 3), "parameters": result.parameters,
+                                 "parameter_set": parameters, "device": str(device)}),
                 "result": (out, unlearning, report)}
 
 

@@ -79,6 +79,16 @@ export function reportModel(nodeType, r) {
       warning: r.warning || null,
     };
   }
+  if (nodeType === "RECEFewShotUnlearnConcept") {
+    const losses = (r.epoch_losses || []).map((x) => Number(x).toFixed(4)).join(", ");
+    return {
+      title: "Few-shot unlearning",
+      lines: [`unlearned ${quote([r.concept])} · ${Number(r.parameters).toLocaleString("en")} parameters (${r.parameter_set})`,
+        `loss per epoch (−MSE): ${losses}`, `${Number(r.seconds).toFixed(1)} s on ${r.device}`],
+      bars: [],
+      warning: null,
+    };
+  }
   const text = r.saved ? `saved ${r.saved}` : r.loaded ? `loaded ${r.loaded}` : r.exported ? `exported ${r.exported}` : "";
   return { title: "RECE", lines: [text].filter(Boolean), bars: [], warning: null };
 }

@@ -129,8 +129,11 @@ def test_same_seed_same_result_other_seed_differs():
 
 def test_zero_shot_runs_without_images():
     clip, model, vae = ff.make(seed=2)
-    out, u, report = node().unlearn(clip, model, zero_shot=True, resolution=64, batch_size=2,
-                                    **{**SETTINGS, "epochs": 1})["result"]
+    res = node().unlearn(clip, model, zero_shot=True, resolution=64, batch_size=2, **{**SETTINGS, "epochs": 1})
+    out, u, report = res["result"]
+    ui = res["ui"]["rece_report"][0]  # what web/report.js shows
+    assert ui["concept"] == CONCEPT and ui["parameter_set"] == "mlp-final-attn" and ui["parameters"] == u.n_parameters
+    assert ui["epoch_losses"] == u.epoch_losses and {"seconds", "device"} <= set(ui)
     assert u.zero_shot and u.images == 0 and "zero-shot" in report and len(u.epoch_losses) == 1
     assert any(d.abs().max() > 0 for d in u.deltas.values())
 

@@ -76,3 +76,15 @@ test("the report's height grows with its rows and is capped (it scrolls beyond)"
   assert.ok(reportHeight(0) > 0);
   assert.equal(reportHeight(1000), reportHeight(500));
 });
+
+test("few-shot unlearning report: concept, parameters, loss per epoch, time", () => {
+  const m = reportModel("RECEFewShotUnlearnConcept", {
+    concept: "Eiffel Tower", epoch_losses: [-0.1, -0.25], seconds: 8.04, parameters: 59000000,
+    parameter_set: "mlp-final-attn", device: "cuda:0",
+  });
+  assert.equal(m.title, "Few-shot unlearning");
+  assert.deepEqual(m.lines, ["unlearned “Eiffel Tower” · 59,000,000 parameters (mlp-final-attn)",
+    "loss per epoch (−MSE): -0.1000, -0.2500", "8.0 s on cuda:0"]);
+  assert.equal(reportModel("RECESaveUnlearning", { saved: "rece/u_00001.safetensors" }).lines[0],
+    "saved rece/u_00001.safetensors");
+});
