@@ -12,26 +12,23 @@ through are copied for the run (``autograd_safe``), never written.
 
 from __future__ import annotations
 
+import os
+import re
 import time
 
 import torch
-
-import comfy.model_management
-
-import os
-import re
-
 from safetensors.torch import save_file
 
+import comfy.model_management
 import folder_paths
 
 from ..rece_core import __version__
 from ..rece_core.fewshot import (CONCEPT_TYPES, PARAMETER_SETS, Denoiser, Unlearning, load_unlearning, prepare_images,
                                  save_unlearning, trainable_keys, unlearn, zero_shot_latents)
 from ..rece_core.train import AdamSettings, autograd_safe, saved_copies
+from . import files
 from .checks import check_widgets, ui_report
 from .host import run, weights
-from . import files
 
 CATEGORY = "model_patches/rece"
 UNLEARNING = "RECE_UNLEARNING"
@@ -208,12 +205,9 @@ class FewShotUnlearnConcept:
             return torch.func.functional_call(unet_call, unet_params, (x, sigma, context))
 
         progress = run.Progress(epochs * -(-latents.shape[0] // batch_size))
-        try:
-            result = unlearn(initial, encode, Denoiser(denoise, sigmas, kind, sigma_data), latents, concept.strip(),
-                             concept_type, epochs=epochs, batch_size=batch_size, adam=AdamSettings(lr=learning_rate),
-                             seed=seed, device=device, callback=lambda p: progress.at(p.step, p.total))
-        finally:
-            del frozen_te, frozen_unet, unet_params
+        result = unlearn(initial, encode, Denoiser(denoise, sigmas, kind, sigma_data), latents, concept.strip(),
+                         concept_type, epochs=epochs, batch_size=batch_size, adam=AdamSettings(lr=learning_rate),
+                         seed=seed, device=device, callback=lambda p: progress.at(p.step, p.total))
         deltas = {k: v.detach().to("cpu", torch.float32) for k, v in result.deltas().items()}
         unlearning = Unlearning(
             deltas=deltas, concept=concept.strip(), concept_type=concept_type, parameters=parameters, epochs=epochs,
