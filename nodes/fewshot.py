@@ -67,12 +67,21 @@ class _Call(torch.nn.Module):
 
 
 def _encode_tokens(clip, tokens) -> torch.Tensor:
-    """What ``CLIP.encode_from_tokens`` does once the model is loaded: [1, 77·chunks, d]."""
+    """What ``CLIP.encode_from_tokens`` does once the model is loaded: [1, 77·chunks, d].
+
+    Current ComfyUI also passes the execution device as a clip option and encodes inside
+    ``cuda_device_context`` (0.3.64 ignores the option and has no such context)."""
     m = clip.cond_stage_model
     m.reset_clip_options()
     if clip.layer_idx is not None:
         m.set_clip_options({"layer": clip.layer_idx})
-    return m.encode_token_weights(tokens)[0]
+    device = clip.patcher.load_device
+    m.set_clip_options({"execution_device": device})
+    context = getattr(comfy.model_management, "cuda_device_context", None)
+    if context is None:
+        return m.encode_token_weights(tokens)[0]
+    with context(device):
+        return m.encode_token_weights(tokens)[0]
 
 
 def check_inputs(clip, model) -> tuple[str, list[str]]:
