@@ -189,6 +189,13 @@ class FewShotUnlearnConcept:
                 latents = base.process_latent_in(vae.encode(pixels)).float().cpu()
             n_images = int(images.shape[0])
 
+        context_dim = (getattr(getattr(base, "model_config", None), "unet_config", None) or {}).get("context_dim")
+        if context_dim is not None:
+            with torch.no_grad():
+                width = int(clip.encode_from_tokens(clip.tokenize("")).shape[-1])
+            if width != int(context_dim):
+                raise ValueError(f"{TITLE}: this CLIP gives {width}-wide text but this {family} model reads "
+                                 f"{context_dim}-wide text; connect the CLIP that belongs to the model")
         comfy.model_management.load_models_gpu([model, clip.patcher])
         device = getattr(model, "load_device", None) or run.compute_device()
         encoder = clip.cond_stage_model

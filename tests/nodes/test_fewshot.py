@@ -324,6 +324,14 @@ def test_sd2_clip_h_v_prediction(models_dir):
     assert torch.equal(encode(lora_clip, f"a photo of a {CONCEPT}"), encode(out, f"a photo of a {CONCEPT}"))
 
 
+@pytest.mark.skipif(ff.REAL, reason="CI tier: a stand-in model reading another text width")
+def test_clip_of_another_width_refused():
+    clip, model, vae = ff.make(seed=0)
+    model.model.model_config.unet_config = {"context_dim": 1024}
+    with pytest.raises(ValueError, match="32-wide text but this SD1.x model reads 1024-wide"):
+        run(clip, model, vae, ff.images(2, 64))
+
+
 @pytest.mark.skipif(ff.REAL, reason="CI tier: an image-conditioned stand-in model")
 def test_inpainting_model_refused():
     clip, model, vae = ff.make(seed=0)
