@@ -33,11 +33,12 @@ from .host import run, weights
 CATEGORY = "model_patches/rece"
 UNLEARNING = "RECE_UNLEARNING"
 TITLE = "Few-shot Unlearn Concept"
-SUPPORTED = {"SD15": "SD1.x", "SD20": "SD2.x"}
-"""Model families trained through: one CLIP encoder read by cross-attention only (the paper's case and
-SD2.x's CLIP-H). Others are refused with the reason (see docs/fewshot.md)."""
-NOT_YET = ("SDXL (two encoders, and the pooled text in its size conditioning), SD3/Flux (CLIP with T5) and the "
-           "DiT families (LLM encoders) are not supported yet")
+SUPPORTED = {"SD15": "SD1.x", "SD20": "SD2.x", "SDXL": "SDXL"}
+"""Model families trained through: SD1.x/SD2.x (one CLIP encoder read by cross-attention only: the paper's
+case and CLIP-H) and SDXL (CLIP-L and bigG, both trained; bigG's pooled output also enters through the
+size conditioning ``y``). Others are refused with the reason (see docs/fewshot.md)."""
+ENCODERS = {"SD1.x": 1, "SD2.x": 1, "SDXL": 2}
+NOT_YET = ("SD3/Flux (CLIP with T5) and the DiT families (LLM encoders) are not supported yet")
 
 
 def parameterisation(model) -> tuple[str, float]:
@@ -66,8 +67,8 @@ class _Call(torch.nn.Module):
         return self.fn(*args)
 
 
-def _encode_tokens(clip, tokens) -> torch.Tensor:
-    """What ``CLIP.encode_from_tokens`` does once the model is loaded: [1, 77·chunks, d].
+def _encode_tokens(clip, tokens) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What ``CLIP.encode_from_tokens`` does once the model is loaded: cond [1, 77·chunks, d], pooled.
 
     Current ComfyUI also passes the execution device as a clip option and encodes inside
     ``cuda_device_context`` (0.3.64 ignores the option and has no such context)."""
@@ -79,9 +80,9 @@ def _encode_tokens(clip, tokens) -> torch.Tensor:
     m.set_clip_options({"execution_device": device})
     context = getattr(comfy.model_management, "cuda_device_context", None)
     if context is None:
-        return m.encode_token_weights(tokens)[0]
+        return tuple(m.encode_token_weights(tokens)[:2])
     with context(device):
-        return m.encode_token_weights(tokens)[0]
+        return tuple(m.encode_token_weights(tokens)[:2])
 
 
 def check_inputs(clip, model) -> tuple[str, list[str]]:
@@ -91,15 +92,17 @@ def check_inputs(clip, model) -> tuple[str, list[str]]:
                          "checkpoint has no text encoder)")
     family = weights.model_type(model)
     if family not in SUPPORTED:
-        raise ValueError(f"{TITLE}: this {family} model is not supported: it trains through SD1.x and SD2.x "
-                         f"models ({', '.join(SUPPORTED.values())}); {NOT_YET}")
-    if getattr(model.model, "concat_keys", ()) or getattr(model.model, "adm_channels", 0):
+        raise ValueError(f"{TITLE}: this {family} model is not supported: it trains through SD1.x, SD2.x and SDXL "
+                         f"models; {NOT_YET}")
+    if getattr(model.model, "concat_keys", ()) or (SUPPORTED[family] != "SDXL"
+                                                  and getattr(model.model, "adm_channels", 0)):
         raise ValueError(f"{TITLE}: this {family} model takes more than the text (an inpainting or image-conditioned "
                          "model); use the plain text-to-image checkpoint of the family, whose CLIP is the same")
     encoders = list(clip.tokenize("a"))
-    if len(encoders) != 1:
-        raise ValueError(f"{TITLE}: this CLIP has {len(encoders)} text encoders ({', '.join(encoders)}); "
-                         f"it trains one CLIP text encoder (SD1.x's CLIP-L, SD2.x's CLIP-H); {NOT_YET}")
+    if len(encoders) != ENCODERS[SUPPORTED[family]]:
+        raise ValueError(f"{TITLE}: this CLIP has {len(encoders)} text encoder(s) ({', '.join(encoders)}) but this "
+                         f"{SUPPORTED[family]} model reads {ENCODERS[SUPPORTED[family]]}; connect the CLIP that "
+                         "belongs to the model")
     return SUPPORTED[family], list(clip.cond_stage_model.state_dict().keys())
 
 
@@ -151,11 +154,14 @@ class FewShotUnlearnConcept:
                 "resolution": ("INT", {"default": 512, "min": 64, "max": 2048, "step": 8,
                                        "tooltip": "Images are resized to this square (paper: 512)."}),
                 "batch_size": ("INT", {"default": 2, "min": 1, "max": 64, "tooltip": "Images per step (paper: 2)."}),
+                "text_encoders": (["all", "clip_l", "clip_g"], {"default": "all",
+                                                                "tooltip": "SDXL: train both encoders (all), or only "
+                                                                           "CLIP-L or bigG. One-encoder CLIPs: all."}),
             },
         }
 
     def unlearn(self, clip, model, concept, concept_type, epochs, learning_rate, seed, parameters,
-                vae=None, images=None, zero_shot=False, resolution=512, batch_size=2):
+                vae=None, images=None, zero_shot=False, resolution=512, batch_size=2, text_encoders="all"):
         check_widgets(type(self), TITLE, epochs=epochs, learning_rate=learning_rate, seed=seed)
         if concept_type not in CONCEPT_TYPES:
             raise ValueError(f"{TITLE}: concept_type must be one of {', '.join(CONCEPT_TYPES)}, got {concept_type!r}")
@@ -168,6 +174,10 @@ class FewShotUnlearnConcept:
             raise ValueError(f"{TITLE}: resolution must be a multiple of 8 (the VAE's scale), got {resolution}")
         family, clip_keys = check_inputs(clip, model)
         keys = trainable_keys(clip_keys, parameters)
+        if text_encoders != "all":
+            keys = [k for k in keys if k.startswith(f"{text_encoders}.")]
+            if not keys:
+                raise ValueError(f"{TITLE}: this CLIP has no {text_encoders} encoder; choose all")
         kind, sigma_data = parameterisation(model)
         if not zero_shot and (images is None or vae is None):
             raise ValueError(f"{TITLE}: connect images of the concept and the VAE, or turn on zero_shot")
@@ -192,7 +202,7 @@ class FewShotUnlearnConcept:
         context_dim = (getattr(getattr(base, "model_config", None), "unet_config", None) or {}).get("context_dim")
         if context_dim is not None:
             with torch.no_grad():
-                width = int(clip.encode_from_tokens(clip.tokenize("")).shape[-1])
+                width = int(clip.encode_from_tokens(clip.tokenize("")).shape[-1])  # SDXL: CLIP-L + bigG
             if width != int(context_dim):
                 raise ValueError(f"{TITLE}: this CLIP gives {width}-wide text but this {family} model reads "
                                  f"{context_dim}-wide text; connect the CLIP that belongs to the model")
@@ -205,7 +215,17 @@ class FewShotUnlearnConcept:
         initial = {k: frozen_te[k] for k in keys}
         unet_params = {f"inner.diffusion_model.{k}": v for k, v in frozen_unet.items()}
         te_call = _Call(encoder, lambda tokens: _encode_tokens(clip, tokens))
-        unet_call = _Call(base, lambda x, s, c: base.apply_model(x, s, c_crossattn=c))
+        size = {"width": resolution, "height": resolution, "crop_w": 0, "crop_h": 0,
+                "target_width": resolution, "target_height": resolution}
+
+        def apply(x, s, c):
+            cond, pooled = c
+            if family != "SDXL":
+                return base.apply_model(x, s, c_crossattn=cond)
+            # SDXL: bigG's pooled text and the size embedding enter as y (ComfyUI's encode_adm)
+            return base.apply_model(x, s, c_crossattn=cond, y=base.encode_adm(pooled_output=pooled, **size))
+
+        unet_call = _Call(base, apply)
         sigmas = model.get_model_object("model_sampling").sigmas.detach().float().cpu()
 
         def encode(w, captions):
@@ -215,7 +235,8 @@ class FewShotUnlearnConcept:
             with saved_copies():  # ComfyUI's CLIP layers add in place (x += ...)
                 rows = [torch.func.functional_call(te_call, params, (clip.tokenize(c),)) for c in captions]
             comfy.model_management.throw_exception_if_processing_interrupted()
-            return torch.cat(rows).to(device)
+            pooled = None if rows[0][1] is None else torch.cat([r[1] for r in rows]).to(device)
+            return torch.cat([r[0] for r in rows]).to(device), pooled
 
         def denoise(x, sigma, context):
             return torch.func.functional_call(unet_call, unet_params, (x, sigma, context))
@@ -262,18 +283,20 @@ def apply_unlearning(clip, u: Unlearning, strength: float, node: str):
     return out
 
 
-_LORA_KEY = re.compile(r"^clip_[lh]\.transformer\.text_model\.encoder\.layers\.(\d+)\.(.+)\.(weight|bias)$")
+_LORA_KEY = re.compile(r"^clip_([lhg])\.transformer\.text_model\.encoder\.layers\.(\d+)\.(.+)\.(weight|bias)$")
 
 
-def lora_te_key(key: str) -> tuple[str, str]:
+def lora_te_key(key: str, family: str = "SD1.x") -> tuple[str, str]:
     """``clip_l.transformer.text_model.encoder.layers.3.mlp.fc1.weight`` →
     (``lora_te_text_model_encoder_layers_3_mlp_fc1``, ``diff``) (``diff_b`` for a bias): the kohya names
-    ComfyUI's LoRA loader maps to SD1.x's CLIP-L and SD2.x's CLIP-H."""
+    ComfyUI's LoRA loader maps to SD1.x's CLIP-L and SD2.x's CLIP-H; SDXL: ``lora_te1_`` (CLIP-L) and
+    ``lora_te2_`` (bigG)."""
     m = _LORA_KEY.match(key)
-    if m is None:
-        raise ValueError(f"no LoRA text-encoder name for weight {key}")
-    return f"lora_te_text_model_encoder_layers_{m[1]}_{m[2].replace('.', '_')}", \
-        "diff" if m[3] == "weight" else "diff_b"
+    if m is None or m[1] not in ({"l", "g"} if family == "SDXL" else {"l", "h"}):
+        raise ValueError(f"no LoRA text-encoder name for weight {key} of a {family} text encoder")
+    prefix = {"l": "lora_te1", "g": "lora_te2"}[m[1]] if family == "SDXL" else "lora_te"
+    return f"{prefix}_text_model_encoder_layers_{m[2]}_{m[3].replace('.', '_')}", \
+        "diff" if m[4] == "weight" else "diff_b"
 
 
 class SaveUnlearning:
@@ -361,7 +384,7 @@ class ExportUnlearningAsLoRA:
         dtype = torch.float16 if precision == "fp16" else torch.float32
         out = {}
         for k, d in u.deltas.items():
-            name, kind = lora_te_key(k)
+            name, kind = lora_te_key(k, u.family)
             out[f"{name}.{kind}"] = d.to(dtype).contiguous()
         path = files.new_path("loras", filename_prefix)
         save_file(out, path, metadata={"rece_unlearning_concept": u.concept, "rece_unlearning_family": u.family})

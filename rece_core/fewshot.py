@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 from dataclasses import dataclass
 
 import torch
@@ -112,7 +113,7 @@ def zero_shot_latents(n: int, shape: Sequence[int], generator: torch.Generator) 
 class Denoiser:
     """The frozen diffusion model as the loop needs it (ComfyUI convention, see ``rece_core.train``)."""
 
-    call: Callable[[Tensor, Tensor, Tensor], Tensor]  # (x [B,C,H,W], σ [B], context [B,L,d]) → denoised
+    call: Callable[[Tensor, Tensor, Any], Tensor]  # (x [B,C,H,W], σ [B], what encode returned) → denoised
     sigmas: Tensor                                    # [T] the model's training noise levels
     parameterisation: str                            # "eps" | "v" | "flow"
     sigma_data: float = 1.0
@@ -120,7 +121,7 @@ class Denoiser:
 
 def unlearn(
     initial: Mapping[str, Tensor],
-    encode: Callable[[dict[str, Tensor], list[str]], Tensor],
+    encode: Callable[[dict[str, Tensor], list[str]], Any],
     denoiser: Denoiser,
     latents: Tensor,
     concept: str,
@@ -137,8 +138,9 @@ def unlearn(
     """Train ``initial`` (text-encoder weights, ``name → tensor``) to raise the denoising loss of
     ``latents`` ``[N, C, H, W]`` (the model's own latent space) under captions naming ``concept``.
 
-    ``encode(trainables, captions) → [len(captions), L, d]`` runs the text encoder with the
-    trainables in place of its weights. Each step: a template per item, noise, a uniform timestep
+    ``encode(trainables, captions)`` runs the text encoder with the trainables in place of its weights
+    and returns what ``denoiser.call`` takes as context (e.g. ``[len(captions), L, d]``, or with
+    SDXL the pair (rows, pooled)). Each step: a template per item, noise, a uniform timestep
     (in that order from the run's generator), loss ``−denoising_mse``.
     """
     if concept_type not in CONCEPT_TYPES:

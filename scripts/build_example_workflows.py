@@ -157,7 +157,7 @@ def fewshot_unlearn_sd15() -> None:
         g.link(img, 0, b, "image2")
         batch = b
     unlearn = g.add("RECEFewShotUnlearnConcept",
-                    ["Eiffel Tower", "object", 5, 1e-5, 0, "fixed", "mlp-final-attn", False, 512, 2], (680, 0))
+                    ["Eiffel Tower", "object", 5, 1e-5, 0, "fixed", "mlp-final-attn", False, 512, 2, "all"], (680, 0))
     for src, slot, name in ((ckpt, 1, "clip"), (ckpt, 0, "model"), (ckpt, 2, "vae"), (batch, 0, "images")):
         g.link(src, slot, unlearn, name)
     prompt = "a photo of the Eiffel Tower at sunset"

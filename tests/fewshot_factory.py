@@ -124,26 +124,46 @@ class ToyClipModel(nn.Module):
         return cond, out[0:1, ids[0].tolist().index(2)]
 
 
+class ToyXLClipModel(ToyClipModel):
+    """SDXL's ``cond_stage_model``: ``clip_l`` and ``clip_g``; rows of both concatenated, pooled = bigG's."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__(seed)
+        self.clip_g = seed_module(ToyTextModel(), seed + 1, TOKEN_STD)
+
+    def encode_token_weights(self, token_weight_pairs):
+        rows, pooled = [], None
+        for name in ("l", "g"):
+            ids = torch.tensor([[t[0] for t in chunk] for chunk in token_weight_pairs[name]])
+            out = getattr(self, f"clip_{name}")(ids)
+            rows.append(torch.cat(list(out), dim=0).unsqueeze(0))
+            pooled = out[0:1, ids[0].tolist().index(2)]
+        return torch.cat(rows, dim=-1), pooled
+
+
 class ToyTokenizer:
     """Words → ids 3..63 by CRC32 (deterministic); 1 start, 2 end and padding; one 77-token chunk."""
+
+    def __init__(self, names: tuple[str, ...] = ("l",)) -> None:
+        self.names = names
 
     def tokenize_with_weights(self, text: str, return_word_ids=False, **kwargs):
         ids = [1] + [3 + zlib.crc32(w.lower().encode()) % 125 for w in text.split()][:75] + [2]
         ids += [2] * (77 - len(ids))
-        return {"l": [[(i, 1.0) for i in ids]]}
+        return {name: [[(i, 1.0) for i in ids]] for name in self.names}
 
 
 class ToyCLIP:
     """Shaped like ``comfy.sd.CLIP``: ``cond_stage_model``, ``tokenizer``, ``patcher``, ``layer_idx``,
     ``clone``, ``add_patches``, ``load_model``, ``tokenize``, ``encode_from_tokens``."""
 
-    def __init__(self, seed: int = 0, no_init: bool = False) -> None:
+    def __init__(self, seed: int = 0, no_init: bool = False, xl: bool = False) -> None:
         if no_init:
             return
         import comfy.model_patcher
 
-        self.cond_stage_model = ToyClipModel(seed)
-        self.tokenizer = ToyTokenizer()
+        self.cond_stage_model = ToyXLClipModel(seed) if xl else ToyClipModel(seed)
+        self.tokenizer = ToyTokenizer(("g", "l") if xl else ("l",))
         self.patcher = comfy.model_patcher.ModelPatcher(self.cond_stage_model, load_device=torch.device("cpu"),
                                                         offload_device=torch.device("cpu"))
         self.layer_idx = None
@@ -185,16 +205,19 @@ class ToyCLIP:
 class ToyUNet(nn.Module):
     """ε-network: conv in, one cross-attention to the text, a timestep scale, conv out: [B, 4, h, w]."""
 
-    def __init__(self, d: int = WIDTH, ch: int = 16) -> None:
+    def __init__(self, d: int = WIDTH, ch: int = 16, adm: int = 0) -> None:
         super().__init__()
+        self.label_emb = nn.Linear(adm, ch) if adm else None
         self.conv_in = nn.Conv2d(4, ch, 3, padding=1)
         self.norm = nn.GroupNorm(4, ch)
         self.to_q, self.to_k, self.to_v = nn.Linear(ch, ch, bias=False), nn.Linear(d, ch, bias=False), nn.Linear(d, ch, bias=False)
         self.time = nn.Linear(1, ch)
         self.conv_out = nn.Conv2d(ch, 4, 3, padding=1)
 
-    def forward(self, x, timesteps, context=None, control=None, transformer_options={}, **kwargs):
+    def forward(self, x, timesteps, context=None, y=None, control=None, transformer_options={}, **kwargs):
         h = self.conv_in(x)
+        if self.label_emb is not None:
+            h = h + self.label_emb(y)[:, :, None, None]
         b, c, hh, ww = h.shape
         q = self.to_q(self.norm(h).flatten(2).transpose(1, 2))
         k, v = self.to_k(context), self.to_v(context)
@@ -215,6 +238,8 @@ class _LatentFormat:
 SD15 = type("SD15", (), {})
 SD20 = type("SD20", (), {})
 SDXL = type("SDXL", (), {})
+Flux = type("Flux", (), {})
+SIZE_EMBED = 8  # per size value (SDXL: 256)
 
 
 class ToyBaseModel(nn.Module):
@@ -225,7 +250,10 @@ class ToyBaseModel(nn.Module):
         import comfy.model_sampling as ms
 
         super().__init__()
-        self.diffusion_model = seed_module(ToyUNet(), seed + 7)
+        xl = config is SDXL
+        self.diffusion_model = seed_module(ToyUNet(2 * WIDTH if xl else WIDTH, adm=WIDTH + 6 * SIZE_EMBED if xl else 0),
+                                           seed + 7)
+        self.adm_channels = WIDTH + 6 * SIZE_EMBED if xl else 0
         kind = {"eps": ms.EPS, "v": ms.V_PREDICTION, "flow": ms.CONST}[prediction]
         table = ms.ModelSamplingDiscreteFlow if prediction == "flow" else ms.ModelSamplingDiscrete
         self.model_sampling = type("ModelSampling", (table, kind), {})()
@@ -238,11 +266,19 @@ class ToyBaseModel(nn.Module):
     def process_latent_in(self, latent):
         return self.latent_format.process_in(latent)
 
+    def encode_adm(self, **kwargs):
+        """SDXL's: bigG's pooled output, then a sinusoidal embedding of each of the six sizes."""
+        pooled = kwargs["pooled_output"]
+        sizes = [kwargs.get(k, 0) for k in ("height", "width", "crop_h", "crop_w", "target_height", "target_width")]
+        freqs = torch.exp(-math.log(10000) * torch.arange(SIZE_EMBED // 2) / (SIZE_EMBED // 2))
+        emb = torch.cat([torch.cat([torch.cos(v * freqs), torch.sin(v * freqs)]) for v in sizes])
+        return torch.cat((pooled, emb.unsqueeze(0).repeat(pooled.shape[0], 1).to(pooled.device)), dim=1)
+
     def apply_model(self, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
         sigma = t
         xc = self.model_sampling.calculate_input(sigma, x)
         timestep = self.model_sampling.timestep(t).float()
-        out = self.diffusion_model(xc, timestep, context=c_crossattn).float()
+        out = self.diffusion_model(xc, timestep, context=c_crossattn, y=kwargs.get("y")).float()
         return self.model_sampling.calculate_denoised(sigma, out, x)
 
 
@@ -319,6 +355,36 @@ def real_clip_h(seed: int = 0):
     return clip
 
 
+def real_sdxl_clip(seed: int = 0):
+    """ComfyUI's SDXL ``CLIP`` (its CLIP-L and bigG settings: hidden layer −2, no final norm, bigG's
+    projected pooled output; ComfyUI's SDXL tokenizer) with two small seeded text models."""
+    import comfy.sd
+    import comfy.sd1_clip
+    import comfy.sdxl_clip
+
+    class TinySDXLClip(comfy.sdxl_clip.SDXLClipModel):
+        def __init__(self, device="cpu", dtype=None, model_options={}):
+            nn.Module.__init__(self)
+            self.clip_l = comfy.sd1_clip.SDClipModel(layer="hidden", layer_idx=-2, device=device, dtype=dtype,
+                                                     layer_norm_hidden_state=False, model_options=model_options,
+                                                     textmodel_json_config=dict(TINY_CLIP))
+            self.clip_g = comfy.sd1_clip.SDClipModel(layer="hidden", layer_idx=-2, device=device, dtype=dtype,
+                                                     textmodel_json_config=dict(TINY_CLIP, hidden_act="gelu"),
+                                                     special_tokens={"start": 49406, "end": 49407, "pad": 0},
+                                                     layer_norm_hidden_state=False, return_projected_pooled=True,
+                                                     model_options={**model_options, "model_name": "clip_g"})
+            self.dtypes = {dtype}
+
+    class Target:
+        clip = TinySDXLClip
+        tokenizer = comfy.sdxl_clip.SDXLTokenizer
+        params: dict = {}
+
+    clip = comfy.sd.CLIP(target=Target(), parameters=4_000_000)
+    seed_module(clip.cond_stage_model, seed)
+    return clip
+
+
 def real_model(seed: int = 0, prediction: str = "eps", family: str = "SD15"):
     """ComfyUI's ``BaseModel`` of ``supported_models.SD15`` (small UNet, context width 32) in a ModelPatcher."""
     import comfy.model_base
@@ -326,11 +392,15 @@ def real_model(seed: int = 0, prediction: str = "eps", family: str = "SD15"):
     import comfy.model_patcher
     import comfy.supported_models
 
-    unet = dict(TINY_UNET, model_channels=64) if family == "SD20" else dict(TINY_UNET)  # SD2: 64 channels a head
+    unet = dict(TINY_UNET, model_channels=64) if family in ("SD20", "SDXL") else dict(TINY_UNET)  # 64 a head
+    if family == "SDXL":  # CLIP-L + bigG rows; y = bigG pooled (32) + six 256-wide size embeddings
+        unet.update(context_dim=2 * WIDTH, adm_in_channels=WIDTH + 6 * 256, num_classes="sequential",
+                    use_linear_in_transformer=True)
     config = getattr(comfy.supported_models, family)(unet)
     kind = {"eps": comfy.model_base.ModelType.EPS, "v": comfy.model_base.ModelType.V_PREDICTION,
             "flow": comfy.model_base.ModelType.FLOW}[prediction]
-    base = comfy.model_base.BaseModel(config, kind, device=torch.device("cpu"))
+    cls = comfy.model_base.SDXL if family == "SDXL" else comfy.model_base.BaseModel
+    base = cls(config, kind, device=torch.device("cpu"))
     seed_module(base.diffusion_model, seed + 7)
     return comfy.model_patcher.ModelPatcher(base, load_device=comfy.model_management.get_torch_device(),
                                             offload_device=torch.device("cpu"))
@@ -341,10 +411,12 @@ def make(seed: int = 0, prediction: str = "eps", config=SD15):
     import comfy.model_patcher
 
     if REAL:
+        if config is SDXL:
+            return real_sdxl_clip(seed), real_model(seed, prediction, "SDXL"), ToyVAE(seed)
         return real_clip(seed), real_model(seed, prediction), ToyVAE(seed)
     base = ToyBaseModel(seed, prediction, config)
     model = comfy.model_patcher.ModelPatcher(base, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
-    return ToyCLIP(seed), model, ToyVAE(seed)
+    return ToyCLIP(seed, xl=config is SDXL), model, ToyVAE(seed)
 
 
 def images(n: int = 4, size: int = 64, seed: int = 3) -> torch.Tensor:

@@ -33,7 +33,7 @@ def encode(clip, text: str) -> torch.Tensor:
         return clip.encode_from_tokens(clip.tokenize(text)).float()
 
 
-def concept_loss(clip, model, vae, imgs, concept=CONCEPT) -> float:
+def concept_loss(clip, model, vae, imgs, concept=CONCEPT, sdxl: bool = False) -> float:
     """Denoising MSE of the images under 'a photo of a <concept>' (fixed noise and timesteps, the model's loss)."""
     from rece_core.train import denoising_mse, noise_latents
 
@@ -44,14 +44,21 @@ def concept_loss(clip, model, vae, imgs, concept=CONCEPT) -> float:
         x0 = model.model.process_latent_in(vae.encode(imgs)).float()
         g = torch.Generator().manual_seed(123)
         ms = model.get_model_object("model_sampling")
-        context = encode(clip, f"a photo of a {concept}")
+        with torch.no_grad():
+            context, pooled = clip.encode_from_tokens(clip.tokenize(f"a photo of a {concept}"), return_pooled=True)
+        context = context.float()
+        extra = {}
+        if sdxl:
+            size = imgs.shape[1]
+            extra["y"] = model.model.encode_adm(pooled_output=pooled.float().expand(x0.shape[0], -1), width=size,
+                                                height=size, crop_w=0, crop_h=0, target_width=size, target_height=size)
         comfy.model_management.load_models_gpu([model])
         total = 0.0
         for _ in range(4):
             noise = torch.randn(x0.shape, generator=g)
             sigma = ms.sigmas.float()[torch.randint(0, 1000, (x0.shape[0],), generator=g)]
             x = noise_latents(kind, x0, noise, sigma)
-            d = model.model.apply_model(x, sigma, c_crossattn=context.expand(x0.shape[0], -1, -1))
+            d = model.model.apply_model(x, sigma, c_crossattn=context.expand(x0.shape[0], -1, -1), **extra)
             total += float(denoising_mse(kind, d, x, x0, noise, sigma))
     return total / 4
 
@@ -156,8 +163,8 @@ def test_bad_input_refused(kw, match):
 
 @pytest.mark.skipif(ff.REAL, reason="CI tier: the unsupported family is a stand-in config")
 def test_unsupported_family_refused():
-    clip, model, vae = ff.make(seed=0, config=ff.SDXL)
-    with pytest.raises(ValueError, match="SDXL model is not supported.*SD1.x and SD2.x"):
+    clip, model, vae = ff.make(seed=0, config=ff.Flux)
+    with pytest.raises(ValueError, match="Flux model is not supported.*SD1.x, SD2.x and SDXL"):
         run(clip, model, vae, ff.images(2, 64))
 
 
@@ -268,7 +275,7 @@ def test_gradient_through_comfyuis_clip_matches_finite_differences():
     m = load_pack().nodes.fewshot
     key = "clip_l.transformer.text_model.encoder.layers.1.mlp.fc1.weight"
     enc = clip.cond_stage_model
-    call = m._Call(enc, lambda tokens: m._encode_tokens(clip, tokens))
+    call = m._Call(enc, lambda tokens: m._encode_tokens(clip, tokens)[0])
     tokens = clip.tokenize(f"a photo of a {CONCEPT}")
     with torch.inference_mode(False):
         frozen = autograd_safe(dict(enc.named_parameters()))
@@ -338,3 +345,29 @@ def test_inpainting_model_refused():
     model.model.concat_keys = ("mask", "masked_image")
     with pytest.raises(ValueError, match="inpainting or image-conditioned"):
         run(clip, model, vae, ff.images(2, 64))
+
+
+def test_sdxl_trains_both_encoders_through_the_size_conditioning(models_dir):
+    """SDXL: CLIP-L and bigG both trained (bigG's pooled output reaches the model through y); the LoRA
+    export names them lora_te1_ / lora_te2_ (through ComfyUI's own loader in the real tier)."""
+    clip, model, vae = ff.make(seed=8, config=ff.SDXL)
+    imgs = ff.images(2, 64)
+    before = concept_loss(clip, model, vae, imgs, sdxl=True)
+    out, u, report = run(clip, model, vae, imgs, epochs=2)
+    assert u.family == "SDXL" and "SDXL model" in report
+    assert {k.split(".")[0] for k in u.deltas} == {"clip_l", "clip_g"}
+    assert concept_loss(out, model, vae, imgs, sdxl=True) > before * 1.01
+    m = load_pack().nodes.fewshot
+    m.ExportUnlearningAsLoRA().export(u, "rece/xl", "fp32")
+    from safetensors.torch import load_file
+    sd = load_file(str(models_dir / "loras" / "rece" / "xl_00001.safetensors"))
+    assert {k.split("_text_model")[0] for k in sd} == {"lora_te1", "lora_te2"}
+    if ff.REAL:
+        import comfy.sd
+
+        lora_clip = comfy.sd.load_lora_for_models(None, clip, dict(sd), 0.0, 1.0)[1]
+        assert set(lora_clip.patcher.patches) == set(u.deltas)
+        assert torch.equal(encode(lora_clip, f"a photo of a {CONCEPT}"), encode(out, f"a photo of a {CONCEPT}"))
+    sd1_clip = ff.make(seed=0)[0]
+    with pytest.raises(ValueError, match="1 text encoder.*SDXL model reads 2"):
+        run(sd1_clip, model, vae, imgs)
