@@ -34,7 +34,7 @@ Slice = tuple[int, int] | None
 
 
 class ColumnStats:
-    """Per step and layer, ``Σ_rows x_j²`` of the unit-normalised input rows (float64 ``[in]``)."""
+    """Per step and layer, ``Σ_rows x_j²`` of the unit-normalised input rows (float64 ``[in]``, on the CPU)."""
 
     def __init__(self) -> None:
         self.sq: dict[tuple[int, str], Tensor] = {}
@@ -44,10 +44,10 @@ class ColumnStats:
         """Add the rows of ``x: [..., in]`` (every leading dimension is rows) at ``step`` for ``layer``."""
         rows = x.detach().reshape(-1, x.shape[-1]).float()
         rows = F.normalize(rows, p=2, dim=1)  # each token row to unit length (the authors' "avoid inf")
-        sq = rows.double().pow(2).sum(dim=0)
+        sq = (rows if rows.device.type == "mps" else rows.double()).pow(2).sum(dim=0).to("cpu", torch.float64)
         key = (step, layer)
         if key in self.sq:
-            self.sq[key] += sq.to(self.sq[key].device)
+            self.sq[key] += sq
             self.rows[key] += rows.shape[0]
         else:
             self.sq[key] = sq

@@ -16,6 +16,10 @@ Each ``Architecture`` says:
 - ``pooled``: the layer reading the pooled text, where there is one (not edited: see README);
 - ``guidance``: a conditioning key the model reads (Flux's distilled guidance);
 - ``space``: erasures apply between families of the same space and width.
+- ``ffn_out``: the feed-forward output layers (weight keys, ``diffusion_model.`` stripped) that
+  ConceptPrune records and prunes (``""``: ConceptPrune refuses the family); ``ffn_split``: those
+  among them whose input is the attention output then the MLP's (Flux's ``single_blocks.*.linear2``,
+  ``Linear(hidden + mlp, hidden)``): only the MLP columns, from ``out`` on, are the feed-forward's.
 
 Token alignment, whatever the encoder: the last word token is the one before the end token (CLIP's
 first end token, T5's ``</s>``, Qwen's last ``<|im_end|>``), counted in the rows the model sees (a
@@ -54,6 +58,22 @@ class Architecture:
     space: str = ""
     last_reader_only: bool = False
     note: str = ""
+    ffn_out: str = ""
+    ffn_split: str = ""
+
+    def ffn_keys(self, keys: list[str]) -> list[str]:
+        """The ``diffusion_model.*`` feed-forward output weight keys among a model's keys (sorted)."""
+        if not self.ffn_out:
+            return []
+        pattern = re.compile(self.ffn_out)
+        return sorted(k for k in keys if k.startswith("diffusion_model.")
+                      and pattern.search(k.removeprefix("diffusion_model.")))
+
+    def ffn_columns(self, key: str, shape: tuple[int, int]) -> tuple[int, int] | None:
+        """The input columns ``[start, end)`` of ``key`` that are the feed-forward's (``None``: all)."""
+        if self.ffn_split and re.search(self.ffn_split, key.removeprefix("diffusion_model.")):
+            return shape[0], shape[1]
+        return None
 
     def reader_keys(self, keys: list[str]) -> list[str]:
         """The ``diffusion_model.*`` weight keys this architecture edits, among a model's keys."""
@@ -68,7 +88,7 @@ class Architecture:
 ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture(
         "unet", "SD1.x / SD2.x / SDXL UNet (every cross-attention attn2.to_k / to_v)",
-        readers=r"attn2\.to_[kv]\.weight$", signature=("attn2",), space="unet"),
+        readers=r"attn2\.to_[kv]\.weight$", signature=("attn2",), space="unet", ffn_out=r"\.ff\.net\.2\.weight$"),
     Architecture(
         "qwen_image", "Qwen-Image (txt_in after txt_norm, Qwen2.5-VL rows)",
         readers=r"^txt_in\.weight$", configs=("QwenImage",), signature=("txt_norm.weight", "txt_in.weight"),
@@ -77,7 +97,9 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         "flux", "Flux (txt_in, T5-XXL rows)",
         readers=r"^txt_in\.weight$", configs=("Flux", "FluxInpaint", "FluxSchnell"),
         signature=("txt_in.weight", "vector_in.in_layer.weight"), encoder="t5xxl",
-        pooled="vector_in.in_layer.weight", guidance=3.5, space="t5xxl"),
+        pooled="vector_in.in_layer.weight", guidance=3.5, space="t5xxl",
+        ffn_out=r"^(double_blocks\.\d+\.(img|txt)_mlp\.2|single_blocks\.\d+\.linear2)\.weight$",
+        ffn_split=r"^single_blocks\.\d+\.linear2\.weight$"),
     Architecture(
         "chroma", "Chroma (txt_in, T5-XXL rows)",
         readers=r"^txt_in\.weight$", configs=("Chroma", "ChromaRadiance"),
