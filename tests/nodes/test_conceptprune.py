@@ -145,9 +145,8 @@ def test_mask_equals_the_authors_steps_on_the_recorded_activations(loaded):
     assert total > 0
 
 
-def test_stopped_batched_run_equals_the_full_one_by_one_run(loaded):
-    model, clip = loaded
-    (_, result, report), ui = run(model, clip)
+def full_one_by_one(model, clip):
+    """The authors' procedure: every prompt alone, every step run; masks from the statistics of steps < τ."""
     arch, keys = cp.ffn_layers(model, "test")
     encode = lambda texts: [cp._encode(clip, t, arch) for t in texts]  # noqa: E731
     base = encode(BASE.splitlines())
@@ -162,14 +161,41 @@ def test_stopped_batched_run_equals_the_full_one_by_one_run(loaded):
                       progress=lambda: None)
     finally:
         recorder.remove()
-    full_calls = recorder.calls
     w = effective_weights(model, keys)
-    want = {k: union_mask(w[k], stats["concept"], stats["base"], k, ARGS["tau"], ARGS["skill_ratio"]) for k in keys}
-    got = masks_of(result)
-    assert all(torch.equal(got[k], want[k]) for k in keys)
+    masks = {k: union_mask(w[k], stats["concept"], stats["base"], k, ARGS["tau"], ARGS["skill_ratio"]) for k in keys}
+    return masks, stats, w, recorder.calls
+
+
+def borderline(w, stats, key, row, col, tau, ratio, tol=1e-5) -> bool:
+    """Whether weight ``(row, col)``'s decision sits within float rounding of a boundary at some step < τ:
+    the concept's and the base's score equal, or the concept's score equal to its row's k-th / (k+1)-th."""
+    k = int(ratio * w.shape[1])
+    for t in range(tau):
+        s_c = w[row].abs().double() * stats["concept"].norms(t, key)
+        s_b = w[row, col].abs().double() * stats["base"].norms(t, key)[col]
+        edge = torch.topk(s_c, k + 1).values[-2:]
+        if abs(s_c[col] - s_b) <= tol * s_b or bool(((s_c[col] - edge).abs() <= tol * edge).any()):
+            return True
+    return False
+
+
+def test_stopped_at_tau_equals_the_full_run_and_batching_only_moves_ties(loaded):
+    """Stopping at τ changes nothing (bit-exact); batching the prompts changes the forward pass only by
+    float rounding (CPU/GPU kernels differ with the batch size), so a batched mask may differ from the
+    one-by-one mask only at weights whose decision is a tie within that rounding."""
+    model, clip = loaded
+    want, stats, w, full_calls = full_one_by_one(model, clip)
+    (_, one_by_one, _), ui_one = run(model, clip, batch=1)
+    assert all(torch.equal(masks_of(one_by_one)[k], want[k]) for k in want)
     assert sum(int(m.sum()) for m in want.values()) > 0
-    assert ui["rece_report"][0]["forward_calls"] == 2 * ARGS["tau"] < full_calls == 6 * ARGS["steps"]
-    assert "forward calls" in report
+    (_, batched, report), ui = run(model, clip)
+    got = masks_of(batched)
+    moved = [(k, int(r), int(c)) for k in want for r, c in (got[k] ^ want[k]).nonzero()]
+    assert len(moved) <= 1e-3 * batched.pruned_count
+    assert all(borderline(w[k], stats, k, r, c, ARGS["tau"], ARGS["skill_ratio"]) for k, r, c in moved)
+    calls = ui["rece_report"][0]["forward_calls"]
+    assert calls == 2 * ARGS["tau"] < ui_one["rece_report"][0]["forward_calls"] == 6 * ARGS["tau"] < full_calls
+    assert full_calls == 6 * ARGS["steps"] and "forward calls" in report
 
 
 def test_only_feed_forward_outputs_change_and_the_loaded_model_is_untouched(loaded):
