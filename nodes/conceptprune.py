@@ -95,9 +95,10 @@ def ffn_layers(model, node: str) -> tuple[architectures.Architecture, list[str]]
     keys = arch.ffn_keys(list(model.model.state_dict().keys()))
     if not keys:
         able = ", ".join(a.title.split(" (")[0] for a in architectures.ARCHITECTURES if a.ffn_out)
+        why = ("its feed-forward layers were not verified with this pack" if not arch.ffn_out else
+               "it has none of the feed-forward output layers this family should have")
         raise ValueError(f"{node}: ConceptPrune is not available for this {weights.model_type(model)} model "
-                         f"({arch.title}): its feed-forward layers were not verified with this pack "
-                         f"(ConceptPrune works on {able})")
+                         f"({arch.title}): {why} (ConceptPrune works on {able})")
     weights.require_readable(model, keys)
     return arch, keys
 

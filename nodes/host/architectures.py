@@ -92,7 +92,8 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture(
         "qwen_image", "Qwen-Image (txt_in after txt_norm, Qwen2.5-VL rows)",
         readers=r"^txt_in\.weight$", configs=("QwenImage",), signature=("txt_norm.weight", "txt_in.weight"),
-        encoder="qwen25_7b", template_end=IM_END, norm="txt_norm.weight", norm_eps=1e-6, space="qwen_image"),
+        encoder="qwen25_7b", template_end=IM_END, norm="txt_norm.weight", norm_eps=1e-6, space="qwen_image",
+        ffn_out=r"^transformer_blocks\.\d+\.(img|txt)_mlp\.net\.2\.weight$"),
     Architecture(
         "flux", "Flux (txt_in, T5-XXL rows)",
         readers=r"^txt_in\.weight$", configs=("Flux", "FluxInpaint", "FluxSchnell"),
@@ -108,13 +109,15 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         "sd3", "SD3.x (context_embedder, CLIP-L+G rows then T5-XXL rows)",
         readers=r"^context_embedder\.weight$", configs=("SD3",), signature=("context_embedder.weight",),
         encoder="l", pooled="y_embedder.mlp.0.weight", space="sd3",
-        note="rows are aligned on CLIP-L's tokens; the T5 rows follow the CLIP rows"),
+        note="rows are aligned on CLIP-L's tokens; the T5 rows follow the CLIP rows",
+        ffn_out=r"^joint_blocks\.\d+\.(x_block|context_block)\.mlp\.fc2\.weight$"),
     Architecture(
         "wan", "Wan 2.x (text_embedding.0, UMT5-XXL rows)",
         readers=r"^text_embedding\.0\.weight$", signature=("text_embedding.0.weight",),
         configs=("WAN21_T2V", "WAN21_I2V", "WAN21_FunControl2V", "WAN21_Camera", "WAN22_Camera", "WAN21_Vace",
                  "WAN21_HuMo", "WAN22_S2V", "WAN22_Animate", "WAN22_T2V"),
-        encoder="umt5xxl", space="umt5xxl"),
+        encoder="umt5xxl", space="umt5xxl",
+        ffn_out=r"^blocks\.\d+\.ffn\.2\.weight$"),
     Architecture(
         "hidream", "HiDream (caption_projection of the T5-XXL rows)",
         readers=r"^caption_projection\.\d+\.linear\.weight$", configs=("HiDream",),

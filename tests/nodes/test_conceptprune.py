@@ -262,7 +262,9 @@ def test_presets_and_bad_input(loaded):
 def test_a_family_without_verified_feed_forward_layers_is_refused():
     from dit_factory import make_model
 
-    with pytest.raises(ValueError, match="ConceptPrune is not available"):
+    with pytest.raises(ValueError, match="ConceptPrune is not available .* not verified"):
+        cp.ffn_layers(make_model("lumina2"), "ConceptPrune Erase Concept")
+    with pytest.raises(ValueError, match="has none of the feed-forward"):
         cp.ffn_layers(make_model("wan"), "ConceptPrune Erase Concept")
 
 
@@ -324,3 +326,30 @@ def test_composes_with_rece_in_either_order(loaded):
     p, e2 = effective_weights(pruned_model), effective_weights(erased2)
     for k in ffn:
         assert torch.equal(e2[k], p[k])
+
+
+DIT_FAMILIES = ("flux", "sd3", "wan", "qwen_image")
+
+
+@pytest.mark.skipif(not REAL, reason="real tier: ComfyUI's own DiT classes sampled by comfy.sample")
+@pytest.mark.parametrize("family", DIT_FAMILIES)
+def test_dit_families_record_and_prune_their_feed_forward_layers(family):
+    from dit_factory import DiTCLIP, make_model
+    from dit_factory import sample as dit_sample
+
+    model, clip = make_model(family), DiTCLIP(family)
+    before = fingerprint(model)
+    original = effective_weights(model)
+    (out, result, report), _ = run(model, clip, cfg=2.0, scheduler="simple")
+    assert fingerprint(model) == before and result.pruned_count > 0 and result.architecture == family
+    arch, keys = cp.ffn_layers(model, "test")
+    assert family != "flux" or any(arch.ffn_columns(k, (1, 1)) for k in keys)  # single_blocks' linear2 is there
+    after = effective_weights(out)
+    for k in original:
+        want = pruned(original[k], result.indices[k]) if k in keys else original[k]
+        assert torch.equal(after[k], want), k
+        cols = arch.ffn_columns(k, tuple(original[k].shape[:2])) if k in keys else None
+        if cols is not None:  # Flux's linear2: the attention half is never pruned
+            assert torch.equal(after[k][:, :cols[0]], original[k][:, :cols[0]])
+    pos, neg = [list(cp._encode(clip, "a cat in the style of Van Gogh", arch))], [list(cp._encode(clip, "", arch))]
+    assert rel(dit_sample(out, family, pos, neg), dit_sample(model, family, pos, neg)) > 1e-4
