@@ -116,3 +116,34 @@ def make_sampling_model(seed: int = 0):
     """A ``ModelPatcher`` around a seeded ``TinyBaseModel`` (FakeCLIP("tiny") is its text encoder)."""
     return comfy.model_patcher.ModelPatcher(TinyBaseModel(seed), load_device=torch.device("cpu"),
                                             offload_device=torch.device("cpu"))
+
+
+def real_sd15(seed: int = 0):
+    """Real tier: ComfyUI's own SD1.5 model class (model_channels 32, seeded) and its own SD1 CLIP (seeded)."""
+    import sys
+    from pathlib import Path
+
+    import comfy.model_patcher
+    import comfy.sd
+    import comfy.sd1_clip
+    import comfy.supported_models
+
+    sys.path.insert(0, str(Path(__file__).parent / "real"))
+    from checkpoint import SD15_UNET, seed_module
+
+    config = comfy.supported_models.SD15(dict(SD15_UNET, model_channels=32))
+    config.set_inference_dtype(torch.float32, None)
+    model = config.get_model({}, device=torch.device("cpu"))
+    g = torch.Generator().manual_seed(seed)
+    seed_module(model.diffusion_model, g)
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"),
+                                               offload_device=torch.device("cpu"))
+
+    class Target:
+        clip = comfy.sd1_clip.SD1ClipModel
+        tokenizer = comfy.sd1_clip.SD1Tokenizer
+        params: dict = {}
+
+    clip = comfy.sd.CLIP(target=Target(), parameters=123_000_000)
+    seed_module(clip.cond_stage_model, g)
+    return patcher, clip

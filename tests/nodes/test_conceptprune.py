@@ -33,40 +33,12 @@ ARGS = dict(concepts="Van Gogh", concept_kind="custom", skill_ratio=0.05, tau=2,
             sampler_name="euler", scheduler="normal", size=64, base_prompts=BASE, concept_prompts=CONCEPT, batch=0)
 
 
-def _real_sd15(seed: int = 0):
-    import sys
-    from pathlib import Path
-
-    import comfy.model_patcher
-    import comfy.sd
-    import comfy.sd1_clip
-    import comfy.supported_models
-
-    sys.path.insert(0, str(Path(__file__).parents[1] / "real"))
-    from checkpoint import SD15_UNET, seed_module
-
-    config = comfy.supported_models.SD15(dict(SD15_UNET, model_channels=32))
-    config.set_inference_dtype(torch.float32, None)
-    model = config.get_model({}, device=torch.device("cpu"))
-    g = torch.Generator().manual_seed(seed)
-    seed_module(model.diffusion_model, g)
-    patcher = comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"),
-                                               offload_device=torch.device("cpu"))
-
-    class Target:
-        clip = comfy.sd1_clip.SD1ClipModel
-        tokenizer = comfy.sd1_clip.SD1Tokenizer
-        params: dict = {}
-
-    clip = comfy.sd.CLIP(target=Target(), parameters=123_000_000)
-    seed_module(clip.cond_stage_model, g)
-    return patcher, clip
-
-
 @pytest.fixture(scope="module")
 def loaded():
     if REAL:
-        return _real_sd15()
+        from prune_factory import real_sd15
+
+        return real_sd15()
     from factory import FakeCLIP
     from prune_factory import make_sampling_model
 
