@@ -75,6 +75,13 @@ class PrunePatch(WeightAdapterBase):
         return weight
 
 
+    def bypass_forward(self, org_forward: Callable[..., Tensor], x: Tensor, *args, **kwargs) -> Tensor:
+        """Zeroing single weights needs the weight itself: refused clearly in bypass mode."""
+        raise ValueError("ConceptPrune zeroes single weights of a layer, which ComfyUI's bypass mode (the layer's "
+                         "weight left alone, its forward wrapped) cannot do; use the model with its weights "
+                         "patched (the default), or apply the exported LoRA")
+
+
 def is_prune_patch(value: object) -> bool:
     return isinstance(value, WeightAdapterBase) and getattr(value, "name", None) == NAME
 
