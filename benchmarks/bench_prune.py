@@ -89,16 +89,16 @@ def main() -> None:
         box = {}
         seconds, peak, kind = timed(lambda: box.update(out=fn(model, clip, args.size)), 1)
         results[name] = (box["out"], seconds, peak, kind)
-    (node_idx, node_calls), node_s, node_peak, kind = results["node (batched, stops at τ)"]
-    (ref_idx, ref_calls), ref_s, ref_peak, _ = results["one prompt at a time, 50 steps"]
+    (node_idx, node_calls), node_s, _, kind = results["node (batched, stops at τ)"]
+    (ref_idx, ref_calls), ref_s, _, _ = results["one prompt at a time, 50 steps"]
     pruned = sum(int(v.numel()) for v in ref_idx.values())
     moved = sum(len(set(node_idx[k].tolist()) ^ set(ref_idx[k].tolist())) for k in ref_idx)
     print(f"{label}, artist preset ({CONCEPT!r}), {args.size}×{args.size}, {torch.get_num_threads()} threads")
     print(f"{'procedure':34} {'forward calls':>13} {'seconds':>9} {'peak ' + kind:>12}")
     for name, ((_, calls), s, peak, _) in results.items():
         print(f"{name:34} {calls:13d} {s:9.2f} {peak / 2**20:9.1f} MiB")
-    print(f"{ref_calls / node_calls:.0f}× fewer forward calls, {ref_s / node_s:.1f}× faster; {pruned:,} weights pruned, "
-          f"the masks differ on {moved}")
+    print(f"{ref_calls / node_calls:.0f}× fewer forward calls, {ref_s / node_s:.1f}× faster; "
+          f"{pruned:,} weights pruned, the masks differ on {moved}")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections.abc import Callable
@@ -473,12 +472,14 @@ class LoadConceptPrune:
     RETURN_NAMES = ("prune", "report")
     OUTPUT_TOOLTIPS = ("The loaded prune: connect it to Apply ConceptPrune.",
                        "The file name and the prune's report (concepts, settings, weights per layer).")
-    DESCRIPTION = "Loads a ConceptPrune file (.safetensors, checked before use) from models/rece for Apply ConceptPrune."
+    DESCRIPTION = ("Loads a ConceptPrune file (.safetensors, checked before use) from models/rece for "
+                   "Apply ConceptPrune.")
     SEARCH_ALIASES = ["load prune", "conceptprune", "import prune"]
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"prune_name": (files.loadable_names(), {"tooltip": "A ConceptPrune file in models/rece."})}}
+        return {"required": {"prune_name": (files.loadable_names(),
+                                            {"tooltip": "A ConceptPrune file in models/rece."})}}
 
     def load(self, prune_name):
         prune = load_prune(files.resolve(files.FOLDER, prune_name))

@@ -98,7 +98,7 @@ def masked_indices(mask: Tensor) -> Tensor:
 
 
 def pruned(w: Tensor, indices: Tensor, strength: float = 1.0) -> Tensor:
-    """``W ⊙ (1 − M)`` (at ``strength`` s: ``W − s · W ⊙ M``) for the flat ``indices`` of ``M``; a new tensor."""
+    """``W ⊙ (1 − M)`` (at strength s: ``W − s · W ⊙ M``), ``M`` by its flat ``indices``; a new tensor."""
     out = w.clone()
     flat = out.view(-1)
     idx = indices.to(device=w.device, dtype=torch.int64)
