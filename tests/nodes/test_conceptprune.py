@@ -326,3 +326,14 @@ def test_dit_families_record_and_prune_their_feed_forward_layers(family):
             assert torch.equal(after[k][:, :cols[0]], original[k][:, :cols[0]])
     pos, neg = [list(cp._encode(clip, "a cat in the style of Van Gogh", arch))], [list(cp._encode(clip, "", arch))]
     assert rel(dit_sample(out, family, pos, neg), dit_sample(model, family, pos, neg)) > 1e-4
+
+
+def test_progress_per_sampler_step_then_per_layer(loaded, monkeypatch):
+    model, clip = loaded
+    seen = []
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK",
+                        lambda value, total, preview, node_id=None: seen.append((value, total)))
+    run(model, clip)
+    keys = ffn_keys(model)
+    total = 2 * ARGS["tau"] + len(keys)  # two sampler calls (base, concept) × τ steps, then one tick per layer
+    assert [v for v, _ in seen] == list(range(1, total + 1)) and {t for _, t in seen} == {total}
