@@ -207,6 +207,10 @@ class QuantizedLinear(torch.nn.Module):
             sd[f"{prefix}weight"] = self.weight
         return sd
 
+    def convert_weight(self, weight, inplace=False, **kwargs):
+        """Current ComfyUI's: a QuantizedTensor dequantized, anything else as it is."""
+        return weight.dequantize() if hasattr(weight, "dequantize") else weight
+
 
 def patched(model, key: str) -> torch.Tensor:
     """The weight as a current host samples with it: dequantized, then the (rebuilt) patches applied."""
