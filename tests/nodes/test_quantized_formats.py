@@ -125,6 +125,21 @@ def test_derive_apply_save_load_export_on_gguf(models_dir):
         assert rel(via_lora[key], dequantized[key].double() @ p) < 1e-5
 
 
+def test_a_weight_patched_in_place_is_read_from_comfyuis_backup():
+    """While ComfyUI has a patched clone loaded, the shared layer holds the patched weight and the
+    original sits in ``model.backup``: reading must give the original (as get_key_patches would)."""
+    import collections
+
+    model = make_model()
+    key = KEYS[0]
+    original = model.model.state_dict()[key].clone()
+    layer = comfy_get(model.model, key.rsplit(".", 1)[0])
+    model.backup[key] = collections.namedtuple("Dimension", ["weight", "inplace_update"])(original, False)
+    layer.weight = torch.nn.Parameter(original + 1.0, requires_grad=False)
+    assert torch.equal(weights.effective_weight(model, key, torch.device("cpu")), original)
+    assert weights.base_fingerprint(model, KEYS) == weights.base_fingerprint(make_model(), KEYS)
+
+
 # ---------------------------------------------------------------- refusals
 
 class Params4bit(torch.Tensor):
