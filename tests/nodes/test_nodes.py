@@ -212,7 +212,7 @@ def test_apply_to_a_fine_tune_uses_its_own_weights():
         for p in tune.model.parameters():
             p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(3)))
     tuned_before = snapshot(tune)
-    for strength in (1.0, 0.0, -0.5):
+    for strength in (1.0, 0.0, 0.5):
         out, report = ApplyErasedWeights().apply(tune, erasure, strength)["result"]
         w0, w1 = effective_weights(tune, keys()), effective_weights(out, keys())
         expected = erasure.apply(w0, strength)
