@@ -72,3 +72,19 @@ def test_example_workflows_are_what_the_script_writes(tmp_path):
     assert written == sorted(p.name for p in (ROOT / "example_workflows").glob("*.json"))
     for name in written:
         assert (tmp_path / name).read_bytes() == (ROOT / "example_workflows" / name).read_bytes(), name
+
+
+def test_the_readme_sample_report_is_what_the_demo_prints(capsys):
+    """The report shown under "Reading the report" is the demo's own output (the time aside)."""
+    from rece_core.__main__ import main
+
+    assert main(["demo"]) == 0
+    printed = capsys.readouterr().out.splitlines()[1:]
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    shown = text.split("### Reading the report", 1)[1].split("\n\n")[2].splitlines()
+    assert [line.strip() for line in shown] != []
+
+    def timeless(line: str) -> str:
+        return re.sub(r"; [\d.]+ s on \w+", "", line.strip())
+
+    assert [timeless(x) for x in shown] == [timeless(x) for x in printed]
