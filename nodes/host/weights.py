@@ -145,7 +145,19 @@ def combined_transform(erasures: list[tuple[LowRankTransform, float]], d: int,
 
 def norm_eps(model, arch: Architecture) -> float:
     config = getattr(getattr(model.model, "model_config", None), "unet_config", None) or {}
-    return float(config.get("norm_eps", arch.norm_eps)) if arch.name == "lumina2" else arch.norm_eps
+    return float(config.get("norm_eps", arch.norm_eps)) if arch.name in ("lumina2", "omnigen2") else arch.norm_eps
+
+
+def norm_scale(model, arch: Architecture, device: torch.device) -> Tensor | None:
+    """The per-feature scale of ``arch``'s RMSNorm before the readers as the model applies it (float32
+    ``[d]``; a zero-centred norm stores ``scale − 1``), ``None`` where this model has no such norm."""
+    if arch.norm is None:
+        return None
+    key = architectures.norm_key(arch, model.model.state_dict().keys())
+    if key is None:
+        return None
+    w = effective_weight(model, f"diffusion_model.{key}", device)
+    return w + 1.0 if arch.norm_zero_centred else w
 
 
 def require_erasure(erasure, node: str, model=None, keys: list[str] | None = None) -> None:
