@@ -61,7 +61,9 @@ def test_detected_and_recorded(erased):
     arch, keys = architectures.detect(FAMILIES[family].config, list(model.model.state_dict()))
     assert arch.name == family and keys == reader_keys(family)
     assert erasure.extra["architecture"] == family and erasure.dim == D
-    assert set(out.patches) == set(keys)  # only the text readers: norm, pooled path, bias untouched
+    pooled = [f"diffusion_model.{FAMILIES[family].pooled}"] if FAMILIES[family].pooled else []
+    assert set(out.patches) == set(keys + pooled)  # only the text readers and pooled readers: norm, bias untouched
+    assert ("pooled" in erasure.spaces) == bool(pooled)
 
 
 def test_concept_moves_preserved_barely_and_model_untouched(erased):
@@ -82,9 +84,31 @@ def test_edit_is_w_times_p_on_the_readers(erased):
     p = erasure.transform.dense().double()
     for k in reader_keys(family):
         assert rel(after[k], base[k].double() @ p.to(base[k].device)) < 1e-5
+    edited = list(reader_keys(family))
+    if FAMILIES[family].pooled:  # the pooled reader: W P with the pooled space's own transform
+        k = f"diffusion_model.{FAMILIES[family].pooled}"
+        pp = erasure.spaces["pooled"].transform.dense().double()
+        assert pp.shape[0] == base[k].shape[1] and not torch.allclose(pp, torch.eye(pp.shape[0], dtype=pp.dtype))
+        assert rel(after[k], base[k].double() @ pp) < 1e-5
+        edited.append(k)
     for k in base:
-        if k not in reader_keys(family):
+        if k not in edited:
             assert torch.equal(after[k], base[k]), k
+
+
+@pytest.mark.parametrize("family", [f for f in ALL if FAMILIES[f].pooled])
+def test_pooled_vector_alone_no_longer_moves_toward_the_concept(family):
+    """With the empty prompt's rows and the concept's pooled vector, the erased model samples (nearly) as
+    with the empty prompt; the original model is moved by the pooled vector."""
+    model, clip = make_model(family), DiTCLIP(family)
+    out = erase(model, clip, preserve=PRESERVED)[0]
+    empty, concept = clip.conditioning(""), clip.conditioning(CONCEPT)
+    pooled_only = [[empty[0][0], empty[0][1] | {"pooled_output": concept[0][1]["pooled_output"]}]]
+    moved = {m: rel(sample(mm, family, pooled_only, empty), sample(mm, family, empty, empty))
+             for m, mm in (("original", model), ("erased", out))}
+    print(f"{family}: pooled vector alone moves the sample {moved['original']:.4f} (original), "
+          f"{moved['erased']:.4f} (erased)")
+    assert moved["original"] > 1e-3 and moved["erased"] < 0.5 * moved["original"]
 
 
 @pytest.mark.parametrize("family", ALL)
