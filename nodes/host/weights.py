@@ -258,12 +258,15 @@ def gram_of(model, keys: list[str], device: torch.device, *, include_erasures: b
         raise ValueError(f"this model's {exc}") from None
 
 
-def applied_erasures(model) -> list[tuple[LowRankTransform, float]]:
-    """The erasures patched into ``model`` (first key carrying one) as ``(P, strength)``, in order.
+def applied_erasures(model, keys: list[str] | None = None) -> list[tuple[LowRankTransform, float]]:
+    """The erasures patched into ``model`` (first key carrying one, among ``keys`` if given) as
+    ``(P, strength)``, in order.
 
     Found from the patches' weights, so an adapter ComfyUI rebuilt or moved is found as well.
     """
-    for patches in model.patches.values():
+    for key, patches in model.patches.items():
+        if keys is not None and key not in keys:
+            continue
         found = [(p[1].transform(), float(p[0])) for p in patches if is_erasure_patch(p[1])]
         if found:
             return found
@@ -282,7 +285,19 @@ def combined_transform(erasures: list[tuple[LowRankTransform, float]], d: int,
 
 def norm_eps(model, arch: Architecture) -> float:
     config = getattr(getattr(model.model, "model_config", None), "unet_config", None) or {}
-    return float(config.get("norm_eps", arch.norm_eps)) if arch.name == "lumina2" else arch.norm_eps
+    return float(config.get("norm_eps", arch.norm_eps)) if arch.name in ("lumina2", "omnigen2") else arch.norm_eps
+
+
+def norm_scale(model, arch: Architecture, device: torch.device) -> Tensor | None:
+    """The per-feature scale of ``arch``'s RMSNorm before the readers as the model applies it (float32
+    ``[d]``; a zero-centred norm stores ``scale − 1``), ``None`` where this model has no such norm."""
+    if arch.norm is None:
+        return None
+    key = architectures.norm_key(arch, model.model.state_dict().keys())
+    if key is None:
+        return None
+    w = effective_weight(model, f"diffusion_model.{key}", device)
+    return w + 1.0 if arch.norm_zero_centred else w
 
 
 def require_erasure(erasure, node: str, model=None, keys: list[str] | None = None) -> None:
@@ -301,6 +316,11 @@ def require_erasure(erasure, node: str, model=None, keys: list[str] | None = Non
         raise ValueError(f"this erasure was made for {erasure.dim}-wide text embeddings but this "
                          f"{model_type(model)} model's {'cross-attention' if arch.name == 'unet' else 'text input'} "
                          f"reads {text_width(model, keys)}")
+    pooled = erasure.spaces.get("pooled")
+    readers = arch.pooled_keys(model_type(model), list(model.model.state_dict().keys())) if pooled else []
+    if readers and pooled.dim != pooled_width(model, arch, readers):
+        raise ValueError(f"{node}: this erasure's pooled-text transform is {pooled.dim} wide but this "
+                         f"{model_type(model)} model's pooled text path reads {pooled_width(model, arch, readers)}")
 
 
 class _Rows:
@@ -327,3 +347,51 @@ class _Rows:
 def base_fingerprint(model, keys: list[str]) -> str:
     """Fingerprint of the checkpoint's own text-reader weights (patches not applied; GGUF rows dequantized)."""
     return fingerprint({k: _Rows(stored_weight(model, k)[0]) for k in keys})
+
+
+def pooled_keys(model, arch: Architecture | None = None) -> list[str]:
+    """The weight keys reading the pooled text vector (Flux's ``vector_in``, SD3's ``y_embedder``, SDXL's
+    ``label_emb``...), ``[]`` where the model has no pooled path."""
+    arch = arch or architecture(model)[0]
+    return arch.pooled_keys(model_type(model), list(model.model.state_dict().keys()))
+
+
+def pooled_width(model, arch: Architecture, keys: list[str]) -> int:
+    """Width of the pooled vector the pooled readers read (SDXL: the bigG columns of ``label_emb``)."""
+    return arch.pooled_columns or in_features(model, keys[0])
+
+
+def in_features(model, key: str) -> int:
+    """The in-features of one weight, from its logical shape (packed storage is not mistaken for it)."""
+    return int(logical_shape(stored_weight(model, key)[0])[1])
+
+
+def widened(transform: LowRankTransform, width: int) -> LowRankTransform:
+    """``transform`` acting on the first ``transform.dim`` of ``width`` columns, the identity on the rest:
+    ``W P`` then changes only those columns (SDXL's size embeddings stay exactly as they were)."""
+    pad = width - transform.dim
+    if pad <= 0:
+        return transform
+    up, down = transform.up, transform.down
+    if transform.is_dense:  # keep the factors thin in the padded width too
+        down = torch.eye(transform.dim, dtype=up.dtype, device=up.device)
+    return LowRankTransform(torch.cat([up, up.new_zeros(pad, up.shape[1])]),
+                            torch.cat([down, down.new_zeros(down.shape[0], pad)], dim=1))
+
+
+def narrowed(transform: LowRankTransform, width: int) -> LowRankTransform:
+    """The inverse of ``widened``: ``transform`` on its first ``width`` columns."""
+    if transform.dim == width:
+        return transform
+    return LowRankTransform(transform.up[:width], transform.down[:, :width])
+
+
+def pooled_gram(model, arch: Architecture, keys: list[str], device: torch.device, *,
+                include_erasures: bool) -> Tensor:
+    """``S = Σ WᵀW`` over the pooled readers, on the pooled vector's columns only (float64)."""
+    width = pooled_width(model, arch, keys)
+    weights = (w[:, :width] for _, w in key_weights(model, keys, device, include_erasures=include_erasures))
+    try:
+        return gram(weights)
+    except ValueError as exc:
+        raise ValueError(f"this model's {exc}") from None
