@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable
@@ -121,9 +122,10 @@ def require_prune(result, node: str, model=None) -> list[str]:
                          f"{weights.model_type(model)} model is {arch.title}")
     sd = model.model.state_dict()
     for key, shape in result.shapes.items():
-        if key not in sd or tuple(sd[key].shape[:2]) != tuple(shape):
+        have = shape_of(model, key) if key in sd else None
+        if have != tuple(shape):
             raise ValueError(f"{node}: this prune does not fit this model (layer {key} "
-                             f"{'missing' if key not in sd else tuple(sd[key].shape)}, the prune has {tuple(shape)})")
+                             f"{'missing' if have is None else have}, the prune has {tuple(shape)})")
     return keys
 
 
@@ -181,10 +183,9 @@ class Recorder:
         self.calls = 0
         self.check = check
         self.handles = []
-        sd = model.model.state_dict()
         for i, key in enumerate(keys):
             module = comfy.utils.get_attr(model.model, key.removesuffix(".weight"))
-            cols = arch.ffn_columns(key, tuple(sd[key].shape[:2]))
+            cols = arch.ffn_columns(key, shape_of(model, key))
             self.handles.append(module.register_forward_pre_hook(self._hook(key, cols, first=i == 0)))
 
     def _hook(self, key: str, cols, first: bool):
@@ -257,8 +258,14 @@ def prompt_sets(kind: str, concepts: list[str], base_text: str, concept_text: st
     return base, {c: prompt_pairs(kind, c)[1] for c in concepts}
 
 
+def shape_of(model, key: str) -> tuple[int, int]:
+    """A weight's ``(out, in)`` as the model uses it (GGUF's logical shape, not its packed bytes)."""
+    return tuple(int(x) for x in weights.logical_shape(weights.stored_weight(model, key)[0])[:2])
+
+
 def model_weights(model) -> int:
-    return sum(v.numel() for k, v in model.model.state_dict().items() if k.startswith("diffusion_model."))
+    return sum(math.prod(weights.logical_shape(v)) for k, v in model.model.state_dict().items()
+               if k.startswith("diffusion_model."))
 
 
 def prune_ui(result: PruneResult, model_total: int, seconds: float, calls: int) -> dict:
@@ -459,7 +466,7 @@ class SaveConceptPrune:
     def save(self, prune, filename_prefix):
         require_prune(prune, "Save ConceptPrune")
         path = files.new_path(files.FOLDER, filename_prefix)
-        save_prune(prune, path, pack_version=__version__)
+        files.write_new(path, lambda p: save_prune(prune, p, pack_version=__version__))
         rel = os.path.relpath(path, folder_paths.get_folder_paths(files.FOLDER)[0])
         return {"ui": ui_report({"saved": rel, "concepts": list(prune.concepts), "pruned": prune.pruned_count}),
                 "result": ()}
@@ -527,7 +534,8 @@ class ExportConceptPruneAsLoRA:
             diff.view(-1)[flat] = -w.reshape(-1)[flat]
             out[f"{key.removesuffix('.weight')}.diff"] = diff.to(dtype).contiguous()
         path = files.new_path("loras", filename_prefix)
-        save_file(out, path, metadata={"conceptprune_concepts": ", ".join(prune.concepts)})
+        meta = {"conceptprune_concepts": ", ".join(prune.concepts)}
+        files.write_new(path, lambda p: save_file(out, p, metadata=meta))
         rel = os.path.relpath(path, folder_paths.get_folder_paths("loras")[0])
         report = (f"exported {len(out)} layers ({prune.pruned_count:,} pruned weights) to loras/{rel} as full-weight "
                   f"differences ({precision}); apply with LoraLoader at strength_model 1")
