@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -240,12 +241,17 @@ class ExportErasureAsLoRA:
         weights.require_erasure(erasure, "Export Erasure as LoRA", model, keys)
         dtype = torch.float16 if precision == "fp16" else torch.float32
         out, worst = {}, 0.0
-        for key, w in weights.key_weights(model, keys, torch.device("cpu"), include_erasures=False):
+        pooled = weights.pooled_keys(model, arch) if "pooled" in erasure.spaces else []
+        for key, w in weights.key_weights(model, keys + pooled, torch.device("cpu"), include_erasures=False):
+            space = erasure
+            if key in pooled:  # the pooled readers: the pooled space's transform, on the pooled columns only
+                space = dataclasses.replace(erasure, transform=weights.widened(
+                    erasure.spaces["pooled"].transform, int(w.shape[1])))
             try:
-                up, down, err = lora_factors(erasure, w, rank, dtype)
+                up, down, err = lora_factors(space, w, rank, dtype)
             except ValueError as exc:
                 raise ValueError(f"Export Erasure as LoRA: {exc} (layer {key})") from None
-            name = lora_key(key, arch.name)
+            name = lora_key(key, "dit" if key in pooled else arch.name)
             out[f"{name}.lora_up.weight"] = up.contiguous()
             out[f"{name}.lora_down.weight"] = down.clone()  # one copy per layer in the file
             out[f"{name}.alpha"] = torch.tensor(float(up.shape[1]), dtype=dtype)  # rank ≥ 1: never 0
@@ -254,7 +260,7 @@ class ExportErasureAsLoRA:
         write_new(path, lambda p: save_file(out, p, metadata={"rece_concepts": ", ".join(erasure.concepts),
                                                               "ss_network_module": "networks.lora"}))
         rel = os.path.relpath(path, folder_paths.get_folder_paths("loras")[0])
-        report = (f"exported {len(keys)} layers to loras/{rel} at rank "
+        report = (f"exported {len(keys) + len(pooled)} layers to loras/{rel} at rank "
                   f"{rank if 0 < rank < erasure.rank else erasure.rank} ({precision}); "
                   + ("exact" if worst <= EXACT else f"largest relative error of a layer's delta {worst:.2e} "
                      f"(as written in {precision})"))

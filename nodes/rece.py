@@ -10,8 +10,8 @@ import torch
 
 import comfy.model_management
 
-from ..rece_core import PRESETS, Erasure, rece
-from ..rece_core.derive import derive_with_transform, reach
+from ..rece_core import PRESETS, Erasure, TextEmbedding, rece
+from ..rece_core.derive import derive_with_transform, weighted_norm2
 from ..rece_core.procedure import fit_rows
 from . import files
 from .host import encoding, run, weights
@@ -29,17 +29,24 @@ def split_lines(text: str) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
-def patched(model, erasure: Erasure, keys: list[str], strength: float):
-    """A clone of ``model`` carrying ``erasure`` as a weight patch on every key; ``model`` untouched."""
+def patched(model, erasure: Erasure, keys: list[str], strength: float, pooled: list[str] = ()):
+    """A clone of ``model`` carrying ``erasure`` as a weight patch on every key, and its pooled-text erasure
+    on every ``pooled`` key (on the pooled vector's columns only); ``model`` untouched."""
     out = model.clone()
     patch = ErasurePatch.of(erasure.transform)
     added = out.add_patches({k: patch for k in keys}, strength)
     if len(added) != len(keys):
         raise ValueError(f"only {len(added)} of {len(keys)} cross-attention weights could be patched")
+    if pooled and "pooled" in erasure.spaces:
+        t = erasure.spaces["pooled"].transform
+        added = out.add_patches({k: ErasurePatch.of(weights.widened(t, weights.in_features(model, k))) for k in pooled},
+                                strength)
+        if len(added) != len(pooled):
+            raise ValueError(f"only {len(added)} of {len(pooled)} pooled-text weights could be patched")
     return out
 
 
-def undone(model, erasure: Erasure, keys: list[str], strength: float):
+def undone(model, erasure: Erasure, keys: list[str], strength: float, pooled: list[str] = ()):
     """A clone of ``model`` without the last patch of ``erasure`` at ``strength`` on every key: strength
     −t of an erasure applied at t restores the weights exactly, as −1 cancels +1 for a LoRA.
 
@@ -47,9 +54,12 @@ def undone(model, erasure: Erasure, keys: list[str], strength: float):
     guide: its smallest singular value is about 1e-8 on SD1.5), so no patch added on top can undo it;
     the erasure's own patch is taken off instead. Anything else is refused: a negative strength of an
     erasure the model does not carry at that strength would have no meaning."""
-    t = erasure.transform
+    wanted = {k: erasure.transform for k in keys}
+    if pooled:  # the pooled-text patches carry the pooled transform, widened to the layer's columns
+        t = erasure.spaces["pooled"].transform
+        wanted |= {k: weights.widened(t, weights.in_features(model, k)) for k in pooled}
     out = model.clone()
-    for key in keys:
+    for key, t in wanted.items():
         entries = out.patches.get(key, [])
         found = [i for i, p in enumerate(entries) if is_erasure_patch(p[1]) and float(p[0]) == strength
                  and _same(p[1].transform(), t)]
@@ -69,6 +79,39 @@ def _same(a, b) -> bool:
     a, b = a.to(dtype=torch.float32), b.to(dtype=torch.float32)
     return (a.up.shape == b.up.shape and torch.equal(a.up.cpu(), b.up.cpu())
             and torch.equal(a.down.cpu(), b.down.cpu()))
+
+
+def pooled_erasure(model, clip, arch, names: list[str], guide: str, preserve: list[str], device, check,
+                   **params) -> tuple[Erasure | None, list[str], str]:
+    """RECE on the pooled text vector, its own text space: ``(erasure, pooled keys, note)``.
+
+    The same closed form as on the rows, over the pooled vectors of the concepts, guide and preserved
+    prompts (one row each), with ``S = Σ WᵀW`` of the layers reading the pooled vector. ``None`` where
+    the model has no pooled path, or the CLIP gives no pooled vector of that width (the note says why).
+    """
+    keys = weights.pooled_keys(model, arch)
+    if not keys:
+        return None, [], ""
+    width = weights.pooled_width(model, arch, keys)
+    vectors: dict[str, torch.Tensor] = {}
+
+    def encode(text: str) -> TextEmbedding:
+        if text not in vectors:
+            check()
+            pooled = encoding.encode(clip, text, device, arch, model)[2].get("pooled_output")
+            if pooled is None or pooled.reshape(-1).shape[0] != width:
+                raise LookupError(f"the CLIP gives {'no' if pooled is None else pooled.reshape(-1).shape[0]}-wide "
+                                  f"pooled vector, the model's pooled path reads {width}")
+            vectors[text] = pooled.reshape(1, -1).to(device=device, dtype=torch.float32)
+        return TextEmbedding(vectors[text], 0)
+
+    try:
+        encode(names[0])
+    except LookupError as exc:
+        return None, [], f"note: the pooled text path is not erased: {exc}"
+    erasure = rece(lambda: weights.pooled_gram(model, arch, keys, device, include_erasures=True),
+                   encode, names, guide, preserve, check=check, **params)
+    return erasure, keys, ""
 
 
 def round_ui(erasure: Erasure) -> dict:
@@ -181,12 +224,21 @@ class RECEEraseConcept:
                        encode_many=encode_many, tokens=encoding.tokenize(clip, names[0], arch)[2], keep_bytes=keep,
                        check=interrupted,
                        progress=lambda done, total: show(done=done, steps=total))
+        pooled, pooled_keys, pooled_note = pooled_erasure(
+            model, clip, arch, names, guide, split_lines(preserve), solve, interrupted, lamb=lamb,
+            erase_scale=erase_scale, preserve_scale=preserve_scale, reg=reg, epochs=rounds)
         erasure = dataclasses.replace(
             erasure, seconds=time.perf_counter() - start, device=str(device),
             extra={"kind": concept_kind, "model": weights.model_type(model), "architecture": arch.name,
-                   "fingerprint": weights.base_fingerprint(model, keys)})
-        out = patched(model, erasure, keys, 1.0)
+                   "fingerprint": weights.base_fingerprint(model, keys)},
+            spaces={"pooled": pooled} if pooled is not None else {})
+        out = patched(model, erasure, keys, 1.0, pooled_keys)
         report = erasure.summary()
+        if pooled is not None:
+            report += (f"\npooled text ({', '.join(k.removeprefix('diffusion_model.') for k in pooled_keys)}), its "
+                       f"own transform:\n" + "\n".join(pooled.summary().splitlines()[1:]))
+        if pooled_note:
+            report += "\n" + pooled_note
         if arch.note:
             report += f"\nnote ({arch.title}): {arch.note}"
         preset = PRESETS.get(concept_kind)
@@ -233,7 +285,7 @@ class RECEDeriveEmbedding:
         if not text:
             raise ValueError("RECE Derive Embedding: enter the concept to derive an embedding for.")
         arch, keys = weights.architecture(model)
-        erasures = weights.applied_erasures(model)
+        erasures = weights.applied_erasures(model, keys)
         if not erasures:
             raise ValueError("RECE Derive Embedding: this model carries no RECE erasure; connect the MODEL "
                              "output of RECE Erase Concept or Apply Erased Weights.")
@@ -249,10 +301,30 @@ class RECEDeriveEmbedding:
         s = weights.gram_of(model, keys, device, tick=progress.tick).to(solve)
         p = weights.combined_transform(erasures, d, solve)
         derived = derive_with_transform(s, p, emb.rows, reg=reg)
-        value = float(reach(s, p, emb.rows, derived, fit_rows(guide.rows, emb.rows.shape[0])))
+        # reach over every text space: Σ‖W'c' − Wc‖² / Σ‖Wc − Wg‖² summed over the rows' and the pooled readers
+        c = emb.rows.to(torch.float64)
+        miss = weighted_norm2(p.apply_rows(derived) - c, s)
+        scale = weighted_norm2(c - fit_rows(guide.rows, c.shape[0]).to(c), s)
+        extra = dict(extra)
+        spaces = "rows"
+        pooled_keys = weights.pooled_keys(model, arch)
+        pooled_erasures = weights.applied_erasures(model, pooled_keys) if pooled_keys else []
+        if pooled_erasures and extra.get("pooled_output") is not None:
+            width = weights.pooled_width(model, arch, pooled_keys)
+            sp = weights.pooled_gram(model, arch, pooled_keys, solve, include_erasures=False)
+            pp = weights.combined_transform([(weights.narrowed(t, width), x) for t, x in pooled_erasures], width, solve)
+            pooled = extra["pooled_output"]
+            pc = pooled.reshape(1, -1).to(device=solve, dtype=torch.float64)
+            pg = encoding.encode(clip, " ", solve, arch, model)[2]["pooled_output"].reshape(1, -1).to(pc)
+            pd = derive_with_transform(sp, pp, pc, reg=reg)
+            miss = miss + weighted_norm2(pp.apply_rows(pd) - pc, sp)
+            scale = scale + weighted_norm2(pc - pg, sp)
+            extra["pooled_output"] = pd.reshape(pooled.shape).to(device=pooled.device, dtype=pooled.dtype)
+            spaces = "rows + pooled vector"
+        value = float((1.0 - miss / scale.clamp_min(torch.finfo(torch.float64).tiny)).clamp(0.0, 1.0))
         progress.tick()
-        report = (f"derived embedding for {text!r} (ρ={reg:g}) reaches {value:.1%} of it on the erased model "
-                  f"({len(erasures)} erasure(s))")
+        report = (f"derived embedding for {text!r} (ρ={reg:g}; {spaces}) reaches {value:.1%} of it on the erased "
+                  f"model ({len(erasures)} erasure(s))")
         ui = {"concept": text, "reg": reg, "reach": value, "erasures": len(erasures)}
         return {"ui": ui_report(ui),
                 "result": (encoding.conditioning(arch, derived.float(), model, cond, extra), value, report)}
@@ -288,16 +360,22 @@ class ApplyErasedWeights:
         weights.require_erasure(erasure, "Apply Erased Weights")
         keys = weights.cross_attention_keys(model)
         weights.require_erasure(erasure, "Apply Erased Weights", model, keys)
+        pooled = weights.pooled_keys(model) if "pooled" in erasure.spaces else []
         if strength < 0:
-            out = undone(model, erasure, keys, -strength)
+            out = undone(model, erasure, keys, -strength, pooled)
             report = (f"undid the erasure of {', '.join(map(repr, erasure.concepts))} applied at strength "
                       f"{-strength:g}: its patches are removed, the weights are as before it")
             ui = {"concepts": list(erasure.concepts), "strength": strength, "weights": len(keys),
                   "file": erasure.extra.get("file", ""), "warning": None}
             return {"ui": ui_report(ui), "result": (out, report)}
-        out = patched(model, erasure, keys, strength)
+        out = patched(model, erasure, keys, strength, pooled)
         report = (f"applied erasure of {', '.join(map(repr, erasure.concepts))} at strength {strength:g} "
                   f"to {len(keys)} weights that read the text ({weights.architecture(model)[0].title})")
+        if pooled:
+            report += f" and {len(pooled)} that read the pooled text"
+        elif weights.pooled_keys(model):
+            report += ("\nnote: this erasure holds no transform of the pooled text (made before this pack erased it), "
+                       "so the model's pooled text path is left as it was")
         made_on = erasure.extra.get("fingerprint")
         here = weights.base_fingerprint(model, keys)
         warning = None

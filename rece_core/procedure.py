@@ -83,6 +83,9 @@ class Erasure:
     seconds: float = 0.0
     device: str = "cpu"
     extra: dict[str, str] = field(default_factory=dict)
+    spaces: dict[str, "Erasure"] = field(default_factory=dict)
+    """The erasures of the model's other text spaces (``"pooled"``: the pooled text vector), each its
+    own transform computed by the same closed form over that space's vectors."""
 
     @property
     def dim(self) -> int:

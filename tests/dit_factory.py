@@ -27,7 +27,7 @@ D = 256  # text width of every tiny family
 # Tiny models keep the real ratio of token rows to text width (Flux: 256 rows, 4096 wide): T5 pads to
 # T5_ROWS, through ComfyUI's own tokenizer_data knob ("t5xxl_min_length"), instead of 256/512/77.
 T5_ROWS = 16
-POOLED = {"flux": 16, "sd3": 32}
+POOLED = {"flux": 16, "sd3": 32, "hunyuan_video": 16}
 QWEN_HEAD = [151644, 8948, 198, 74785, 279, 2168, 13, 151645, 198, 151644, 872, 198]  # system …, user\n
 QWEN_TAIL = [151645, 198, 151644, 77091, 198]  # <|im_end|>\n<|im_start|>assistant\n
 ZIMAGE_HEAD = [151644, 872, 198]
@@ -42,6 +42,7 @@ class Family:
     readers: dict[str, tuple[int, int]]
     norm: str | None = None
     pooled: str | None = None
+    zero_centred: bool = False  # the stored norm weight is scale − 1 (Qwen-Image 2.1)
     extra_keys: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
 
@@ -69,6 +70,16 @@ FAMILIES = {
                      extra_keys={"distilled_guidance_layer.in_proj.weight": (32, 64)}),
     "lumina2": Family("lumina2", "ZImage", {}, (1, 16, 8, 8), {"cap_embedder.1.weight": (64, D)},
                       norm="cap_embedder.0.weight"),
+    # newer than ComfyUI 0.3.64: stand-ins mirroring the current classes' text paths exactly
+    # (comfy/ldm/qwen_image21/model.py TextProjection: text_norm, a zero-centred RMSNorm, then in_layer)
+    "qwen_image21": Family("qwen_image21", "QwenImage21", {}, (1, 16, 8, 8), {"txt_in.in_layer.weight": (64, D)},
+                           norm="txt_in.text_norm.weight", zero_centred=True,
+                           extra_keys={"txt_in.out_layer.weight": (64, 64)}),
+    # comfy/ldm/hunyuan_video/model.py: TokenRefiner's input_embedder reads the rows, its c_embedder their
+    # mean (into the modulation vector, as vector_in's pooled CLIP-L)
+    "hunyuan_video": Family("hunyuan_video", "HunyuanVideo", {}, (1, 16, 8, 8),
+                            {"txt_in.input_embedder.weight": (64, D), "txt_in.c_embedder.in_layer.weight": (64, D)},
+                            pooled="vector_in.in_layer.weight"),
 }
 REAL_FAMILIES = ("flux", "sd3", "wan", "qwen_image")
 
@@ -135,6 +146,10 @@ def standin_tokenizers(family: str) -> Tokenizers:
             pad=151643, head=QWEN_HEAD, tail=QWEN_TAIL))}),
         "lumina2": lambda: Tokenizers({"qwen3_4b": ("qwen3_4b", StandinTokenizer(
             pad=151643, head=ZIMAGE_HEAD, tail=QWEN_TAIL))}),
+        "qwen_image21": lambda: Tokenizers({"qwen3vl_8b": ("qwen3vl_8b", StandinTokenizer(
+            pad=151643, head=ZIMAGE_HEAD, tail=QWEN_TAIL))}),
+        "hunyuan_video": lambda: Tokenizers({"l": ("clip_l", _clip_standin()), "llama": ("llama", StandinTokenizer(
+            pad=128258, head=[128000], tail=[128009]))}),
     }[family]()
 
 
@@ -182,7 +197,7 @@ class DiTCLIP:
     def __init__(self, family: str, seed: int = 0, real_tokenizer: bool = REAL) -> None:
         self.family = family
         self.tokenizer = (real_tokenizers(family) if real_tokenizer else None) or standin_tokenizers(family)
-        self.enc = SeededEncoder(D, seed, positions=family in ("qwen_image", "lumina2"))
+        self.enc = SeededEncoder(D, seed, positions=family in ("qwen_image", "lumina2", "qwen_image21", "hunyuan_video"))
         self.clip_l, self.clip_g = SeededEncoder(16, seed + 1), SeededEncoder(16, seed + 2)
 
     def tokenize(self, text: str, return_word_ids=False, **kwargs):
@@ -216,8 +231,11 @@ class DiTCLIP:
             starts = [i for i, t in enumerate(ids) if t == 151644][:2]  # the template head ComfyUI drops
             cut = starts[-1] + 3 if ids[starts[-1] + 1: starts[-1] + 3] == [872, 198] else starts[-1]
             cond = cond[cut:]
-        else:  # lumina2 / Z-Image: the whole templated sequence
-            cond = self.enc.rows(self._ids(tokens, "qwen3_4b"))
+        elif self.family == "hunyuan_video":
+            cond = self.enc.rows(self._ids(tokens, "llama"))
+            pooled = self._pool(self.clip_l, self._ids(tokens, "l"))
+        else:  # lumina2 / Z-Image, Qwen-Image 2.1: the whole templated sequence
+            cond = self.enc.rows(self._ids(tokens, next(iter(tokens))))
         cond = cond.unsqueeze(0)
         if return_dict:
             out = {"cond": cond, "pooled_output": pooled}
@@ -256,7 +274,7 @@ def make_model(family: str, seed: int = 0):
         state[f"diffusion_model.{key}"] = torch.randn(out, d, generator=g) / math.sqrt(d)
         state[f"diffusion_model.{key[:-len('weight')]}bias"] = 0.1 * torch.randn(out, generator=g)
     if fam.norm:
-        state[f"diffusion_model.{fam.norm}"] = 1 + 0.3 * torch.rand(D, generator=g)
+        state[f"diffusion_model.{fam.norm}"] = (0.0 if fam.zero_centred else 1.0) + 0.3 * torch.rand(D, generator=g)
     if fam.pooled:
         state[f"diffusion_model.{fam.pooled}"] = torch.randn(64, POOLED[family], generator=g) / math.sqrt(POOLED[family])
     for key, shape in {"img_in.weight": (64, 16), "attn.q.weight": (64, 64), "attn.k.weight": (64, 64),
@@ -307,15 +325,18 @@ def sample(model, family: str, positive: list, negative: list, seed: int = 42) -
         return comfy.sample.sample(model, noise, 4, 2.0, "euler", "simple", positive, negative, latent,
                                    denoise=1.0, seed=seed, disable_pbar=True).float()
     w = _weights(model)
-    reader = next(iter(fam.readers))
+    reader, *mean_readers = fam.readers
 
     def text(cond):
         rows, extra = cond[0][0][0].float(), cond[0][1]
         if fam.norm:
             eps = 1e-5 if family == "lumina2" else 1e-6
-            rows = rows * torch.rsqrt(rows.pow(2).mean(-1, keepdim=True) + eps) * w[fam.norm]
+            scale = w[fam.norm] + 1.0 if fam.zero_centred else w[fam.norm]
+            rows = rows * torch.rsqrt(rows.pow(2).mean(-1, keepdim=True) + eps) * scale
         txt = rows @ w[reader].T + w[reader[:-len("weight")] + "bias"]
         vec = extra["pooled_output"][0].float() @ w[fam.pooled].T if fam.pooled else 0.0
+        for r in mean_readers:  # HunyuanVideo's c_embedder: the mean of the rows, into the modulation vector
+            vec = vec + rows.mean(0) @ w[r].T
         return txt, vec
 
     x = noise.reshape(16, -1).T @ w["img_in.weight"].T  # [tokens, 64]

@@ -14,7 +14,7 @@ from torch import Tensor
 from ...rece_core import TextEmbedding
 from . import architectures
 from .architectures import Architecture
-from .weights import effective_weight, model_type, norm_eps
+from .weights import model_type, norm_eps, norm_scale
 
 
 def _end_index(arch: Architecture, tokenizer, ids: list[int]) -> int | None:
@@ -110,10 +110,9 @@ def _embedding(rows: Tensor, last: int, n_ids: int, arch: Architecture, model,
     ``device=None`` keeps the rows as the encoder returned them (dtype and device)."""
     rows = rows.detach() if device is None else rows.detach().to(device=device, dtype=torch.float32)
     offset = max(n_ids - rows.shape[0], 0)  # a template head the encoder strips (Qwen-Image)
-    if arch.norm is not None:
-        at = rows.device if device is None else device
-        rows = architectures.rms_norm(rows.float(), effective_weight(model, f"diffusion_model.{arch.norm}", at),
-                                      norm_eps(model, arch))
+    scale = norm_scale(model, arch, rows.device if device is None else device)
+    if scale is not None:
+        rows = architectures.rms_norm(rows.float(), scale, norm_eps(model, arch))
     return TextEmbedding(rows, min(max(last - offset, 0), rows.shape[0] - 1))
 
 
@@ -229,9 +228,9 @@ def check_width(width: int, d: int, model, arch: Architecture | None = None) -> 
 
 def conditioning(arch: Architecture, rows: Tensor, model, cond: Tensor, extra: dict) -> list:
     """ComfyUI ``CONDITIONING`` carrying ``rows`` (in the space the readers see) for ``model``."""
-    if arch.norm is not None:  # back to the encoder's space: the model norms it again
-        rows = architectures.rms_norm_preimage(
-            rows, effective_weight(model, f"diffusion_model.{arch.norm}", rows.device))
+    scale = norm_scale(model, arch, rows.device)
+    if scale is not None:  # back to the encoder's space: the model norms it again
+        rows = architectures.rms_norm_preimage(rows, scale)
     out = dict(extra)
     if arch.guidance is not None:
         out.setdefault("guidance", arch.guidance)

@@ -61,7 +61,9 @@ def test_detected_and_recorded(erased):
     arch, keys = architectures.detect(FAMILIES[family].config, list(model.model.state_dict()))
     assert arch.name == family and keys == reader_keys(family)
     assert erasure.extra["architecture"] == family and erasure.dim == D
-    assert set(out.patches) == set(keys)  # only the text readers: norm, pooled path, bias untouched
+    pooled = [f"diffusion_model.{FAMILIES[family].pooled}"] if FAMILIES[family].pooled else []
+    assert set(out.patches) == set(keys + pooled)  # only the text readers and pooled readers: norm, bias untouched
+    assert ("pooled" in erasure.spaces) == bool(pooled)
 
 
 def test_concept_moves_preserved_barely_and_model_untouched(erased):
@@ -82,9 +84,31 @@ def test_edit_is_w_times_p_on_the_readers(erased):
     p = erasure.transform.dense().double()
     for k in reader_keys(family):
         assert rel(after[k], base[k].double() @ p.to(base[k].device)) < 1e-5
+    edited = list(reader_keys(family))
+    if FAMILIES[family].pooled:  # the pooled reader: W P with the pooled space's own transform
+        k = f"diffusion_model.{FAMILIES[family].pooled}"
+        pp = erasure.spaces["pooled"].transform.dense().double()
+        assert pp.shape[0] == base[k].shape[1] and not torch.allclose(pp, torch.eye(pp.shape[0], dtype=pp.dtype))
+        assert rel(after[k], base[k].double() @ pp) < 1e-5
+        edited.append(k)
     for k in base:
-        if k not in reader_keys(family):
+        if k not in edited:
             assert torch.equal(after[k], base[k]), k
+
+
+@pytest.mark.parametrize("family", [f for f in ALL if FAMILIES[f].pooled])
+def test_pooled_vector_alone_no_longer_moves_toward_the_concept(family):
+    """With the empty prompt's rows and the concept's pooled vector, the erased model samples (nearly) as
+    with the empty prompt; the original model is moved by the pooled vector."""
+    model, clip = make_model(family), DiTCLIP(family)
+    out = erase(model, clip, preserve=PRESERVED)[0]
+    empty, concept = clip.conditioning(""), clip.conditioning(CONCEPT)
+    pooled_only = [[empty[0][0], empty[0][1] | {"pooled_output": concept[0][1]["pooled_output"]}]]
+    moved = {m: rel(sample(mm, family, pooled_only, empty), sample(mm, family, empty, empty))
+             for m, mm in (("original", model), ("erased", out))}
+    print(f"{family}: pooled vector alone moves the sample {moved['original']:.4f} (original), "
+          f"{moved['erased']:.4f} (erased)")
+    assert moved["original"] > 1e-3 and moved["erased"] < 0.5 * moved["original"]
 
 
 @pytest.mark.parametrize("family", ALL)
@@ -167,10 +191,16 @@ def test_save_load_apply_and_mismatch_refused(models_dir, family):
     path = models_dir / "rece" / "e_00001.safetensors"
     with safe_open(str(path), "pt") as f:
         assert json.loads(f.metadata()["rece"])["architecture"] == family
+        assert f.metadata()["format_version"] == ("2" if FAMILIES[family].pooled else "1")
     loaded = LoadErasedWeights().load("e_00001.safetensors")["result"][0]
+    assert set(loaded.spaces) == set(erasure.spaces)
+    for name, space in erasure.spaces.items():
+        assert torch.equal(loaded.spaces[name].transform.up, space.transform.up)
+        assert loaded.spaces[name].rounds == space.rounds
     a = ApplyErasedWeights().apply(model, erasure, 0.5)["result"][0]
     b, report = ApplyErasedWeights().apply(model, loaded, 0.5)["result"]
-    wa, wb = effective_weights(a, reader_keys(family)), effective_weights(b, reader_keys(family))
+    assert set(a.patches) == set(b.patches) and len(b.patches) == len(reader_keys(family)) + len(loaded.spaces)
+    wa, wb = effective_weights(a), effective_weights(b)
     assert all(torch.equal(wa[k], wb[k]) for k in wa) and "warning" not in report
     other = "wan" if family == "flux" else "flux"  # same 64 width, another text space
     with pytest.raises(ValueError, match="another text space"):
@@ -205,12 +235,12 @@ def test_lora_export_uses_keys_comfyui_maps(models_dir, family):
     assert "exact" in report
     lora = load_file(str(models_dir / "loras" / "lora_00001.safetensors"))
     names = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in lora}
-    assert names == {lora_key(k, family) for k in reader_keys(family)}
+    edited = reader_keys(family) + ([f"diffusion_model.{FAMILIES[family].pooled}"] if FAMILIES[family].pooled else [])
     assert names == {"lora_unet_" + k.removeprefix("diffusion_model.").removesuffix(".weight").replace(".", "_")
-                     for k in reader_keys(family)}
-    base = effective_weights(model, reader_keys(family))
-    applied = effective_weights(ApplyErasedWeights().apply(model, erasure, 1.0)["result"][0], reader_keys(family))
-    for k in reader_keys(family):
+                     for k in edited}
+    base = effective_weights(model, edited)
+    applied = effective_weights(ApplyErasedWeights().apply(model, erasure, 1.0)["result"][0], edited)
+    for k in edited:
         name = lora_key(k, family)
         up, down = lora[f"{name}.lora_up.weight"], lora[f"{name}.lora_down.weight"]
         assert rel(base[k] + float(lora[f"{name}.alpha"]) / down.shape[0] * up @ down, applied[k]) < 1e-5
@@ -219,10 +249,9 @@ def test_lora_export_uses_keys_comfyui_maps(models_dir, family):
         import comfy.sd
 
         key_map = comfy.lora.model_lora_keys_unet(model.model, {})
-        assert all(key_map.get(n) == k for n, k in zip(map(lambda k: lora_key(k, family), reader_keys(family)),
-                                                        reader_keys(family)))
+        assert all(key_map.get(n) == k for n, k in zip(map(lambda k: lora_key(k, family), edited), edited))
         via_lora = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0.0)[0]
-        got = effective_weights(via_lora, reader_keys(family))
+        got = effective_weights(via_lora, edited)
         assert max(rel(got[k], applied[k]) for k in got) < 1e-5
 
 
@@ -288,3 +317,20 @@ def test_cancel_between_dit_prompts():
         encoding.encode_many(clip, [f"concept {i}" for i in range(40)], architectures.by_name("flux"),
                            make_model("flux"), encoding.EncoderCalls(check=check))
     assert len(encoded) == 1  # checked before each prompt: stopped before the second (the first call holds four)
+
+
+def test_files_written_before_pooled_spaces_still_load_and_apply(models_dir):
+    """A version-1 file written by the pack before #21 loads; it edits the rows' readers only (it holds no
+    pooled transform) and says so, and equals the same erasure made now on those readers."""
+    import shutil
+    from pathlib import Path
+
+    shutil.copy(Path(__file__).parents[1] / "data" / "erasure_v1_flux.safetensors", models_dir / "rece" / "old.safetensors")
+    loaded = LoadErasedWeights().load("old.safetensors")["result"][0]
+    assert loaded.spaces == {} and loaded.extra["architecture"] == "flux" and loaded.dim == D
+    model = make_model("flux")
+    out, report = ApplyErasedWeights().apply(model, loaded, 1.0)["result"]
+    assert set(out.patches) == set(reader_keys("flux")) and "holds no transform of the pooled text" in report
+    now = erase(model, DiTCLIP("flux"), rounds=0, preserve="")[1]
+    assert rel(now.transform.dense(), loaded.transform.dense()) < 1e-5
+    assert "warning" not in report and model.patches == {}
