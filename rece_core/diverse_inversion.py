@@ -11,7 +11,8 @@ The paper's code does not include it; this is the pack's reading of the paper, s
   latents, one latent, noise and timestep drawn per embedding and step (seeded), plus the
   **diversity term** ``λ · mean_{i≠j} cos(v_i − e, v_j − e)``: the directions in which the
   embeddings leave the concept word are kept apart (without it they collapse onto one solution).
-- **Optimiser.** Adam on the ``v_i`` only; the model and the text encoder are frozen.
+- **Optimiser.** Adam (β 0.9/0.999, no weight decay) on the ``v_i`` only, in the pack's training loop
+  (``train.train``); the model and the text encoder are frozen.
 - **Stopping measure** (``task_vector.reach``): on a fixed seeded probe (latents, noises, timesteps),
   embedding i reaches the concept on a model while its denoising loss is below the neutral
   (empty-prompt) loss of the unedited model. α is the smallest strength at which no embedding of the
@@ -31,6 +32,8 @@ import torch
 from torch import Tensor
 
 from .task_vector import AlphaSearch, choose_alpha, reach
+from .train import AdamSettings, Step, train
+from .train import Progress as TrainProgress
 
 __all__ = ["Inversion", "LossFn", "Probe", "alpha_for_set", "diverse_inversion", "diversity_term", "make_probe",
            "neutral_loss", "set_losses"]
@@ -93,28 +96,32 @@ def diverse_inversion(encode: Callable[[Tensor], Tensor], loss: LossFn, latents:
         raise ValueError("Diverse Inversion needs at least one concept latent")
     start = time.perf_counter()
     check = check or (lambda: None)
-    g = torch.Generator().manual_seed(seed)
     e = init.detach().float()
     d = e.shape[-1]
-    z = torch.randn(n, d, generator=g).to(e.device)
-    v = (e + spread * e.norm() / d ** 0.5 * z).clone().requires_grad_(True)
-    opt = torch.optim.Adam([v], lr=lr)
-    x_all = latents.detach().float()
-    history = []
-    for step in range(steps):
+    z = torch.randn(n, d, generator=torch.Generator().manual_seed(seed))
+    with torch.inference_mode(False):
+        e = e.clone()
+        x_all = latents.detach().float().clone()
+        v0 = e + spread * e.norm() / d ** 0.5 * z.to(e.device)
+
+    def objective(trainables: dict[str, Tensor], step: Step) -> Tensor:
         check()
-        idx = torch.randint(x_all.shape[0], (n,), generator=g)
-        x0 = x_all[idx.to(x_all.device)]
-        noise = torch.randn(x0.shape, generator=g).to(x0.device)
-        t = torch.rand(n, generator=g).to(x0.device)
-        ti = loss(encode(v), x0, noise, t).mean()
-        total = ti + diversity * diversity_term(v, e)
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        opt.step()
-        history.append(float(total.detach()))
+        v = trainables["v"]
+        x0 = x_all[step.randint(x_all.shape[0], n).to(x_all.device)]
+        noise = torch.randn(x0.shape, generator=step.generator).to(x0.device)
+        t = torch.rand(n, generator=step.generator).to(x0.device)
+        return loss(encode(v), x0, noise, t).mean() + diversity * diversity_term(v, e)
+
+    def callback(p: TrainProgress) -> None:
         if progress is not None:
-            progress(step + 1, steps)
+            progress(p.step, p.total)
+        check()
+
+    result = train({"v": v0}, objective, n_items=1, batch_size=1, epochs=steps,
+                   adam=AdamSettings(lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0), seed=seed,
+                   device=e.device, callback=callback) if steps else None
+    v = result.trained["v"] if result is not None else v0
+    history = result.losses if result is not None else []
     with torch.no_grad():
         div = float(diversity_term(v, e))
     return Inversion(v.detach().clone(), e.clone(), tuple(history), div, time.perf_counter() - start)
