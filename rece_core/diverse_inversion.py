@@ -128,13 +128,13 @@ def diverse_inversion(encode: Callable[[Tensor], Tensor], loss: LossFn, latents:
 
 
 @torch.no_grad()
-def set_losses(encode: Callable[[Tensor], Tensor], loss: LossFn, embeddings: Tensor, probe: Probe,
-               batch: int = 16) -> Tensor:
-    """``[N]``: each embedding's mean denoising loss over the whole probe (float64)."""
+def set_losses(conds: Tensor, loss: LossFn, probe: Probe, batch: int = 16) -> Tensor:
+    """``[N]``: each embedding's mean denoising loss over the whole probe (float64); ``conds [N, T, d]``:
+    the embeddings encoded (``encode(V)``)."""
     out = []
     s = probe.x0.shape[0]
-    for v in embeddings:
-        cond = encode(v.unsqueeze(0))
+    for i in range(conds.shape[0]):
+        cond = conds[i:i + 1]
         total = 0.0
         for a in range(0, s, batch):
             b = min(s, a + batch)
@@ -164,12 +164,14 @@ def alpha_for_set(loss_with: Callable[[float], LossFn], encode: Callable[[Tensor
     Returns the search, the neutral loss of the unedited model and the set's losses there; refuses a
     set in which no embedding beats the neutral prompt on the unedited model (nothing to stop).
     """
+    with torch.no_grad():
+        conds = encode(embeddings)  # the same at every α: encoded once
     base = loss_with(0.0)
     l0 = neutral_loss(neutral, base, probe)
-    base_losses = set_losses(encode, base, embeddings, probe)
+    base_losses = set_losses(conds, base, probe)
     if not bool((base_losses < l0).any()):
         raise ValueError("none of the inverted embeddings denoises the concept better than the empty prompt "
                          f"(best {float(base_losses.min()):.4g} vs {l0:.4g}); invert with more steps or images")
-    search = choose_alpha(lambda a: reach(set_losses(encode, loss_with(a), embeddings, probe), l0, base_losses),
+    search = choose_alpha(lambda a: reach(set_losses(conds, loss_with(a), probe), l0, base_losses),
                           alpha_max=alpha_max, scan=scan, tolerance=tolerance, threshold=threshold, check=check)
     return search, l0, base_losses

@@ -149,7 +149,10 @@ class TokenEncoder:
         self.cond.reset_clip_options()
         if getattr(self.clip, "layer_idx", None) is not None:
             self.cond.set_clip_options({"layer": self.clip.layer_idx})
-        out = functional_call(self.call, self._params(), (toks,), strict=False)
+        # ComfyUI's CLIP adds its residuals in place (x += ...), which autograd refuses for tensors it
+        # saved: every tensor saved for backward is saved as a copy (the CLIP's activations, twice)
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t):
+            out = functional_call(self.call, self._params(), (toks,), strict=False)
         return out[0] if isinstance(out, (tuple, list)) else out
 
     def tokens_with(self, v: Tensor) -> dict:

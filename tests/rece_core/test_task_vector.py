@@ -76,8 +76,8 @@ def test_diverse_inversion_lowers_the_concept_loss_below_the_neutral_prompt(toy,
     model, enc, lat, _, _ = toy
     probe = make_probe(lat, 32, seed=1)
     neutral = neutral_loss(enc.neutral(), loss_of(model), probe)
-    start = set_losses(enc, loss_of(model), enc.word.expand(DI["n"], -1), probe)  # the concept word itself
-    learned = set_losses(enc, loss_of(model), inverted.embeddings, probe)
+    start = set_losses(enc(enc.word.expand(DI["n"], -1)), loss_of(model), probe)  # the concept word itself
+    learned = set_losses(enc(inverted.embeddings), loss_of(model), probe)
     assert bool((learned < 0.9 * neutral).all()), (learned, neutral)
     assert bool((learned < start).all())
 
@@ -89,9 +89,9 @@ def test_chosen_alpha_raises_every_embedding_back_to_the_neutral_loss(toy, inver
     search, l0, base_losses = alpha_for_set(lambda a: edited(model, base, tau, a), enc, inverted.embeddings,
                                             enc.neutral(), probe, alpha_max=4.0, tolerance=0.01)
     assert search.found and 0 < search.alpha <= 4.0
-    at = set_losses(enc, edited(model, base, tau, search.alpha), inverted.embeddings, probe)
+    at = set_losses(enc(inverted.embeddings), edited(model, base, tau, search.alpha), probe)
     assert bool((at >= l0).all())  # no embedding denoises the concept better than the empty prompt did
-    below = set_losses(enc, edited(model, base, tau, search.alpha - 0.02), inverted.embeddings, probe)
+    below = set_losses(enc(inverted.embeddings), edited(model, base, tau, search.alpha - 0.02), probe)
     assert bool((below < l0).any())  # and a smaller α leaves one that still does
     assert bool((base_losses < l0).all())
 
