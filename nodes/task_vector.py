@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 import comfy.lora
+import comfy.lora_convert
 import comfy.model_management
 import comfy.utils
 import folder_paths
@@ -95,16 +96,7 @@ def load_lora_file(name: str) -> dict[str, torch.Tensor]:
 def lora_patches(model, lora: dict[str, torch.Tensor], name: str) -> dict:
     """ComfyUI's own patches of ``lora`` for this model's diffusion model (as LoraLoader builds them)."""
     key_map = comfy.lora.model_lora_keys_unet(model.model, {})
-    convert = getattr(getattr(comfy, "lora_convert", None), "convert_lora", None)
-    if convert is None:
-        try:
-            import comfy.lora_convert
-
-            convert = comfy.lora_convert.convert_lora
-        except ImportError:
-            convert = None
-    if convert is not None:
-        lora = convert(lora)
+    lora = comfy.lora_convert.convert_lora(lora)
     patches = comfy.lora.load_lora(lora, key_map, log_missing=False)
     patches = {k: v for k, v in patches.items() if k.startswith("diffusion_model.")}
     if not patches:

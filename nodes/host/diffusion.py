@@ -59,9 +59,9 @@ class Denoiser:
         self.sampling = self.module.model_sampling
         self.kind = parameterisation(self.sampling)
         keys = [k for k, v in self.module.state_dict().items() if k.startswith("diffusion_model.")]
-        with torch.inference_mode(False):
-            self.params = {f"m.{k}": w for k, w in host_weights.key_weights(model, keys, device,
-                                                                            include_erasures=True, tick=tick)}
+        with torch.inference_mode(False), torch.no_grad():  # copies: no graph back to the loaded weights
+            self.params = {f"m.{k}": w.detach() for k, w in host_weights.key_weights(model, keys, device,
+                                                                                     include_erasures=True, tick=tick)}
             for name, t in list(self.module.named_parameters()) + list(self.module.named_buffers()):
                 if not name.startswith("diffusion_model.") and f"m.{name}" not in self.params:
                     self.params[f"m.{name}"] = t.detach().to(device=device, dtype=torch.float32 if t.is_floating_point()
