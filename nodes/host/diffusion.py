@@ -113,20 +113,21 @@ def _clip_part(clip):
 class TokenEncoder:
     """``V [B, d_tok] → cond [B, 77, d]``: the CLIP's rows of a one-word prompt whose word is ``V[b]``.
 
-    The prompt is ``word`` tokenized as ComfyUI tokenizes it; its first word token is replaced by the
-    vector, exactly what ``embedding:<file>`` in a prompt gives the same encoder.
+    The prompt is a one-word prompt tokenized as ComfyUI tokenizes it, its word token replaced by the
+    vector: exactly what the prompt ``embedding:<file>`` gives the same encoder. ``init``: the token
+    embedding of the first token of ``word`` (the concept).
     """
 
     def __init__(self, clip, word: str, device: torch.device) -> None:
         cond, name, part = _clip_part(clip)
         self.clip, self.cond = clip, cond
         self.clip_name = getattr(cond, "clip_name", name)
-        tokens = clip.tokenize(word)
-        if self.clip_name not in tokens or len(tokens[self.clip_name]) != 1:
+        words = clip.tokenize(word)
+        if self.clip_name not in words or len(words[self.clip_name]) != 1:
             raise ValueError(f"Diverse Inversion: the concept {word[:60]!r} must fit in one 77-token chunk")
-        self.tokens = tokens
+        ids = [t[0] for t in words[self.clip_name][0]]
+        self.tokens = clip.tokenize("x")  # a one-token prompt: its token becomes the vector
         self.position = 1  # after the start token
-        ids = [t[0] for t in tokens[self.clip_name][0]]
         table = part.transformer.get_input_embeddings()
         tokenizer = getattr(clip.tokenizer, getattr(clip.tokenizer, "clip", f"clip_{self.clip_name}"), None)
         self.embedding_key = getattr(tokenizer, "embedding_key", f"clip_{self.clip_name}")
