@@ -267,6 +267,7 @@ class TaskVectorEraseConcept:
             "inversions": ("INT", {"default": 8, "min": 1, "max": 256, "tooltip": "Diverse Inversion: embeddings "
                                    "learned when α = 0."}),
             "inversion_steps": ("INT", {"default": 100, "min": 1, "max": 100000}),
+            "inversion_lr": ("FLOAT", {"default": 5e-3, "min": 1e-6, "max": 1.0, "step": 1e-4, "round": False}),
             "layer_fraction": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01,
                                          "tooltip": "Edit only the layers ranked highest by Diverse Inversion "
                                                     "whose scores add up to this share (1 = every layer, as "
@@ -278,12 +279,13 @@ class TaskVectorEraseConcept:
         }}
 
     def erase(self, model, clip, concept, task_vector_from, alpha, steps, lr, rank, images, image_size,
-              sample_steps, inversions, inversion_steps, layer_fraction, seed, vae=None, image=None):
+              sample_steps, inversions, inversion_steps, inversion_lr, layer_fraction, seed, vae=None, image=None):
         start = time.perf_counter()
         title = "Task Vector Erase Concept"
         check_widgets(type(self), title, alpha=alpha, steps=steps, lr=lr, rank=rank, images=images,
                       image_size=image_size, sample_steps=sample_steps, inversions=inversions,
-                      inversion_steps=inversion_steps, layer_fraction=layer_fraction, seed=seed)
+                      inversion_steps=inversion_steps, inversion_lr=inversion_lr, layer_fraction=layer_fraction,
+                      seed=seed)
         concept = concept.strip()
         if not concept:
             raise ValueError(f"{title}: enter the concept to erase")
@@ -312,7 +314,7 @@ class TaskVectorEraseConcept:
             lines.append(f"concept images: {source}")
         losses: list[float] = []
         if finetune:
-            with torch.inference_mode(False):
+            with torch.inference_mode(False), torch.no_grad():
                 neutral = clip.encode_from_tokens(clip.tokenize("")).float().clone()
             lora, losses = finetune_lora(den, latents, neutral, rank, steps, lr, seed, at)
             done[0] += steps
@@ -327,7 +329,7 @@ class TaskVectorEraseConcept:
         keys, ranking, search, chosen = None, [], None, alpha
         if alpha == 0.0:
             enc = TokenEncoder(clip, concept, device)
-            inv = invert(den, enc, latents, inversions, inversion_steps, 5e-3, 0.1, seed, at)
+            inv = invert(den, enc, latents, inversions, inversion_steps, inversion_lr, 0.1, seed, at)
             done[0] += inversion_steps
             tau = tau_of(den, patches)
             search, l0, base, ranking = choose(den, enc, inv, latents, tau, 4.0, seed)

@@ -167,5 +167,6 @@ class TokenEncoder:
         return torch.cat([self._rows(self.tokens_with(row)).float() for row in v])
 
     def text(self, text: str) -> Tensor:
-        """``[1, 77, d]`` rows of a plain prompt (the neutral one: ``""``)."""
-        return self._rows(self.clip.tokenize(text)).float()
+        """``[1, 77, d]`` rows of a plain prompt (the neutral one: ``""``), no graph."""
+        with torch.no_grad():
+            return self._rows(self.clip.tokenize(text)).float()
