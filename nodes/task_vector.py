@@ -262,17 +262,22 @@ class TaskVectorEraseConcept:
             "rank": ("INT", {"default": 8, "min": 1, "max": 256, "tooltip": "LoRA rank of the fine-tune."}),
             "images": ("INT", {"default": 16, "min": 1, "max": 1000, "tooltip": "Images the model draws of the "
                                "concept to fine-tune on (paper: 200); unused with an IMAGE input."}),
-            "image_size": ("INT", {"default": 512, "min": 64, "max": 2048, "step": 64}),
-            "sample_steps": ("INT", {"default": 20, "min": 1, "max": 200}),
+            "image_size": ("INT", {"default": 512, "min": 64, "max": 2048, "step": 64,
+                                   "tooltip": "Size of the images the model draws (its native size)."}),
+            "sample_steps": ("INT", {"default": 20, "min": 1, "max": 200,
+                                     "tooltip": "Sampling steps of each drawn image (euler, CFG 7.5)."}),
             "inversions": ("INT", {"default": 8, "min": 1, "max": 256, "tooltip": "Diverse Inversion: embeddings "
                                    "learned when α = 0."}),
-            "inversion_steps": ("INT", {"default": 100, "min": 1, "max": 100000}),
-            "inversion_lr": ("FLOAT", {"default": 5e-3, "min": 1e-6, "max": 1.0, "step": 1e-4, "round": False}),
+            "inversion_steps": ("INT", {"default": 100, "min": 1, "max": 100000,
+                                        "tooltip": "Diverse Inversion: optimisation steps (when α = 0)."}),
+            "inversion_lr": ("FLOAT", {"default": 5e-3, "min": 1e-6, "max": 1.0, "step": 1e-4, "round": False,
+                                       "tooltip": "Diverse Inversion: Adam learning rate of the embeddings."}),
             "layer_fraction": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01,
                                          "tooltip": "Edit only the layers ranked highest by Diverse Inversion "
                                                     "whose scores add up to this share (1 = every layer, as "
                                                     "the authors' save_tv.py). Below 1 needs α = 0."}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 2**63 - 1}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 2**63 - 1,
+                             "tooltip": "Seed of the drawn images, the fine-tune and the inversion."}),
         }, "optional": {
             "vae": ("VAE", {"tooltip": "Needed only to encode the optional images."}),
             "image": ("IMAGE", {"tooltip": "Images of the concept to fine-tune on instead of drawn ones."}),
@@ -375,24 +380,32 @@ class DiverseInversion:
     def INPUT_TYPES(cls):
         return {"required": {
             "model": ("MODEL", {"tooltip": "The model to invert on (SD1.x, SD2.x), e.g. an erased one to red-team."}),
-            "clip": ("CLIP", {}),
+            "clip": ("CLIP", {"tooltip": "Its text encoder (SD1.x CLIP-L, SD2.x CLIP-H): the embeddings are "
+                                         "word embeddings of this encoder."}),
             "concept": ("STRING", {"multiline": False, "default": "nudity",
                                    "tooltip": "The concept (its first word starts every embedding)."}),
             "count": ("INT", {"default": 8, "min": 1, "max": 256, "tooltip": "N, the number of embeddings."}),
-            "steps": ("INT", {"default": 100, "min": 1, "max": 100000}),
-            "lr": ("FLOAT", {"default": 5e-3, "min": 1e-6, "max": 1.0, "step": 1e-4, "round": False}),
+            "steps": ("INT", {"default": 100, "min": 1, "max": 100000, "tooltip": "Optimisation steps."}),
+            "lr": ("FLOAT", {"default": 5e-3, "min": 1e-6, "max": 1.0, "step": 1e-4, "round": False,
+                             "tooltip": "Adam learning rate of the embeddings."}),
             "diversity": ("FLOAT", {"default": 0.1, "min": 0.0, "max": 100.0, "step": 0.01, "round": False,
                                     "tooltip": "λ of the diversity term (mean pairwise cosine of the embeddings' "
                                                "offsets from the concept word)."}),
-            "images": ("INT", {"default": 8, "min": 1, "max": 1000}),
-            "image_size": ("INT", {"default": 512, "min": 64, "max": 2048, "step": 64}),
-            "sample_steps": ("INT", {"default": 20, "min": 1, "max": 200}),
-            "alpha_max": ("FLOAT", {"default": 4.0, "min": 0.05, "max": 20.0, "step": 0.05}),
-            "filename_prefix": ("STRING", {"default": "rece/diverse_inversion"}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 2**63 - 1}),
+            "images": ("INT", {"default": 8, "min": 1, "max": 1000,
+                               "tooltip": "Images the model draws of the concept; unused with an IMAGE input."}),
+            "image_size": ("INT", {"default": 512, "min": 64, "max": 2048, "step": 64,
+                                   "tooltip": "Size of the images the model draws (its native size)."}),
+            "sample_steps": ("INT", {"default": 20, "min": 1, "max": 200,
+                                     "tooltip": "Sampling steps of each drawn image (euler, CFG 7.5)."}),
+            "alpha_max": ("FLOAT", {"default": 4.0, "min": 0.05, "max": 20.0, "step": 0.05,
+                                    "tooltip": "The largest α the search tries (with a task vector)."}),
+            "filename_prefix": ("STRING", {"default": "rece/diverse_inversion",
+                                           "tooltip": "Path under models/embeddings; _00001 ... per embedding."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 2**63 - 1,
+                             "tooltip": "Seed of the drawn images and the inversion."}),
         }, "optional": {
             "task_vector": (LORA_MODEL, {"tooltip": "τ (Task Vector Erase Concept's output): find α for it."}),
-            "vae": ("VAE", {}),
+            "vae": ("VAE", {"tooltip": "Needed only to encode the optional images."}),
             "image": ("IMAGE", {"tooltip": "Images of the concept instead of ones the model draws."}),
         }}
 
