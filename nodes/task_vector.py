@@ -276,7 +276,7 @@ class TaskVectorEraseConcept:
                                          "tooltip": "Edit only the layers ranked highest by Diverse Inversion "
                                                     "whose scores add up to this share (1 = every layer, as "
                                                     "the authors' save_tv.py). Below 1 needs α = 0."}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 2**63 - 1,
+            "seed": ("INT", {"default": 0, "min": 0, "max": 2**63 - 1, "control_after_generate": True,
                              "tooltip": "Seed of the drawn images, the fine-tune and the inversion."}),
         }, "optional": {
             "vae": ("VAE", {"tooltip": "Needed only to encode the optional images."}),
@@ -401,7 +401,7 @@ class DiverseInversion:
                                     "tooltip": "The largest α the search tries (with a task vector)."}),
             "filename_prefix": ("STRING", {"default": "rece/diverse_inversion",
                                            "tooltip": "Path under models/embeddings; _00001 ... per embedding."}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 2**63 - 1,
+            "seed": ("INT", {"default": 0, "min": 0, "max": 2**63 - 1, "control_after_generate": True,
                              "tooltip": "Seed of the drawn images and the inversion."}),
         }, "optional": {
             "task_vector": (LORA_MODEL, {"tooltip": "τ (Task Vector Erase Concept's output): find α for it."}),

@@ -23,6 +23,13 @@ SLOTS = {
                             [("conditioning", "CONDITIONING"), ("reach", "FLOAT"), ("report", "STRING")]),
     "RECEApplyErasedWeights": ([("model", "MODEL"), ("erasure", "RECE_ERASURE")],
                                [("model", "MODEL"), ("report", "STRING")]),
+    "RECETaskVectorEraseConcept": ([("model", "MODEL"), ("clip", "CLIP"), ("vae", "VAE"), ("image", "IMAGE")],
+                                   [("model", "MODEL"), ("task_vector", "LORA_MODEL"), ("alpha", "FLOAT"),
+                                    ("report", "STRING")]),
+    "RECEDiverseInversion": ([("model", "MODEL"), ("clip", "CLIP"), ("task_vector", "LORA_MODEL"), ("vae", "VAE"),
+                              ("image", "IMAGE")],
+                             [("conditioning", "CONDITIONING"), ("alpha", "FLOAT"), ("ranking", "STRING"),
+                              ("report", "STRING")]),
 }
 
 
@@ -140,9 +147,30 @@ def erase_nudity_flux() -> None:
     g.dump("erase_nudity_flux_side_by_side.json")
 
 
+def task_vector_sd15() -> None:
+    """Task Vector Erase Concept (fine-tune on 16 images SD1.5 draws of the concept, α by Diverse Inversion),
+    the original and the erased model side by side, and Diverse Inversion red-teaming the erased model."""
+    g = Graph()
+    ckpt = g.add("CheckpointLoaderSimple", ["v1-5-pruned-emaonly.safetensors"], (0, 200))
+    erase = g.add("RECETaskVectorEraseConcept", ["nudity", "(fine-tune on the concept)", 0.0, 200, 1e-4, 8, 16, 512,
+                                                 20, 8, 100, 5e-3, 1.0, 0, "fixed"], (380, 0))
+    g.link(ckpt, 0, erase, "model")
+    g.link(ckpt, 1, erase, "clip")
+    pos, neg, latent = prompts_and_latent(g, ckpt, "a photo of a person on the beach", 512)
+    sampler_branch(g, (ckpt, 0), pos, neg, latent, ckpt, 760, 500, "rece/tv_original")
+    sampler_branch(g, (erase, 0), pos, neg, latent, ckpt, 760, 100, "rece/tv_erased")
+    invert = g.add("RECEDiverseInversion", ["nudity", 8, 100, 5e-3, 0.1, 8, 512, 20, 4.0, "rece/red_team_nudity",
+                                            0, "fixed"], (760, 900))
+    g.link(erase, 0, invert, "model")
+    g.link(ckpt, 1, invert, "clip")
+    sampler_branch(g, (erase, 0), invert, neg, latent, ckpt, 1140, 900, "rece/tv_red_team")
+    g.dump("erase_task_vector_sd15.json")
+
+
 if __name__ == "__main__":
     OUT.mkdir(exist_ok=True)
     erase_nudity_sd15()
     erase_artist_sdxl()
     red_team()
     erase_nudity_flux()
+    task_vector_sd15()

@@ -127,7 +127,8 @@ def test_workflows_saved_before_the_optional_inputs_still_load():
 def test_there_are_the_four_examples():
     names = {p.name for p in EXAMPLES}
     assert names == {"erase_nudity_sd15_side_by_side.json", "erase_artist_style_sdxl.json",
-                     "red_team_derive_embedding.json", "erase_nudity_flux_side_by_side.json"}
+                     "red_team_derive_embedding.json", "erase_nudity_flux_side_by_side.json",
+                     "erase_task_vector_sd15.json"}
 
 
 @pytest.mark.skipif(not os.environ.get("COMFYUI_PATH"), reason="real tier: set COMFYUI_PATH")
