@@ -21,7 +21,14 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+import comfy.model_management
+
 from . import weights as host_weights
+
+
+def _check() -> None:
+    """ComfyUI's Cancel, checked before every model call: within a training step, not only between steps."""
+    comfy.model_management.throw_exception_if_processing_interrupted()
 
 
 class _Call(nn.Module):
@@ -85,6 +92,7 @@ class Denoiser:
         (``sigma_data`` 1). ``overrides()``: weights computed per call (trained LoRA factors)."""
 
         def fn(cond: Tensor, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+            _check()
             idx = (t.float() * self.sigmas.shape[0]).long().clamp(0, self.sigmas.shape[0] - 1)
             sigma = self.sigmas[idx.to(self.sigmas.device)].to(self.device)
             x0, noise = x0.to(self.device, torch.float32), noise.to(self.device, torch.float32)
@@ -164,7 +172,11 @@ class TokenEncoder:
         return toks
 
     def __call__(self, v: Tensor) -> Tensor:
-        return torch.cat([self._rows(self.tokens_with(row)).float() for row in v])
+        rows = []
+        for row in v:
+            _check()
+            rows.append(self._rows(self.tokens_with(row)).float())
+        return torch.cat(rows)
 
     def text(self, text: str) -> Tensor:
         """``[1, 77, d]`` rows of a plain prompt (the neutral one: ``""``), no graph."""
