@@ -138,11 +138,24 @@ def test_the_fine_tune_is_the_task_vector_and_the_patched_model_computes_theta_m
 
             probe = make_probe(latents, 16, 3)
             neutral = sd[1].encode_from_tokens(sd[1].tokenize("")).float().clone()
-            deltas = {k: base[k] - after[k] for k in layers}
+            deltas = {k: (base[k] - after[k]) / alpha for k in layers}
             plain = neutral_loss(neutral, den.loss(), probe)
             plus = neutral_loss(neutral, den.loss({k: den.weight(k) + d for k, d in deltas.items()}), probe)
             minus = neutral_loss(neutral, den.loss({k: den.weight(k) - d for k, d in deltas.items()}), probe)
     assert plus < plain < minus
+    # and the patched clone, patched by ComfyUI itself, computes what θ − α·τ computes
+    x, sigma = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(4)), den.sigmas[[200, 700]]
+    with torch.inference_mode(False), torch.no_grad():
+        ours = den.denoised(x, sigma, neutral.expand(2, -1, -1), {k: den.weight(k) - alpha * d for k, d in deltas.items()})
+    state = {k: v.clone() for k, v in model.model.state_dict().items()}
+    with torch.inference_mode():
+        edited.patch_model()
+        try:
+            theirs = edited.model.apply_model(x, sigma, c_crossattn=neutral.expand(2, -1, -1))
+        finally:
+            edited.unpatch_model()
+    assert rel(theirs, ours) < 1e-5
+    assert all(torch.equal(state[k], v) for k, v in model.model.state_dict().items())  # restored by unpatch
 
 
 def test_same_seed_same_task_vector(sd, pack, finetuned):
