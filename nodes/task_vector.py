@@ -309,10 +309,10 @@ class TaskVectorEraseConcept:
 
         _interrupted()
         device = run.compute_device()
-        den = Denoiser(model, device)
         lines = []
-        latents = None
-        if need_latents:
+        latents, den = None, None
+        if need_latents:  # a given LoRA at a given α needs neither images nor the model's weights
+            den = Denoiser(model, device)
             latents, source = concept_latents(model, clip, vae, image, concept, images, image_size, sample_steps,
                                               seed, progress)
             done[0] = progress.done

@@ -146,6 +146,18 @@ def test_same_seed_same_task_vector_and_alpha(sd, erased):
     assert again[2] == first[2] and all(torch.equal(again[1][k], first[1][k]) for k in first[1])
 
 
+def test_a_lora_file_of_the_same_tau_gets_the_same_alpha_from_diverse_inversion(sd, erased, folders):
+    """The fine-tune's τ saved as a LoRA file and subtracted with α = 0: the same α and the same model."""
+    model, clip, vae, image = sd
+    save_file(erased["result"][1], str(folders / "loras" / "tau.safetensors"))
+    with torch.inference_mode():
+        edited, _, alpha, report = tvn.TaskVectorEraseConcept().erase(
+            model, clip, vae=vae, image=image, **(ERASE | dict(task_vector_from="tau.safetensors")))["result"]
+    assert alpha == erased["result"][2] and "the LoRA tau.safetensors" in report
+    ours, theirs = weights(edited), weights(erased["result"][0])
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
 def test_a_layer_subset_edits_only_the_top_ranked_layers(sd, erased):
     model, clip, vae, image = sd
     with torch.inference_mode():
