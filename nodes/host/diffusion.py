@@ -66,9 +66,15 @@ class Denoiser:
         self.sampling = self.module.model_sampling
         self.kind = parameterisation(self.sampling)
         keys = [k for k, v in self.module.state_dict().items() if k.startswith("diffusion_model.")]
+        # A half-precision model on a GPU computes in its own dtype (ComfyUI casts the inputs to it): the
+        # copies are kept in that dtype and every call runs under autocast; float32 otherwise.
+        dtype = getattr(self.module, "manual_cast_dtype", None) or (
+            self.module.get_dtype() if hasattr(self.module, "get_dtype") else torch.float32)
+        self.autocast = dtype if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) else None
+        store = self.autocast or torch.float32
         with torch.inference_mode(False), torch.no_grad():  # copies: no graph back to the loaded weights
-            self.params = {f"m.{k}": w.detach() for k, w in host_weights.key_weights(model, keys, device,
-                                                                                     include_erasures=True, tick=tick)}
+            self.params = {f"m.{k}": w.detach().to(store) for k, w in host_weights.key_weights(
+                model, keys, device, include_erasures=True, tick=tick)}
             for name, t in list(self.module.named_parameters()) + list(self.module.named_buffers()):
                 if not name.startswith("diffusion_model.") and f"m.{name}" not in self.params:
                     self.params[f"m.{name}"] = t.detach().to(device=device, dtype=torch.float32 if t.is_floating_point()
@@ -77,12 +83,15 @@ class Denoiser:
         self.call = _Call(self.module, lambda m, x, s, c: m.apply_model(x, s, c_crossattn=c))
 
     def weight(self, key: str) -> Tensor:
-        """``diffusion_model.*`` weight as the model uses it (float32, the copy)."""
-        return self.params[f"m.{key}"]
+        """``diffusion_model.*`` weight as the model uses it (the copy), float32."""
+        return self.params[f"m.{key}"].float()
 
     def denoised(self, x: Tensor, sigma: Tensor, cond: Tensor, override: dict[str, Tensor] | None = None) -> Tensor:
         params = self.params if not override else {**self.params, **{f"m.{k}": v for k, v in override.items()}}
-        return functional_call(self.call, params, (x, sigma, cond), strict=False)
+        if self.autocast is None:
+            return functional_call(self.call, params, (x, sigma, cond), strict=False)
+        with torch.autocast(self.device.type, dtype=self.autocast):
+            return functional_call(self.call, params, (x, sigma, cond), strict=False).float()
 
     def loss(self, override: dict[str, Tensor] | None = None,
              overrides: Callable[[], dict[str, Tensor]] | None = None) -> Callable[..., Tensor]:
