@@ -29,6 +29,8 @@ callback=, shuffle=) -> TrainResult``
 - Frozen weights the closure uses must not be inference tensors (ComfyUI creates its models under
   ``torch.inference_mode()``; autograd cannot save those for backward): pass them through
   ``autograd_safe`` once per run (copies only inference tensors, for the run's duration).
+- A forward that modifies tensors in place after autograd saved them (ComfyUI's CLIP layers do
+  ``x += attn(norm(x))``) runs under ``saved_copies()``: what backward needs is copied when saved.
 - ``TrainResult``: ``trained`` (float32 masters, detached), ``deltas()`` (trained − initial, float32),
   ``losses`` per step, ``epoch_losses`` (mean per epoch), ``seconds``, ``steps``, ``parameters``.
 
@@ -55,7 +57,7 @@ from torch import Tensor
 
 __all__ = [
     "PARAMETERISATIONS", "AdamSettings", "Progress", "Step", "TrainResult", "TrainingOutOfMemory",
-    "autograd_safe", "denoising_mse", "model_output", "noise_latents", "output_target", "sample_sigmas", "train",
+    "autograd_safe", "denoising_mse", "saved_copies", "model_output", "noise_latents", "output_target", "sample_sigmas", "train",
 ]
 
 PARAMETERISATIONS = ("eps", "v", "flow")
@@ -133,6 +135,13 @@ def sample_sigmas(sigmas: Tensor, n: int, generator: torch.Generator) -> tuple[T
 
 
 # --------------------------------------------------------------------------- the loop
+
+def saved_copies():
+    """Context: every tensor autograd saves for backward is a copy taken at that moment, so a forward
+    that later modifies it in place (``x += ...``) still differentiates correctly. Costs the copies'
+    memory (small for a text encoder); not needed for forwards without in-place updates."""
+    return torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t)
+
 
 def autograd_safe(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """``name → tensor`` usable in a graph that is differentiated: inference tensors are copied

@@ -44,3 +44,18 @@ class ProgressBar:
 
     def update(self, value):
         self.update_absolute(self.current + value)
+
+
+def set_attr(obj, attr: str, value):
+    attrs = attr.split(".")
+    for name in attrs[:-1]:
+        obj = getattr(obj, name)
+    prev = getattr(obj, attrs[-1])
+    setattr(obj, attrs[-1], value)
+    return prev
+
+
+def set_attr_param(obj, attr: str, value):
+    import torch
+
+    return set_attr(obj, attr, torch.nn.Parameter(value, requires_grad=False))
