@@ -21,6 +21,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from ...rece_core.train import saved_copies
+
 import comfy.model_management
 
 from . import weights as host_weights
@@ -169,7 +171,7 @@ class TokenEncoder:
             self.cond.set_clip_options({"layer": self.clip.layer_idx})
         # ComfyUI's CLIP adds its residuals in place (x += ...), which autograd refuses for tensors it
         # saved: every tensor saved for backward is saved as a copy (the CLIP's activations, twice)
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t):
+        with saved_copies():
             out = functional_call(self.call, self._params(), (toks,), strict=False)
         return out[0] if isinstance(out, (tuple, list)) else out
 
