@@ -88,7 +88,7 @@ def main() -> None:
             den.denoised(s, den.sigmas[500:501], neutral.to(device))
 
     def finetune():
-        tvn.finetune_lora(den, latents, neutral, args.rank, args.steps, 1e-4, 0, lambda *a: None)
+        tvn.finetune(den, latents, neutral, "lora", args.rank, args.steps, 1e-4, 0, lambda *a: None)
 
     def inversion():
         tvn.invert(den, enc, latents, args.embeddings, args.steps, 5e-3, 0.1, 0, None)

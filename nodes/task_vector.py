@@ -36,6 +36,8 @@ CATEGORY = "model_patches/rece"
 FINETUNE = "(fine-tune on the concept)"
 PROBE_SAMPLES = 32
 LORA_MODEL = "LORA_MODEL"
+ADAPTERS = ["lora", "full weights"]
+FULL = "full weights"
 
 
 def lora_names() -> list[str]:
@@ -140,24 +142,33 @@ def trainable_layers(den: Denoiser) -> list[str]:
     return blocks or keys
 
 
-def finetune_lora(den: Denoiser, latents: torch.Tensor, neutral: torch.Tensor, rank: int, steps: int, lr: float,
-                  seed: int, progress) -> tuple[dict[str, torch.Tensor], list[float]]:
-    """LoRA adapters trained toward the concept with empty captions (the pack's training loop)."""
+def finetune(den: Denoiser, latents: torch.Tensor, neutral: torch.Tensor, adapter: str, rank: int, steps: int,
+             lr: float, seed: int, progress) -> tuple[dict[str, torch.Tensor], list[float]]:
+    """τ trained toward the concept with empty captions (the pack's training loop), as a LoRA state dict:
+    ``adapter = "lora"``: LoRA factors (up starts at 0, ``alpha = rank``); ``"full weights"``: the trained
+    layers themselves, τ = their change, written as ComfyUI's ``.diff`` keys."""
     from ..rece_core.train import AdamSettings, train
 
     keys = trainable_layers(den)
     g = torch.Generator().manual_seed(seed)
+    full = adapter == FULL
     initial = {}
     for k in keys:
         w = den.weight(k)
-        initial[f"{k}|down"] = torch.randn(rank, w.shape[1], generator=g) / math.sqrt(w.shape[1])
-        initial[f"{k}|up"] = torch.zeros(w.shape[0], rank)
+        if full:
+            initial[k] = w
+        else:
+            initial[f"{k}|down"] = torch.randn(rank, w.shape[1], generator=g) / math.sqrt(w.shape[1])
+            initial[f"{k}|up"] = torch.zeros(w.shape[0], rank)
     n = latents.shape[0]
     batch = min(4, n)
     epochs = max(1, math.ceil(steps / math.ceil(n / batch)))
 
     def loss(trainables, step):
-        override = {k: den.weight(k) + trainables[f"{k}|up"] @ trainables[f"{k}|down"] for k in keys}
+        if full:
+            override = {k: trainables[k] for k in keys}
+        else:
+            override = {k: den.weight(k) + trainables[f"{k}|up"] @ trainables[f"{k}|down"] for k in keys}
         x0 = latents[step.batch].to(den.device)
         noise, t = step.randn(*x0.shape), step.rand(x0.shape[0])
         with torch.inference_mode(False):
@@ -167,6 +178,10 @@ def finetune_lora(den: Denoiser, latents: torch.Tensor, neutral: torch.Tensor, r
     result = train(initial, loss, n_items=n, batch_size=batch, epochs=epochs,
                    adam=AdamSettings(lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0), seed=seed,
                    device=den.device, callback=lambda p: progress(p.step, p.total))
+    if full:
+        deltas = result.deltas()
+        return {f"{k.removesuffix('.weight')}.diff": deltas[k].detach().float().cpu().contiguous() for k in keys}, \
+            list(result.losses)
     layers = {k: (result.trained[f"{k}|up"], result.trained[f"{k}|down"]) for k in keys}
     return lora_sd(layers, rank), list(result.losses)
 
@@ -259,6 +274,9 @@ class TaskVectorEraseConcept:
             "steps": ("INT", {"default": 200, "min": 1, "max": 100000, "tooltip": "Fine-tune steps (paper: 200)."}),
             "lr": ("FLOAT", {"default": 1e-4, "min": 1e-7, "max": 1.0, "step": 1e-5, "round": False,
                              "tooltip": "Fine-tune learning rate (LoRA; the paper's full fine-tune uses 1e-5)."}),
+            "adapter": (ADAPTERS, {"default": "lora", "tooltip": "What the fine-tune trains on the transformer "
+                                   "blocks' linear layers: LoRA adapters (small, shareable) or the full weights of "
+                                   "those layers (as the paper, which trains the whole UNet)."}),
             "rank": ("INT", {"default": 8, "min": 1, "max": 256, "tooltip": "LoRA rank of the fine-tune."}),
             "images": ("INT", {"default": 16, "min": 1, "max": 1000, "tooltip": "Images the model draws of the "
                                "concept to fine-tune on (paper: 200); unused with an IMAGE input."}),
@@ -283,7 +301,7 @@ class TaskVectorEraseConcept:
             "image": ("IMAGE", {"tooltip": "Images of the concept to fine-tune on instead of drawn ones."}),
         }}
 
-    def erase(self, model, clip, concept, task_vector_from, alpha, steps, lr, rank, images, image_size,
+    def erase(self, model, clip, concept, task_vector_from, alpha, steps, lr, adapter, rank, images, image_size,
               sample_steps, inversions, inversion_steps, inversion_lr, layer_fraction, seed, vae=None, image=None):
         start = time.perf_counter()
         title = "Task Vector Erase Concept"
@@ -297,9 +315,9 @@ class TaskVectorEraseConcept:
         if layer_fraction < 1.0 and alpha != 0.0:
             raise ValueError(f"{title}: a layer subset is chosen by Diverse Inversion; set alpha to 0 or "
                              "layer_fraction to 1")
-        finetune = task_vector_from == FINETUNE
-        need_latents = finetune or alpha == 0.0
-        total = (0 if not need_latents else (1 if image is not None else images)) + (steps if finetune else 0) \
+        trains = task_vector_from == FINETUNE
+        need_latents = trains or alpha == 0.0
+        total = (0 if not need_latents else (1 if image is not None else images)) + (steps if trains else 0) \
             + (inversion_steps if alpha == 0.0 else 0) + 1
         progress = run.Progress(total)
         done = [0]
@@ -318,13 +336,15 @@ class TaskVectorEraseConcept:
             done[0] = progress.done
             lines.append(f"concept images: {source}")
         losses: list[float] = []
-        if finetune:
+        if trains:
             with torch.inference_mode(False), torch.no_grad():
                 neutral = clip.encode_from_tokens(clip.tokenize("")).float().clone()
-            lora, losses = finetune_lora(den, latents, neutral, rank, steps, lr, seed, at)
+            if adapter not in ADAPTERS:
+                raise ValueError(f"{title}: adapter must be one of {ADAPTERS}, got {adapter!r}")
+            lora, losses = finetune(den, latents, neutral, adapter, rank, steps, lr, seed, at)
             done[0] += steps
             name = "fine-tune"
-            lines.append(f"fine-tuned LoRA rank {rank} on {len(trainable_layers(den))} layers, {len(losses)} steps, "
+            lines.append(f"fine-tuned {'full weights' if adapter == FULL else f'LoRA rank {rank}'} on {len(trainable_layers(den))} layers, {len(losses)} steps, "
                          f"lr {lr:g}, empty captions; loss {losses[0]:.4g} → {losses[-1]:.4g}")
         else:
             lora = load_lora_file(task_vector_from)

@@ -185,7 +185,7 @@ def task_vector_sd15() -> None:
     the original and the erased model side by side, and Diverse Inversion red-teaming the erased model."""
     g = Graph()
     ckpt = g.add("CheckpointLoaderSimple", ["v1-5-pruned-emaonly.safetensors"], (0, 200))
-    erase = g.add("RECETaskVectorEraseConcept", ["nudity", "(fine-tune on the concept)", 0.0, 200, 1e-4, 8, 16, 512,
+    erase = g.add("RECETaskVectorEraseConcept", ["nudity", "(fine-tune on the concept)", 0.0, 200, 1e-4, "lora", 8, 16, 512,
                                                  20, 8, 100, 5e-3, 1.0, 0, "fixed"], (380, 0))
     g.link(ckpt, 0, erase, "model")
     g.link(ckpt, 1, erase, "clip")

@@ -26,8 +26,8 @@ from rece_comfyui.rece_core.diverse_inversion import make_probe, neutral_loss, s
 if not COMFYUI_PATH:
     from tv_factory import CLIP, VAE, concept_images, make_model
 
-ERASE = dict(concept="nudity", task_vector_from=tvn.FINETUNE, alpha=0.0, steps=20, lr=5e-3, rank=4, images=4,
-             image_size=64, sample_steps=4, inversions=3, inversion_steps=20, inversion_lr=0.1, layer_fraction=1.0,
+ERASE = dict(concept="nudity", task_vector_from=tvn.FINETUNE, alpha=0.0, steps=20, lr=5e-3, adapter="lora", rank=4,
+             images=4, image_size=64, sample_steps=4, inversions=3, inversion_steps=20, inversion_lr=0.1, layer_fraction=1.0,
              seed=0)
 INVERT = dict(concept="nudity", count=3, steps=20, lr=5e-2, diversity=0.1, images=4, image_size=64, sample_steps=4,
               alpha_max=4.0, filename_prefix="rece/di", seed=0)
@@ -136,6 +136,28 @@ def test_the_fine_tune_is_the_task_vector_and_the_model_computes_theta_minus_alp
         plus = neutral_loss(neutral, den.loss({k: den.weight(k) + d for k, d in deltas.items()}), probe)
         minus = neutral_loss(neutral, den.loss({k: den.weight(k) - d for k, d in deltas.items()}), probe)
     assert plus < plain < minus
+
+
+def test_a_full_weight_fine_tune_is_a_diff_task_vector(sd):
+    """adapter "full weights": τ is the change of the trained layers themselves, as ComfyUI's ``.diff`` keys."""
+    model, clip, vae, image = sd
+    with torch.inference_mode():
+        edited, tau, alpha, report = tvn.TaskVectorEraseConcept().erase(
+            model, clip, vae=vae, image=image, **(ERASE | dict(adapter="full weights", alpha=0.5, steps=8, lr=1e-3)))[
+            "result"]
+    base, after = weights(model), weights(edited)
+    assert all(k.endswith(".diff") for k in tau) and "fine-tuned full weights" in report
+    deltas = {k.removesuffix(".diff") + ".weight": d for k, d in tau.items()}
+    assert set(deltas) == {k for k in base if "transformer_blocks" in k and k.endswith(".weight")}
+    for k, d in deltas.items():
+        assert rel(after[k], base[k].double() - 0.5 * d.double()) < 1e-6
+    with torch.inference_mode(False):
+        den = Denoiser(model, torch.device("cpu"))
+        probe = make_probe(model.model.process_latent_in(vae.encode(image)), 16, 3)
+        neutral = clip.encode_from_tokens(clip.tokenize("")).detach()
+        plain = neutral_loss(neutral, den.loss(), probe)
+        plus = neutral_loss(neutral, den.loss({k: den.weight(k) + d for k, d in deltas.items()}), probe)
+    assert plus < plain
 
 
 def test_same_seed_same_task_vector_and_alpha(sd, erased):

@@ -17,7 +17,8 @@ from measure import rel
 
 pytestmark = pytest.mark.skipif(not os.environ.get("COMFYUI_PATH"), reason="real tier: set COMFYUI_PATH")
 
-ERASE = dict(concept="nudity", alpha=1.0, steps=8, lr=5e-3, rank=4, images=4, image_size=64, sample_steps=4,
+ERASE = dict(concept="nudity", alpha=1.0, steps=8, lr=5e-3, adapter="lora", rank=4, images=4, image_size=64,
+             sample_steps=4,
              inversions=2, inversion_steps=6, inversion_lr=5e-2, layer_fraction=1.0, seed=0)
 
 
