@@ -205,3 +205,22 @@ def test_diverse_inversion_embeddings_reach_the_concept_load_as_embeddings_and_a
         at = set_losses(conds, den.loss({k: den.weight(k) - alpha * d for k, d in taus.items()}), probe)
     assert bool((base < neutral).all()), (base, neutral)  # each embedding reaches the concept
     assert bool((at >= neutral).all()), (at, neutral)     # and at α none does
+
+
+def test_inversion_gradients_through_comfyuis_clip_match_finite_differences(sd, pack):
+    """ComfyUI's CLIP adds residuals in place; with the saved tensors copied, autograd is still exact."""
+    from rece_comfyui.nodes.host.diffusion import TokenEncoder
+
+    _, clip, _, _ = sd
+    g = torch.Generator().manual_seed(2)
+    with torch.inference_mode(False):
+        enc = TokenEncoder(clip, "nudity", torch.device("cpu"))
+        r = torch.randn(1, 77, 768, generator=g)
+        u = torch.randn(1, 768, generator=g)
+        v = (enc.init.unsqueeze(0) + 0.01 * torch.randn(1, 768, generator=g)).requires_grad_(True)
+        with torch.enable_grad():
+            (enc(v) * r).sum().backward()
+        eps = 1e-2 * float(enc.init.norm()) / float(u.norm())
+        with torch.no_grad():
+            fd = float(((enc(v + eps * u) - enc(v - eps * u)) * r).sum()) / (2 * eps)
+    assert abs(fd - float((v.grad * u).sum())) <= 0.02 * abs(fd) + 1e-6, (fd, float((v.grad * u).sum()))
