@@ -344,7 +344,8 @@ class TaskVectorEraseConcept:
             lora, losses = finetune(den, latents, neutral, adapter, rank, steps, lr, seed, at)
             done[0] += steps
             name = "fine-tune"
-            lines.append(f"fine-tuned {'full weights' if adapter == FULL else f'LoRA rank {rank}'} on {len(trainable_layers(den))} layers, {len(losses)} steps, "
+            what = "full weights" if adapter == FULL else f"LoRA rank {rank}"
+            lines.append(f"fine-tuned {what} on {len(trainable_layers(den))} layers, {len(losses)} steps, "
                          f"lr {lr:g}, empty captions; loss {losses[0]:.4g} → {losses[-1]:.4g}")
         else:
             lora = load_lora_file(task_vector_from)

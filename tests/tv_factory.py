@@ -98,7 +98,8 @@ class ToyUNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.time_embed = nn.ModuleList([nn.Linear(1, HIDDEN)])
-        self.input_blocks = nn.ModuleList([nn.ModuleList([nn.Conv2d(4, HIDDEN, 1)]), nn.ModuleList([nn.Identity(), nn.Module()])])
+        self.input_blocks = nn.ModuleList([nn.ModuleList([nn.Conv2d(4, HIDDEN, 1)]),
+                                           nn.ModuleList([nn.Identity(), nn.Module()])])
         self.input_blocks[1][1].transformer_blocks = nn.ModuleList([Block()])
         self.middle_block = nn.ModuleList([nn.Identity(), nn.Module()])
         self.middle_block[1].transformer_blocks = nn.ModuleList([Block()])

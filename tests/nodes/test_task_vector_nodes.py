@@ -4,8 +4,6 @@ ComfyUI's executor runs them."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -27,7 +25,8 @@ if not COMFYUI_PATH:
     from tv_factory import CLIP, VAE, concept_images, make_model
 
 ERASE = dict(concept="nudity", task_vector_from=tvn.FINETUNE, alpha=0.0, steps=20, lr=5e-3, adapter="lora", rank=4,
-             images=4, image_size=64, sample_steps=4, inversions=3, inversion_steps=20, inversion_lr=0.1, layer_fraction=1.0,
+             images=4, image_size=64, sample_steps=4, inversions=3, inversion_steps=20, inversion_lr=0.1,
+             layer_fraction=1.0,
              seed=0)
 INVERT = dict(concept="nudity", count=3, steps=20, lr=5e-2, diversity=0.1, images=4, image_size=64, sample_steps=4,
               alpha_max=4.0, filename_prefix="rece/di", seed=0)
@@ -97,7 +96,8 @@ def test_an_existing_lora_is_subtracted_at_alpha(sd, folders):
     for k in keys:
         w = model.model.state_dict()[k]
         name = "lora_unet_" + k.removeprefix("diffusion_model.").removesuffix(".weight").replace(".", "_")
-        up, down = 0.1 * torch.randn(w.shape[0], 2, *([1] * (w.ndim - 2)), generator=g), torch.randn(2, *w.shape[1:], generator=g)
+        up = 0.1 * torch.randn(w.shape[0], 2, *([1] * (w.ndim - 2)), generator=g)
+        down = torch.randn(2, *w.shape[1:], generator=g)
         lora |= {f"{name}.lora_up.weight": up, f"{name}.lora_down.weight": down, f"{name}.alpha": torch.tensor(1.0)}
         deltas[k] = 0.5 * (up.flatten(1) @ down.flatten(1)).reshape(w.shape)
     save_file(lora, str(folders / "loras" / "concept.safetensors"))
@@ -258,7 +258,8 @@ def test_a_lora_for_another_model_and_an_image_without_vae_are_refused(sd, folde
                "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.zeros(2, 4)},
               str(folders / "loras" / "flux.safetensors"))
     with pytest.raises(ValueError, match="holds no layer of this model"), torch.inference_mode():
-        tvn.TaskVectorEraseConcept().erase(model, clip, **(ERASE | dict(task_vector_from="flux.safetensors", alpha=1.0)))
+        tvn.TaskVectorEraseConcept().erase(model, clip,
+                                           **(ERASE | dict(task_vector_from="flux.safetensors", alpha=1.0)))
     with pytest.raises(ValueError, match="VAE"), torch.inference_mode():
         tvn.DiverseInversion().invert(model, clip, image=image, **INVERT)
 

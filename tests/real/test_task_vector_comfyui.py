@@ -147,7 +147,8 @@ def test_the_fine_tune_is_the_task_vector_and_the_patched_model_computes_theta_m
     # and the patched clone, patched by ComfyUI itself, computes what θ − α·τ computes
     x, sigma = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(4)), den.sigmas[[200, 700]]
     with torch.inference_mode(False), torch.no_grad():
-        ours = den.denoised(x, sigma, neutral.expand(2, -1, -1), {k: den.weight(k) - alpha * d for k, d in deltas.items()})
+        edit = {k: den.weight(k) - alpha * d for k, d in deltas.items()}
+        ours = den.denoised(x, sigma, neutral.expand(2, -1, -1), edit)
     state = {k: v.clone() for k, v in model.model.state_dict().items()}
     with torch.inference_mode():
         edited.patch_model()
