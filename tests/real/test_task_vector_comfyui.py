@@ -225,3 +225,15 @@ def test_inversion_gradients_through_comfyuis_clip_match_finite_differences(sd, 
         with torch.no_grad():
             fd = float(((enc(v + eps * u) - enc(v - eps * u)) * r).sum()) / (2 * eps)
     assert abs(fd - float((v.grad * u).sum())) <= 0.02 * abs(fd) + 1e-6, (fd, float((v.grad * u).sum()))
+
+
+def test_without_images_the_model_draws_the_concept_itself(sd, pack):
+    """The paper's data: images the base model draws for the concept (ComfyUI's sampler), seeded."""
+    model, clip, _, _ = sd
+    before = fingerprint(model)
+    settings = ERASE | dict(images=2, image_size=64, sample_steps=2, steps=2)
+    with torch.inference_mode():
+        a = pack.TaskVectorEraseConcept().erase(model, clip, task_vector_from=pack.FINETUNE, **settings)["result"]
+        b = pack.TaskVectorEraseConcept().erase(model, clip, task_vector_from=pack.FINETUNE, **settings)["result"]
+    assert "2 image(s) the model drew for 'nudity'" in a[3] and fingerprint(model) == before
+    assert all(torch.equal(a[1][k], b[1][k]) for k in a[1])
