@@ -64,6 +64,12 @@ class Denoiser:
 
     def __init__(self, model, device: torch.device, tick: Callable[[], None] | None = None) -> None:
         self.module = model.model
+        arch, readers = host_weights.architecture(model)  # refuses GGUF / NF4 weights, models without text
+        if arch.name != "unet" or getattr(self.module.diffusion_model, "num_classes", None) is not None:
+            raise ValueError(f"training on this {host_weights.model_type(model)} model is not supported yet: the task-"
+                             "vector fine-tune and Diverse Inversion call SD1.x / SD2.x UNets (text rows only); "
+                             "SDXL also needs pooled-text and size conditioning, the DiT families their own inputs. "
+                             "A LoRA at a given alpha works on any model")
         self.device = device
         self.sampling = self.module.model_sampling
         self.kind = parameterisation(self.sampling)

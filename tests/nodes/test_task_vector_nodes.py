@@ -264,6 +264,14 @@ def test_a_lora_for_another_model_and_an_image_without_vae_are_refused(sd, folde
         tvn.DiverseInversion().invert(model, clip, image=image, **INVERT)
 
 
+def test_training_refuses_an_sdxl_unet_clearly(sd):
+    model, clip, vae, image = sd
+    sdxl = make_model()
+    sdxl.model.diffusion_model.num_classes = "sequential"  # SDXL's UNet reads pooled text and sizes (y)
+    with pytest.raises(ValueError, match="not supported yet"), torch.inference_mode():
+        tvn.TaskVectorEraseConcept().erase(sdxl, clip, vae=vae, image=image, **ERASE)
+
+
 def test_diverse_inversion_refuses_a_clip_with_several_encoders(sd):
     model, clip, vae, image = sd
 
