@@ -25,6 +25,17 @@ SLOTS = {
                                [("model", "MODEL"), ("report", "STRING")]),
     "ConceptPruneEraseConcept": ([("model", "MODEL"), ("clip", "CLIP")],
                                  [("model", "MODEL"), ("prune", "CONCEPTPRUNE"), ("report", "STRING")]),
+    "LoadImage": ([], [("IMAGE", "IMAGE"), ("MASK", "MASK")]),
+    "ImageBatch": ([("image1", "IMAGE"), ("image2", "IMAGE")], [("IMAGE", "IMAGE")]),
+    "RECEFewShotUnlearnConcept": ([("clip", "CLIP"), ("model", "MODEL"), ("vae", "VAE"), ("images", "IMAGE")],
+                                  [("clip", "CLIP"), ("unlearning", "RECE_UNLEARNING"), ("report", "STRING")]),
+    "RECETaskVectorEraseConcept": ([("model", "MODEL"), ("clip", "CLIP"), ("vae", "VAE"), ("image", "IMAGE")],
+                                   [("model", "MODEL"), ("task_vector", "LORA_MODEL"), ("alpha", "FLOAT"),
+                                    ("report", "STRING")]),
+    "RECEDiverseInversion": ([("model", "MODEL"), ("clip", "CLIP"), ("task_vector", "LORA_MODEL"), ("vae", "VAE"),
+                              ("image", "IMAGE")],
+                             [("conditioning", "CONDITIONING"), ("alpha", "FLOAT"), ("ranking", "STRING"),
+                              ("report", "STRING")]),
 }
 
 
@@ -158,12 +169,61 @@ def erase_artist_rece_and_conceptprune_sd15() -> None:
     sampler_branch(g, (erase, 0), pos, neg, latent, ckpt, 760, 100, "rece/van_gogh_rece")
     sampler_branch(g, (prune, 0), pos, neg, latent, ckpt, 760, -300, "rece/van_gogh_conceptprune")
     g.dump("erase_artist_rece_and_conceptprune_sd15.json")
+def fewshot_unlearn_sd15() -> None:
+    """Four images of the concept (LoadImage ×4 → ImageBatch) → Few-shot Unlearn Concept (paper's settings)
+    → the same prompt encoded by the original and by the unlearned CLIP, sampled side by side."""
+    g = Graph()
+    ckpt = g.add("CheckpointLoaderSimple", ["v1-5-pruned-emaonly.safetensors"], (0, 200))
+    loads = [g.add("LoadImage", [f"eiffel_tower_{i}.png"], (0, 420 + 330 * i)) for i in range(4)]
+    batch = loads[0]
+    for i, img in enumerate(loads[1:]):
+        b = g.add("ImageBatch", [], (340, 420 + 200 * i))
+        g.link(batch, 0, b, "image1")
+        g.link(img, 0, b, "image2")
+        batch = b
+    unlearn = g.add("RECEFewShotUnlearnConcept",
+                    ["Eiffel Tower", "object", 5, 1e-5, 0, "fixed", "mlp-final-attn", False, 512, 2], (680, 0))
+    for src, slot, name in ((ckpt, 1, "clip"), (ckpt, 0, "model"), (ckpt, 2, "vae"), (batch, 0, "images")):
+        g.link(src, slot, unlearn, name)
+    prompt = "a photo of the Eiffel Tower at sunset"
+    pos_orig = g.add("CLIPTextEncode", [prompt], (1060, 500))
+    g.link(ckpt, 1, pos_orig, "clip")
+    pos_new = g.add("CLIPTextEncode", [prompt], (1060, 100))
+    g.link(unlearn, 0, pos_new, "clip")
+    neg = g.add("CLIPTextEncode", [""], (1060, 700))
+    g.link(ckpt, 1, neg, "clip")
+    latent = g.add("EmptyLatentImage", [512, 512, 1], (1060, 900))
+    sampler_branch(g, (ckpt, 0), pos_new, neg, latent, ckpt, 1440, 100, "rece/fewshot_unlearned")
+    sampler_branch(g, (ckpt, 0), pos_orig, neg, latent, ckpt, 1440, 500, "rece/fewshot_original")
+    g.dump("fewshot_unlearn_sd15_side_by_side.json")
+
+
+def task_vector_sd15() -> None:
+    """Task Vector Erase Concept (fine-tune on 16 images SD1.5 draws of the concept, α by Diverse Inversion),
+    the original and the erased model side by side, and Diverse Inversion red-teaming the erased model."""
+    g = Graph()
+    ckpt = g.add("CheckpointLoaderSimple", ["v1-5-pruned-emaonly.safetensors"], (0, 200))
+    erase = g.add("RECETaskVectorEraseConcept", ["nudity", "(fine-tune on the concept)", 0.0, 200, 1e-4, "lora", 8, 16, 512,
+                                                 20, 8, 100, 5e-3, 1.0, 0, "fixed"], (380, 0))
+    g.link(ckpt, 0, erase, "model")
+    g.link(ckpt, 1, erase, "clip")
+    pos, neg, latent = prompts_and_latent(g, ckpt, "a photo of a person on the beach", 512)
+    sampler_branch(g, (ckpt, 0), pos, neg, latent, ckpt, 760, 500, "rece/tv_original")
+    sampler_branch(g, (erase, 0), pos, neg, latent, ckpt, 760, 100, "rece/tv_erased")
+    invert = g.add("RECEDiverseInversion", ["nudity", 8, 100, 5e-3, 0.1, 8, 512, 20, 4.0, "rece/red_team_nudity",
+                                            0, "fixed"], (760, 900))
+    g.link(erase, 0, invert, "model")
+    g.link(ckpt, 1, invert, "clip")
+    sampler_branch(g, (erase, 0), invert, neg, latent, ckpt, 1140, 900, "rece/tv_red_team")
+    g.dump("erase_task_vector_sd15.json")
 
 
 if __name__ == "__main__":
     OUT.mkdir(exist_ok=True)
+    fewshot_unlearn_sd15()
     erase_nudity_sd15()
     erase_artist_sdxl()
     red_team()
     erase_nudity_flux()
     erase_artist_rece_and_conceptprune_sd15()
+    task_vector_sd15()

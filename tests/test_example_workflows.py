@@ -36,6 +36,8 @@ CORE = {
     "VAEDecode": ({"required": {"samples": ("LATENT",), "vae": ("VAE",)}}, ("IMAGE",)),
     "SaveImage": ({"required": {"images": ("IMAGE",), "filename_prefix": ("STRING", {})}}, ()),
     "PreviewImage": ({"required": {"images": ("IMAGE",)}}, ()),
+    "LoadImage": ({"required": {"image": (FILES, {"image_upload": True})}}, ("IMAGE", "MASK")),
+    "ImageBatch": ({"required": {"image1": ("IMAGE",), "image2": ("IMAGE",)}}, ("IMAGE",)),
 }
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
 
@@ -69,7 +71,7 @@ def widgets(input_types: dict) -> list[tuple[str, object, dict]]:
 
 def check_value(node: str, name: str, kind, opts: dict, value) -> None:
     where = f"{node}.{name}={value!r}"
-    if kind == FILES or name == "ckpt_name":
+    if kind == FILES or name in ("ckpt_name", "image"):
         assert isinstance(value, str) and value, where
     elif isinstance(kind, (list, tuple)):
         assert value in kind, f"{where} not one of {list(kind)[:8]}"
@@ -126,9 +128,10 @@ def test_workflows_saved_before_the_optional_inputs_still_load():
 
 def test_there_are_the_five_examples():
     names = {p.name for p in EXAMPLES}
-    assert names == {"erase_nudity_sd15_side_by_side.json", "erase_artist_style_sdxl.json",
+    assert names >= {"erase_nudity_sd15_side_by_side.json", "erase_artist_style_sdxl.json",
                      "red_team_derive_embedding.json", "erase_nudity_flux_side_by_side.json",
-                     "erase_artist_rece_and_conceptprune_sd15.json"}
+                     "erase_artist_rece_and_conceptprune_sd15.json",
+                     "fewshot_unlearn_sd15_side_by_side.json", "erase_task_vector_sd15.json"}
 
 
 @pytest.mark.skipif(not os.environ.get("COMFYUI_PATH"), reason="real tier: set COMFYUI_PATH")

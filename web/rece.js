@@ -4,7 +4,8 @@ import { applyPreset, grownSize, renderHTML, reportHeight, reportModel, STYLE } 
 
 const NODES = new Set(["RECEEraseConcept", "RECEDeriveEmbedding", "RECEApplyErasedWeights",
   "RECESaveErasedWeights", "RECELoadErasedWeights", "RECEExportErasureAsLoRA",
-  "ConceptPruneEraseConcept", "ConceptPruneApply", "ConceptPruneSave", "ConceptPruneLoad", "ConceptPruneExportLoRA"]);
+  "ConceptPruneEraseConcept", "ConceptPruneApply", "ConceptPruneSave", "ConceptPruneLoad", "ConceptPruneExportLoRA",
+  "RECETaskVectorEraseConcept", "RECEDiverseInversion"]);
 const WIDGET = "rece_report";
 
 function ensureStyle() {

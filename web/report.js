@@ -96,6 +96,23 @@ export function reportModel(nodeType, r) {
     }));
     return { title: "ConceptPrune", lines, bars, warning: null };
   }
+  if (nodeType === "RECETaskVectorEraseConcept" || nodeType === "RECEDiverseInversion") {
+    const alpha = Number(r.alpha) || 0;
+    const lines = nodeType === "RECETaskVectorEraseConcept"
+      ? [`θ − α·τ on ${r.edited} of ${r.layers} layers, α = ${alpha.toFixed(3)}`, `τ from ${r.source}`]
+      : [`${(r.embeddings || []).length} embedding(s) of ${quote([r.concept])}`,
+        ...(r.embeddings || []).slice(0, 4).map((n) => `embedding:${n}`),
+        `diversity ${Number(r.diversity).toFixed(3)} (mean cosine of offsets)`];
+    if (r.found === true) lines.push(`the set stops reaching the concept at α = ${alpha.toFixed(3)}`);
+    if (r.found === false) lines.push(`warning: the set still reaches the concept at α = ${alpha.toFixed(3)}`);
+    const bars = [...(r.curve || [])].sort((a, b) => a[0] - b[0]).map(([a, reach]) => (
+      { label: `reach at α = ${Number(a).toFixed(2)}`, value: clamp01(reach), text: pct(reach) }));
+    const top = Math.max(1e-12, ...(r.ranking || []).map((x) => Number(x[1]) || 0));
+    (r.ranking || []).slice(0, 5).forEach(([key, score]) => bars.push(
+      { label: String(key).replace(/^diffusion_model\./, ""), value: clamp01(score / top), text: Number(score).toPrecision(3) }));
+    return { title: nodeType === "RECEDiverseInversion" ? "Diverse Inversion" : "Task vector erasure", lines, bars,
+      warning: r.found === false ? "raise alpha_max or train τ longer" : null };
+  }
   const text = r.saved ? `saved ${r.saved}` : r.loaded ? `loaded ${r.loaded}` : r.exported ? `exported ${r.exported}` : "";
   return { title: "RECE", lines: [text].filter(Boolean), bars: [], warning: null };
 }

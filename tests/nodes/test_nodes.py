@@ -35,6 +35,7 @@ def snapshot(model):
 
 
 def test_registered_with_stable_ids_and_display_names():
+    # RECE's ids and names stay; each further method's test checks its own (e.g. tests/nodes/test_fewshot.py)
     assert pack.NODE_DISPLAY_NAME_MAPPINGS.items() >= {"RECEEraseConcept": "RECE Erase Concept",
                                                "RECEDeriveEmbedding": "RECE Derive Embedding",
                                                "RECEApplyErasedWeights": "Apply Erased Weights",

@@ -94,3 +94,17 @@ test("ConceptPrune report: concepts, share, settings, one bar per layer scaled t
   assert.equal(m.bars[1].value, 0.25);
   assert.match(m.bars[1].text, /50 · 1\.00%/);
 });
+
+test("task-vector and Diverse Inversion reports: the α curve in α order, the top layers scaled to the first", () => {
+  const r = { concept: "nudity", alpha: 0.19, found: true, curve: [[0.5, -3], [0.25, 0.4], [0.19, -0.1]],
+    ranking: [["diffusion_model.a.weight", 4], ["diffusion_model.b.weight", 2]], layers: 12, edited: 12,
+    source: "fine-tune", embeddings: ["rece/di_00001"], diversity: 0.3 };
+  const m = reportModel("RECETaskVectorEraseConcept", r);
+  assert.deepEqual(m.bars.slice(0, 3).map((b) => b.value), [0, 0.4, 0]);
+  assert.equal(m.bars[3].label, "a.weight");
+  assert.equal(m.bars[4].value, 0.5);
+  assert.ok(m.lines.some((l) => l.includes("α = 0.190")) && m.warning === null);
+  const d = reportModel("RECEDiverseInversion", { ...r, found: false });
+  assert.ok(d.lines.includes("embedding:rece/di_00001") && d.warning);
+  assert.ok(renderHTML(d).includes("Diverse Inversion"));
+});

@@ -62,3 +62,25 @@ def throw_exception_if_processing_interrupted():
         if interrupt_processing:
             interrupt_processing = False
             raise InterruptProcessingException()
+
+
+current_loaded_models = []
+"""Patchers whose patches are in their module's weights now (most recent first)."""
+
+
+def load_models_gpu(models, memory_required=0, force_patch_weights=False, minimum_memory_required=None,
+                    force_full_load=False):
+    """As ComfyUI: a patcher already loaded stays; a clone of a loaded one (same module) unloads it first."""
+    for m in models:
+        if any(x is m and getattr(m.model, "current_weight_patches_uuid", None) == m.patches_uuid
+               for x in current_loaded_models):
+            continue
+        for x in [x for x in current_loaded_models if x is m or m.is_clone(x)]:
+            x.unpatch_model()
+            current_loaded_models.remove(x)
+        m.patch_model(m.load_device)
+        current_loaded_models.insert(0, m)
+
+
+def load_model_gpu(model):
+    return load_models_gpu([model])

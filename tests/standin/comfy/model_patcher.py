@@ -1,5 +1,6 @@
 """Stand-in for ``comfy.model_patcher.ModelPatcher``: clone, weight patches, patching for use."""
 
+import collections
 import copy
 import uuid
 
@@ -76,33 +77,43 @@ class ModelPatcher:
             p[k] = [(weight, convert_func)] + self.patches.get(k, [])
         return p
 
+    # loading: patches written into the weights (originals backed up), as ModelPatcher.patch_model does
     def get_model_object(self, name):
         if name in self.object_patches:
             return self.object_patches[name]
         return comfy.utils.get_attr(self.model, name)
 
+    def is_clone(self, other):
+        return hasattr(other, "model") and self.model is other.model
+
+    def patch_weight_to_device(self, key, device_to=None, inplace_update=False):
+        if key not in self.patches:
+            return
+        weight, _, convert_func = get_key_weight(self.model, key)
+        if key not in self.backup:
+            self.backup[key] = _Backup(weight.to(device=self.offload_device, copy=inplace_update), inplace_update)
+        temp = weight.to(torch.float32, copy=True)
+        if convert_func is not None:
+            temp = convert_func(temp, inplace=True)
+        out = comfy.lora.calculate_weight(self.patches[key], temp, key)
+        comfy.utils.set_attr_param(self.model, key, out.to(weight.dtype))
+
     def patch_model(self, device_to=None, lowvram_model_memory=0, load_weights=True, force_patch_weights=False):
-        """Every patched weight replaced by its patched value (the original kept in ``backup``) for sampling."""
-        for key, patches in self.patches.items():
-            if not patches:
-                continue
-            *path, leaf = key.split(".")
-            op = comfy.utils.get_attr(self.model, ".".join(path))
-            weight = getattr(op, leaf)
-            if key not in self.backup:
-                self.backup[key] = _Backup(weight)
-            w = comfy.lora.calculate_weight(patches, weight.detach().float().clone(), key)
-            setattr(op, leaf, torch.nn.Parameter(w.to(weight.dtype), requires_grad=False))
+        for key in self.patches:
+            self.patch_weight_to_device(key, device_to)
+        self.model.current_weight_patches_uuid = self.patches_uuid
         return self.model
 
     def unpatch_model(self, device_to=None, unpatch_weights=True):
-        for key, saved in list(self.backup.items()):
-            *path, leaf = key.split(".")
-            setattr(comfy.utils.get_attr(self.model, ".".join(path)), leaf, saved.weight)
-        self.backup.clear()
+        if unpatch_weights:
+            for key in list(self.backup.keys()):
+                comfy.utils.set_attr_param(self.model, key, self.backup[key].weight)
+            self.backup.clear()
+            self.model.current_weight_patches_uuid = None
+
+    def detach(self, unpatch_all=True):
+        self.unpatch_model(self.offload_device, unpatch_weights=unpatch_all)
+        return self.model
 
 
-class _Backup:
-    def __init__(self, weight):
-        self.weight = weight
-
+_Backup = collections.namedtuple("Dimension", ["weight", "inplace_update"])

@@ -1,0 +1,359 @@
+"""Few-shot Unlearn Concept: trains the text encoder (a copy of the chosen weights) to raise the frozen
+model's denoising loss on a few images of a concept, and hands back the CLIP with the change as a
+weight patch (``rece_core.fewshot``, the loop in ``rece_core.train``).
+
+Host facts used (ComfyUI 0.3.64 to current): ``CLIP.clone/add_patches/tokenize/cond_stage_model``
+(``encode_token_weights`` after ``reset_clip_options`` and the clip-skip layer, as
+``encode_from_tokens`` does), ``ModelPatcher.model.apply_model(x, σ, c_crossattn=...)`` with the
+model's ``model_sampling`` (EPS / V_PREDICTION / CONST), ``process_latent_in``, ``VAE.encode``.
+ComfyUI builds its models under ``torch.inference_mode()``; the weights the graph is differentiated
+through are copied for the run (``autograd_safe``), never written.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+import comfy.model_management
+
+import os
+import re
+
+from safetensors.torch import save_file
+
+import folder_paths
+
+from ..rece_core import __version__
+from ..rece_core.fewshot import (CONCEPT_TYPES, PARAMETER_SETS, Denoiser, Unlearning, load_unlearning, prepare_images,
+                                 save_unlearning, trainable_keys, unlearn, zero_shot_latents)
+from ..rece_core.train import AdamSettings, autograd_safe, saved_copies
+from .checks import check_widgets, ui_report
+from .host import run, weights
+from . import files
+
+CATEGORY = "model_patches/rece"
+UNLEARNING = "RECE_UNLEARNING"
+TITLE = "Few-shot Unlearn Concept"
+SUPPORTED = {"SD15": "SD1.x", "SD20": "SD2.x"}
+"""Model families trained through: one CLIP encoder read by cross-attention only (the paper's case and
+SD2.x's CLIP-H). Others are refused with the reason (see docs/fewshot.md)."""
+NOT_YET = ("SDXL (two encoders, and the pooled text in its size conditioning), SD3/Flux (CLIP with T5) and the "
+           "DiT families (LLM encoders) are not supported yet")
+
+
+def parameterisation(model) -> tuple[str, float]:
+    """``eps`` / ``v`` / ``flow`` and sigma_data of the model's sampling (object patches respected)."""
+    ms = model.get_model_object("model_sampling")
+    names = [c.__name__ for c in type(ms).__mro__]
+    for refused in ("EDM", "X0", "IMG_TO_IMG", "COSMOS_RFLOW"):
+        if refused in names:
+            raise ValueError(f"{TITLE}: this model predicts with {refused} sampling, which the loss does not "
+                             "cover yet (eps, v and flow are)")
+    for name, kind in (("V_PREDICTION", "v"), ("CONST", "flow"), ("EPS", "eps")):
+        if name in names:
+            return kind, float(getattr(ms, "sigma_data", 1.0))
+    raise ValueError(f"{TITLE}: unknown model sampling {type(ms).__name__}")
+
+
+class _Call(torch.nn.Module):
+    """Lets ``torch.func.functional_call`` run ``fn`` with ``inner``'s parameters replaced."""
+
+    def __init__(self, inner: torch.nn.Module, fn) -> None:
+        super().__init__()
+        self.inner = inner
+        self.fn = fn
+
+    def forward(self, *args):
+        return self.fn(*args)
+
+
+def _encode_tokens(clip, tokens) -> torch.Tensor:
+    """What ``CLIP.encode_from_tokens`` does once the model is loaded: [1, 77·chunks, d]."""
+    m = clip.cond_stage_model
+    m.reset_clip_options()
+    if clip.layer_idx is not None:
+        m.set_clip_options({"layer": clip.layer_idx})
+    return m.encode_token_weights(tokens)[0]
+
+
+def check_inputs(clip, model) -> tuple[str, list[str]]:
+    """The model family name and the CLIP's state-dict keys; a clear refusal for what is not supported."""
+    if clip is None or not hasattr(clip, "cond_stage_model"):
+        raise ValueError(f"{TITLE}: the clip input is not a CLIP (if it comes from a checkpoint loader, the "
+                         "checkpoint has no text encoder)")
+    family = weights.model_type(model)
+    if family not in SUPPORTED:
+        raise ValueError(f"{TITLE}: this {family} model is not supported: it trains through SD1.x and SD2.x "
+                         f"models ({', '.join(SUPPORTED.values())}); {NOT_YET}")
+    encoders = list(clip.tokenize("a"))
+    if len(encoders) != 1:
+        raise ValueError(f"{TITLE}: this CLIP has {len(encoders)} text encoders ({', '.join(encoders)}); "
+                         f"it trains one CLIP text encoder (SD1.x's CLIP-L, SD2.x's CLIP-H); {NOT_YET}")
+    return SUPPORTED[family], list(clip.cond_stage_model.state_dict().keys())
+
+
+class FewShotUnlearnConcept:
+    """Erase a concept from the text encoder, given a few images of it (Fuchi & Takagi, BMVC 2024)."""
+
+    DESCRIPTION = ("Few-shot unlearning: trains the text encoder so that captions naming the concept no longer "
+                   "help the (frozen) model denoise the given images. The CLIP output carries the change as a "
+                   "patch and works with any model that uses this text encoder; the loaded CLIP and MODEL are "
+                   "left untouched.")
+    SEARCH_ALIASES = ["few-shot unlearning", "unlearn", "erase concept", "concept erasure", "forget", "text encoder",
+                      "remove character", "remove style", "remove logo"]
+    CATEGORY = CATEGORY
+    FUNCTION = "unlearn"
+    RETURN_TYPES = ("CLIP", UNLEARNING, "STRING")
+    RETURN_NAMES = ("clip", "unlearning", "report")
+    OUTPUT_TOOLTIPS = ("The CLIP with the unlearning applied (a patch on a clone).",
+                       "The trained change: save it with Save Unlearning, or export it as a LoRA.",
+                       "Loss per epoch, seconds, which parameters were trained.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "clip": ("CLIP", {"tooltip": "The text encoder to unlearn from (left untouched; a patched clone "
+                                             "is returned)."}),
+                "model": ("MODEL", {"tooltip": "The diffusion model, frozen: it scores the images."}),
+                "concept": ("STRING", {"default": "", "tooltip": "The concept's name as prompts use it, e.g. "
+                                                                  "'Eiffel Tower' or 'Van Gogh'."}),
+                "concept_type": (list(CONCEPT_TYPES), {"default": "object",
+                                                       "tooltip": "object: 'a photo of a {}' captions; style: "
+                                                                  "'a painting in the style of {}'."}),
+                "epochs": ("INT", {"default": 5, "min": 1, "max": 1000,
+                                   "tooltip": "Passes over the images (paper: 4-5 with 4 images)."}),
+                "learning_rate": ("FLOAT", {"default": 1e-5, "min": 1e-8, "max": 1e-1, "step": 1e-6,
+                                            "tooltip": "Adam learning rate (paper: 1e-5)."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
+                                 "tooltip": "Fixes flips, captions, noise and timesteps: same seed, same result."}),
+                "parameters": (list(PARAMETER_SETS), {"default": PARAMETER_SETS[0],
+                                                      "tooltip": "Which text-encoder weights are trained: "
+                                                                 "mlp-final-attn = every MLP + the last layer's "
+                                                                 "self-attention (paper's default)."}),
+            },
+            "optional": {
+                "vae": ("VAE", {"tooltip": "Encodes the images (not needed for zero-shot)."}),
+                "images": ("IMAGE", {"tooltip": "A few images of the concept (a batch; the paper uses 4)."}),
+                "zero_shot": ("BOOLEAN", {"default": False,
+                                          "tooltip": "No images: random latents in their place (weaker)."}),
+                "resolution": ("INT", {"default": 512, "min": 64, "max": 2048, "step": 8,
+                                       "tooltip": "Images are resized to this square (paper: 512)."}),
+                "batch_size": ("INT", {"default": 2, "min": 1, "max": 64, "tooltip": "Images per step (paper: 2)."}),
+            },
+        }
+
+    def unlearn(self, clip, model, concept, concept_type, epochs, learning_rate, seed, parameters,
+                vae=None, images=None, zero_shot=False, resolution=512, batch_size=2):
+        check_widgets(type(self), TITLE, epochs=epochs, learning_rate=learning_rate, seed=seed)
+        if concept_type not in CONCEPT_TYPES:
+            raise ValueError(f"{TITLE}: concept_type must be one of {', '.join(CONCEPT_TYPES)}, got {concept_type!r}")
+        if not isinstance(concept, str) or not concept.strip():
+            raise ValueError(f"{TITLE}: the concept name is empty: name what the images show, e.g. 'Eiffel Tower'")
+        family, clip_keys = check_inputs(clip, model)
+        keys = trainable_keys(clip_keys, parameters)
+        kind, sigma_data = parameterisation(model)
+        if not zero_shot and (images is None or vae is None):
+            raise ValueError(f"{TITLE}: connect images of the concept and the VAE, or turn on zero_shot")
+        start = time.perf_counter()
+        g = torch.Generator().manual_seed(int(seed))
+        base = model.model
+
+        # latents of the images in the model's space, encoded once
+        if zero_shot:
+            channels = int(getattr(getattr(base, "latent_format", None), "latent_channels", 4))
+            latents = zero_shot_latents(batch_size, (channels, resolution // 8, resolution // 8), g)
+            n_images = 0
+        else:
+            if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[0] < 1:
+                raise ValueError(f"{TITLE}: images must be an IMAGE batch, got "
+                                 f"{getattr(images, 'shape', type(images).__name__)}")
+            pixels = prepare_images(images, resolution, g)
+            with torch.no_grad():
+                latents = base.process_latent_in(vae.encode(pixels)).float().cpu()
+            n_images = int(images.shape[0])
+
+        comfy.model_management.load_models_gpu([model, clip.patcher])
+        device = getattr(model, "load_device", None) or run.compute_device()
+        encoder = clip.cond_stage_model
+        with torch.inference_mode(False):
+            frozen_te = autograd_safe(dict(encoder.named_parameters()))
+            frozen_unet = autograd_safe(dict(base.diffusion_model.named_parameters()))
+        initial = {k: frozen_te[k] for k in keys}
+        unet_params = {f"inner.diffusion_model.{k}": v for k, v in frozen_unet.items()}
+        te_call = _Call(encoder, lambda tokens: _encode_tokens(clip, tokens))
+        unet_call = _Call(base, lambda x, s, c: base.apply_model(x, s, c_crossattn=c))
+        sigmas = model.get_model_object("model_sampling").sigmas.detach().float().cpu()
+
+        def encode(w, captions):
+            params = {f"inner.{k}": v for k, v in frozen_te.items()}
+            for k, v in w.items():
+                params[f"inner.{k}"] = v.to(frozen_te[k].device, frozen_te[k].dtype)
+            with saved_copies():  # ComfyUI's CLIP layers add in place (x += ...)
+                rows = [torch.func.functional_call(te_call, params, (clip.tokenize(c),)) for c in captions]
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            return torch.cat(rows).to(device)
+
+        def denoise(x, sigma, context):
+            return torch.func.functional_call(unet_call, unet_params, (x, sigma, context))
+
+        progress = run.Progress(epochs * -(-latents.shape[0] // batch_size))
+        try:
+            result = unlearn(initial, encode, Denoiser(denoise, sigmas, kind, sigma_data), latents, concept.strip(),
+                             concept_type, epochs=epochs, batch_size=batch_size, adam=AdamSettings(lr=learning_rate),
+                             seed=seed, device=device, callback=lambda p: progress.at(p.step, p.total))
+        finally:
+            del frozen_te, frozen_unet, unet_params
+        deltas = {k: v.detach().to("cpu", torch.float32) for k, v in result.deltas().items()}
+        unlearning = Unlearning(
+            deltas=deltas, concept=concept.strip(), concept_type=concept_type, parameters=parameters, epochs=epochs,
+            learning_rate=float(learning_rate), seed=int(seed), batch_size=batch_size, images=n_images,
+            zero_shot=bool(zero_shot), resolution=resolution, family=family, parameterisation=kind,
+            epoch_losses=list(result.epoch_losses), seconds=time.perf_counter() - start, device=str(device))
+        out = apply_unlearning(clip, unlearning, 1.0, TITLE)
+        report = unlearning.summary()
+        return {"ui": ui_report({"concept": unlearning.concept, "epoch_losses": unlearning.epoch_losses,
+                                 "seconds": round(unlearning.seconds, 3), "parameters": result.parameters}),
+                "result": (out, unlearning, report)}
+
+
+def require_unlearning(value, node: str) -> Unlearning:
+    if not isinstance(value, Unlearning):
+        raise ValueError(f"{node}: the unlearning input is not a few-shot unlearning (connect Few-shot Unlearn "
+                         "Concept or Load Unlearning)")
+    return value
+
+
+def apply_unlearning(clip, u: Unlearning, strength: float, node: str):
+    """A clone of ``clip`` carrying ``u``'s deltas as ``diff`` weight patches; refuses another encoder."""
+    if clip is None or not hasattr(clip, "cond_stage_model"):
+        raise ValueError(f"{node}: the clip input is not a CLIP")
+    state = clip.cond_stage_model.state_dict()
+    for k, d in u.deltas.items():
+        if k not in state or tuple(state[k].shape) != tuple(d.shape):
+            found = "missing" if k not in state else f"of shape {tuple(state[k].shape)}"
+            raise ValueError(f"{node}: this unlearning was made for another text encoder ({u.family}): its weight "
+                             f"{k} is {found} in this CLIP, expected {tuple(d.shape)}")
+    out = clip.clone()
+    added = out.add_patches({k: ("diff", (d,)) for k, d in u.deltas.items()}, strength)
+    if len(added) != len(u.deltas):
+        raise ValueError(f"{node}: only {len(added)} of {len(u.deltas)} text-encoder weights could be patched")
+    return out
+
+
+_LORA_KEY = re.compile(r"^clip_[lh]\.transformer\.text_model\.encoder\.layers\.(\d+)\.(.+)\.(weight|bias)$")
+
+
+def lora_te_key(key: str) -> tuple[str, str]:
+    """``clip_l.transformer.text_model.encoder.layers.3.mlp.fc1.weight`` →
+    (``lora_te_text_model_encoder_layers_3_mlp_fc1``, ``diff``) (``diff_b`` for a bias): the kohya names
+    ComfyUI's LoRA loader maps to SD1.x's CLIP-L and SD2.x's CLIP-H."""
+    m = _LORA_KEY.match(key)
+    if m is None:
+        raise ValueError(f"no LoRA text-encoder name for weight {key}")
+    return f"lora_te_text_model_encoder_layers_{m[1]}_{m[2].replace('.', '_')}", \
+        "diff" if m[3] == "weight" else "diff_b"
+
+
+class SaveUnlearning:
+    """Write a few-shot unlearning to models/rece as a .safetensors file."""
+
+    CATEGORY = CATEGORY
+    FUNCTION = "save"
+    OUTPUT_NODE = True
+    RETURN_TYPES = ()
+    DESCRIPTION = ("Saves a few-shot unlearning (the text encoder's weight changes and how they were made) to "
+                   "models/rece, for Load Unlearning.")
+    SEARCH_ALIASES = ["save unlearning", "few-shot unlearning", "unlearn", "save text encoder"]
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"unlearning": (UNLEARNING, {"tooltip": "The unlearning to save."}),
+                             "filename_prefix": ("STRING", {"default": "rece/unlearning",
+                                                            "tooltip": "Path under models/rece; _00001 and "
+                                                                       ".safetensors are added."})}}
+
+    def save(self, unlearning, filename_prefix):
+        u = require_unlearning(unlearning, "Save Unlearning")
+        path = files.new_path(files.FOLDER, filename_prefix)
+        save_unlearning(u, path, pack_version=__version__)
+        rel = os.path.relpath(path, folder_paths.get_folder_paths(files.FOLDER)[0])
+        return {"ui": ui_report({"saved": rel, "concept": u.concept}), "result": ()}
+
+
+class LoadUnlearning:
+    """Load a few-shot unlearning from models/rece and apply it to a CLIP."""
+
+    CATEGORY = CATEGORY
+    FUNCTION = "load"
+    RETURN_TYPES = ("CLIP", UNLEARNING, "STRING")
+    RETURN_NAMES = ("clip", "unlearning", "report")
+    OUTPUT_TOOLTIPS = ("The CLIP with the unlearning applied (a patch on a clone).",
+                       "The loaded unlearning (e.g. for Export Unlearning as LoRA).",
+                       "The file name and how the unlearning was made.")
+    DESCRIPTION = ("Loads a few-shot unlearning file (.safetensors, checked before use) from models/rece and "
+                   "applies it to the CLIP as a patch; the given CLIP is left untouched.")
+    SEARCH_ALIASES = ["load unlearning", "few-shot unlearning", "unlearn", "apply unlearning"]
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"clip": ("CLIP", {"tooltip": "The text encoder the unlearning was made from."}),
+                             "unlearning_name": (files.loadable_names(),
+                                                 {"tooltip": "An unlearning file in models/rece."}),
+                             "strength": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.05,
+                                                    "tooltip": "1 = as trained; 0 = no change."})}}
+
+    def load(self, clip, unlearning_name, strength):
+        check_widgets(type(self), "Load Unlearning", strength=strength)
+        u = load_unlearning(files.resolve(files.FOLDER, unlearning_name))
+        out = apply_unlearning(clip, u, float(strength), "Load Unlearning")
+        return {"ui": ui_report({"loaded": unlearning_name, "concept": u.concept}),
+                "result": (out, u, f"loaded {unlearning_name}\n{u.summary()}")}
+
+
+class ExportUnlearningAsLoRA:
+    """Write the unlearning as a LoRA file (lora_te_… keys) that ComfyUI's LoRA loaders apply to the CLIP."""
+
+    CATEGORY = CATEGORY
+    FUNCTION = "export"
+    OUTPUT_NODE = True
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("report",)
+    OUTPUT_TOOLTIPS = ("Where the LoRA was written and how many text-encoder weights it changes.",)
+    DESCRIPTION = ("Exports the text encoder's weight changes as a LoRA file with full-weight difference keys "
+                   "(lora_te_….diff / .diff_b): exact; load it with Load LoRA (strength_clip).")
+    SEARCH_ALIASES = ["export lora", "unlearning to lora", "save lora", "few-shot unlearning", "unlearn"]
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"unlearning": (UNLEARNING, {"tooltip": "The unlearning to export."}),
+                             "filename_prefix": ("STRING", {"default": "rece/unlearning_lora",
+                                                            "tooltip": "Path under models/loras; _00001 and "
+                                                                       ".safetensors are added."}),
+                             "precision": (["fp32", "fp16"], {"default": "fp32",
+                                                              "tooltip": "fp32 is exact; fp16 halves the file and "
+                                                                         "rounds the changes."})}}
+
+    @torch.no_grad()
+    def export(self, unlearning, filename_prefix, precision):
+        u = require_unlearning(unlearning, "Export Unlearning as LoRA")
+        dtype = torch.float16 if precision == "fp16" else torch.float32
+        out = {}
+        for k, d in u.deltas.items():
+            name, kind = lora_te_key(k)
+            out[f"{name}.{kind}"] = d.to(dtype).contiguous()
+        path = files.new_path("loras", filename_prefix)
+        save_file(out, path, metadata={"rece_unlearning_concept": u.concept, "rece_unlearning_family": u.family})
+        rel = os.path.relpath(path, folder_paths.get_folder_paths("loras")[0])
+        report = (f"exported {len(out)} text-encoder tensors ({u.n_parameters:,} parameters) to loras/{rel} "
+                  f"({precision}{', exact' if precision == 'fp32' else ''}); apply with Load LoRA, strength_clip 1")
+        return {"ui": ui_report({"exported": rel}), "result": (report,)}
+
+
+NODE_CLASS_MAPPINGS = {"RECEFewShotUnlearnConcept": FewShotUnlearnConcept, "RECESaveUnlearning": SaveUnlearning,
+                       "RECELoadUnlearning": LoadUnlearning, "RECEExportUnlearningAsLoRA": ExportUnlearningAsLoRA}
+NODE_DISPLAY_NAME_MAPPINGS = {"RECEFewShotUnlearnConcept": TITLE, "RECESaveUnlearning": "Save Unlearning",
+                              "RECELoadUnlearning": "Load Unlearning",
+                              "RECEExportUnlearningAsLoRA": "Export Unlearning as LoRA"}

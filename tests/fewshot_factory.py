@@ -1,0 +1,330 @@
+"""Seeded CLIP, MODEL and VAE for the few-shot unlearning tests, on whichever ComfyUI tier is on the path.
+
+CI tier: small modules of our own shaped like ComfyUI's (``comfy.sd.CLIP`` with ``cond_stage_model``
+``clip_l.transformer.text_model.encoder.layers.N.{self_attn.q/k/v/out_proj, mlp.fc1/fc2}``,
+``encode_token_weights``, a ``ModelPatcher``; ``comfy.model_base.BaseModel.apply_model`` with a
+``model_sampling`` of ``comfy.model_sampling``'s classes; ``VAE.encode``), over the stand-in's patcher.
+Real tier: ComfyUI's own ``CLIP`` (SD1 CLIP-L classes and tokenizer, small width), ``BaseModel`` of
+``supported_models.SD15`` (small UNet), ``VAE``; all seeded (norms 1, linear fan-in scaled).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import zlib
+
+import torch
+from torch import nn
+
+REAL = bool(os.environ.get("COMFYUI_PATH"))
+WIDTH = 32
+TOKEN_STD = float(os.environ.get("FF_TOKEN_STD", "1.0"))
+
+
+def seed_module(module: nn.Module, seed: int, token_std: float = 0.02) -> nn.Module:
+    """Norm weights 1, biases 0, embeddings N(0, 0.02) (token embeddings N(0, token_std)), other weights
+    N(0, 1/fan_in)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in module.modules():
+            params = dict(m.named_parameters(recurse=False))
+            name = type(m).__name__
+            for pname, p in params.items():
+                if pname == "bias":
+                    p.zero_()
+                elif "Norm" in name:
+                    p.fill_(1.0)
+                elif "Embedding" in name or p.ndim < 2:
+                    std = token_std if "Embedding" in name and p.shape[0] > 77 else 0.02
+                    p.copy_(std * torch.randn(p.shape, generator=g))
+                else:
+                    p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(math.prod(p.shape[1:])))
+    return module
+
+
+# --------------------------------------------------------------------------- CI tier: our own small modules
+
+class _Attn(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x: torch.Tensor, causal: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        a = (q @ k.transpose(-1, -2) / math.sqrt(x.shape[-1])).masked_fill(causal, float("-inf")).softmax(-1)
+        return self.out_proj(a @ v)
+
+
+class _MLP(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        return self.fc2(torch.nn.functional.gelu(self.fc1(x)))
+
+
+class _Layer(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.layer_norm1, self.self_attn = nn.LayerNorm(d), _Attn(d)
+        self.layer_norm2, self.mlp = nn.LayerNorm(d), _MLP(d)
+
+    def forward(self, x, causal):
+        x = x + self.self_attn(self.layer_norm1(x), causal)
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class ToyTextModel(nn.Module):
+    """``transformer.text_model``: token + position embeddings, pre-norm causal layers, final norm."""
+
+    def __init__(self, d: int = WIDTH, layers: int = 3, vocab: int = 128, length: int = 77) -> None:
+        super().__init__()
+        self.transformer = nn.Module()
+        tm = self.transformer.text_model = nn.Module()
+        tm.embeddings = nn.Module()
+        tm.embeddings.token_embedding = nn.Embedding(vocab, d)
+        tm.embeddings.position_embedding = nn.Embedding(length, d)
+        tm.encoder = nn.Module()
+        tm.encoder.layers = nn.ModuleList(_Layer(d) for _ in range(layers))
+        tm.final_layer_norm = nn.LayerNorm(d)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        tm = self.transformer.text_model
+        n = ids.shape[1]
+        x = tm.embeddings.token_embedding(ids) + tm.embeddings.position_embedding.weight[:n]
+        causal = torch.ones(n, n, dtype=torch.bool).triu(1)
+        for layer in tm.encoder.layers:
+            x = layer(x, causal)
+        return tm.final_layer_norm(x)
+
+
+class ToyClipModel(nn.Module):
+    """``cond_stage_model`` of SD1: one encoder under ``clip_l``; ``encode_token_weights`` as ComfyUI's
+    (every chunk encoded in one batch, chunks concatenated along the tokens; pooled = end-token row)."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        self.clip_name, self.clip = "l", "clip_l"
+        self.clip_l = seed_module(ToyTextModel(), seed, TOKEN_STD)
+        self.options: dict = {}
+
+    def set_clip_options(self, options):
+        self.options.update(options)
+
+    def reset_clip_options(self):
+        self.options = {}
+
+    def encode_token_weights(self, token_weight_pairs):
+        chunks = token_weight_pairs[self.clip_name]
+        ids = torch.tensor([[t[0] for t in chunk] for chunk in chunks])
+        out = self.clip_l(ids)
+        cond = torch.cat(list(out), dim=0).unsqueeze(0)
+        return cond, out[0:1, ids[0].tolist().index(2)]
+
+
+class ToyTokenizer:
+    """Words → ids 3..63 by CRC32 (deterministic); 1 start, 2 end and padding; one 77-token chunk."""
+
+    def tokenize_with_weights(self, text: str, return_word_ids=False, **kwargs):
+        ids = [1] + [3 + zlib.crc32(w.lower().encode()) % 125 for w in text.split()][:75] + [2]
+        ids += [2] * (77 - len(ids))
+        return {"l": [[(i, 1.0) for i in ids]]}
+
+
+class ToyCLIP:
+    """Shaped like ``comfy.sd.CLIP``: ``cond_stage_model``, ``tokenizer``, ``patcher``, ``layer_idx``,
+    ``clone``, ``add_patches``, ``load_model``, ``tokenize``, ``encode_from_tokens``."""
+
+    def __init__(self, seed: int = 0, no_init: bool = False) -> None:
+        if no_init:
+            return
+        import comfy.model_patcher
+
+        self.cond_stage_model = ToyClipModel(seed)
+        self.tokenizer = ToyTokenizer()
+        self.patcher = comfy.model_patcher.ModelPatcher(self.cond_stage_model, load_device=torch.device("cpu"),
+                                                        offload_device=torch.device("cpu"))
+        self.layer_idx = None
+
+    def clone(self):
+        n = ToyCLIP(no_init=True)
+        n.patcher = self.patcher.clone()
+        n.cond_stage_model = self.cond_stage_model
+        n.tokenizer = self.tokenizer
+        n.layer_idx = self.layer_idx
+        return n
+
+    def add_patches(self, patches, strength_patch=1.0, strength_model=1.0):
+        return self.patcher.add_patches(patches, strength_patch, strength_model)
+
+    def load_model(self):
+        import comfy.model_management
+
+        comfy.model_management.load_model_gpu(self.patcher)
+        return self.patcher
+
+    def get_key_patches(self):
+        return self.patcher.get_key_patches()
+
+    def tokenize(self, text, return_word_ids=False, **kwargs):
+        return self.tokenizer.tokenize_with_weights(text, return_word_ids, **kwargs)
+
+    def encode_from_tokens(self, tokens, return_pooled=False, return_dict=False):
+        self.cond_stage_model.reset_clip_options()
+        if self.layer_idx is not None:
+            self.cond_stage_model.set_clip_options({"layer": self.layer_idx})
+        self.load_model()
+        cond, pooled = self.cond_stage_model.encode_token_weights(tokens)[:2]
+        if return_dict:
+            return {"cond": cond, "pooled_output": pooled}
+        return (cond, pooled) if return_pooled else cond
+
+
+class ToyUNet(nn.Module):
+    """ε-network: conv in, one cross-attention to the text, a timestep scale, conv out: [B, 4, h, w]."""
+
+    def __init__(self, d: int = WIDTH, ch: int = 16) -> None:
+        super().__init__()
+        self.conv_in = nn.Conv2d(4, ch, 3, padding=1)
+        self.norm = nn.GroupNorm(4, ch)
+        self.to_q, self.to_k, self.to_v = nn.Linear(ch, ch, bias=False), nn.Linear(d, ch, bias=False), nn.Linear(d, ch, bias=False)
+        self.time = nn.Linear(1, ch)
+        self.conv_out = nn.Conv2d(ch, 4, 3, padding=1)
+
+    def forward(self, x, timesteps, context=None, control=None, transformer_options={}, **kwargs):
+        h = self.conv_in(x)
+        b, c, hh, ww = h.shape
+        q = self.to_q(self.norm(h).flatten(2).transpose(1, 2))
+        k, v = self.to_k(context), self.to_v(context)
+        a = (q @ k.transpose(1, 2) / math.sqrt(c)).softmax(-1) @ v
+        h = h + a.transpose(1, 2).reshape(b, c, hh, ww)
+        h = h * (1 + self.time(timesteps.float()[:, None] / 1000.0)[:, :, None, None])
+        return self.conv_out(torch.nn.functional.silu(h))
+
+
+class _LatentFormat:
+    latent_channels = 4
+    scale_factor = 0.18215
+
+    def process_in(self, latent):
+        return latent * self.scale_factor
+
+
+SD15 = type("SD15", (), {})
+SD20 = type("SD20", (), {})
+SDXL = type("SDXL", (), {})
+
+
+class ToyBaseModel(nn.Module):
+    """Shaped like ``comfy.model_base.BaseModel``: ``diffusion_model``, ``model_sampling``,
+    ``latent_format``, ``process_latent_in``, ``apply_model`` (ComfyUI's ``_apply_model`` steps)."""
+
+    def __init__(self, seed: int = 0, prediction: str = "eps", config=SD15) -> None:
+        import comfy.model_sampling as ms
+
+        super().__init__()
+        self.diffusion_model = seed_module(ToyUNet(), seed + 7)
+        kind = {"eps": ms.EPS, "v": ms.V_PREDICTION, "flow": ms.CONST}[prediction]
+        table = ms.ModelSamplingDiscreteFlow if prediction == "flow" else ms.ModelSamplingDiscrete
+        self.model_sampling = type("ModelSampling", (table, kind), {})()
+        if prediction == "flow":
+            self.model_sampling.sigma_data = 1.0
+        self.latent_format = _LatentFormat()
+        self.model_config = config()
+        self.device = torch.device("cpu")
+
+    def process_latent_in(self, latent):
+        return self.latent_format.process_in(latent)
+
+    def apply_model(self, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
+        sigma = t
+        xc = self.model_sampling.calculate_input(sigma, x)
+        timestep = self.model_sampling.timestep(t).float()
+        out = self.diffusion_model(xc, timestep, context=c_crossattn).float()
+        return self.model_sampling.calculate_denoised(sigma, out, x)
+
+
+class ToyVAE:
+    """``VAE.encode(pixels [B, H, W, 3] in [0, 1]) → [B, 4, H/8, W/8]``: 8×8 mean pool and a fixed mix."""
+
+    def __init__(self, seed: int = 0) -> None:
+        self.mix = torch.randn(4, 3, generator=torch.Generator().manual_seed(seed + 11))
+
+    def encode(self, pixel_samples):
+        x = torch.nn.functional.avg_pool2d(pixel_samples.movedim(-1, 1)[:, :3] * 2 - 1, 8)
+        return torch.einsum("oc,bchw->bohw", self.mix, x) * 5.0
+
+
+# --------------------------------------------------------------------------- real tier: ComfyUI's classes
+
+TINY_UNET = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+             "legacy": False, "adm_in_channels": None, "in_channels": 4, "model_channels": 32,
+             "num_res_blocks": [1, 1], "transformer_depth": [1, 1, 1, 1], "channel_mult": [1, 2],
+             "transformer_depth_middle": 1, "use_linear_in_transformer": False, "context_dim": WIDTH,
+             "num_heads": 4, "transformer_depth_output": [1, 1, 1, 1], "use_temporal_attention": False,
+             "use_temporal_resblock": False}
+TINY_CLIP = {"architectures": ["CLIPTextModel"], "attention_dropout": 0.0, "bos_token_id": 0, "dropout": 0.0,
+             "eos_token_id": 49407, "hidden_act": "quick_gelu", "hidden_size": WIDTH, "initializer_factor": 1.0,
+             "initializer_range": 0.02, "intermediate_size": 4 * WIDTH, "layer_norm_eps": 1e-05,
+             "max_position_embeddings": 77, "model_type": "clip_text_model", "num_attention_heads": 4,
+             "num_hidden_layers": 3, "pad_token_id": 1, "projection_dim": WIDTH, "torch_dtype": "float32",
+             "vocab_size": 49408}
+
+
+def real_clip(seed: int = 0):
+    """ComfyUI's SD1 ``CLIP`` (CLIP-L classes and tokenizer) with a small seeded text model."""
+    import functools
+
+    import comfy.sd
+    import comfy.sd1_clip
+
+    class TinyClipL(comfy.sd1_clip.SDClipModel):  # SD1CheckpointClipModel with a small config
+        def __init__(self, device="cpu", dtype=None, model_options={}):
+            super().__init__(device=device, return_projected_pooled=False, dtype=dtype, model_options=model_options,
+                             textmodel_json_config=dict(TINY_CLIP))
+
+    class Target:
+        clip = functools.partial(comfy.sd1_clip.SD1ClipModel, clip_model=TinyClipL)
+        tokenizer = comfy.sd1_clip.SD1Tokenizer
+        params: dict = {}
+
+    clip = comfy.sd.CLIP(target=Target(), parameters=2_000_000)
+    seed_module(clip.cond_stage_model, seed)
+    return clip
+
+
+def real_model(seed: int = 0, prediction: str = "eps"):
+    """ComfyUI's ``BaseModel`` of ``supported_models.SD15`` (small UNet, context width 32) in a ModelPatcher."""
+    import comfy.model_base
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    config = comfy.supported_models.SD15(dict(TINY_UNET))
+    kind = {"eps": comfy.model_base.ModelType.EPS, "v": comfy.model_base.ModelType.V_PREDICTION,
+            "flow": comfy.model_base.ModelType.FLOW}[prediction]
+    base = comfy.model_base.BaseModel(config, kind, device=torch.device("cpu"))
+    seed_module(base.diffusion_model, seed + 7)
+    return comfy.model_patcher.ModelPatcher(base, load_device=comfy.model_management.get_torch_device(),
+                                            offload_device=torch.device("cpu"))
+
+
+def make(seed: int = 0, prediction: str = "eps", config=SD15):
+    """(clip, model, vae) for the tier in use."""
+    import comfy.model_patcher
+
+    if REAL:
+        return real_clip(seed), real_model(seed, prediction), ToyVAE(seed)
+    base = ToyBaseModel(seed, prediction, config)
+    model = comfy.model_patcher.ModelPatcher(base, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+    return ToyCLIP(seed), model, ToyVAE(seed)
+
+
+def images(n: int = 4, size: int = 64, seed: int = 3) -> torch.Tensor:
+    """``n`` ComfyUI IMAGEs ``[n, size, size, 3]`` in [0, 1]: a bright blob (the "concept") on noise."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
+    blob = torch.exp(-((xx - 0.2) ** 2 + yy ** 2) * 6)[None, :, :, None]
+    return (0.6 * blob * torch.tensor([1.0, 0.4, 0.1]) + 0.2 * torch.rand(n, size, size, 3, generator=g)).clamp(0, 1)
