@@ -27,7 +27,9 @@ D = 256  # text width of every tiny family
 # Tiny models keep the real ratio of token rows to text width (Flux: 256 rows, 4096 wide): T5 pads to
 # T5_ROWS, through ComfyUI's own tokenizer_data knob ("t5xxl_min_length"), instead of 256/512/77.
 T5_ROWS = 16
-POOLED = {"flux": 16, "sd3": 32, "hunyuan_video": 16}
+# pooled CLIP widths: about the real ratio to the rows' width (CLIP-L's 768 next to T5's 4096)
+POOLED = {"flux": 48, "sd3": 64, "hunyuan_video": 48}
+POOLED_FLUX, POOLED_SD3 = 48, 32
 QWEN_HEAD = [151644, 8948, 198, 74785, 279, 2168, 13, 151645, 198, 151644, 872, 198]  # system …, user\n
 QWEN_TAIL = [151645, 198, 151644, 77091, 198]  # <|im_end|>\n<|im_start|>assistant\n
 ZIMAGE_HEAD = [151644, 872, 198]
@@ -48,12 +50,12 @@ class Family:
 
 FAMILIES = {
     "flux": Family("flux", "Flux", dict(
-        image_model="flux", in_channels=16, out_channels=16, vec_in_dim=16, context_in_dim=D, hidden_size=64,
+        image_model="flux", in_channels=16, out_channels=16, vec_in_dim=POOLED_FLUX, context_in_dim=D, hidden_size=64,
         mlp_ratio=2.0, num_heads=2, depth=2, depth_single_blocks=2, axes_dim=[8, 12, 12], theta=10000,
         patch_size=2, qkv_bias=True, guidance_embed=True), (1, 16, 8, 8),
         {"txt_in.weight": (64, D)}, pooled="vector_in.in_layer.weight"),
     "sd3": Family("sd3", "SD3", dict(
-        in_channels=16, out_channels=16, patch_size=2, depth=1, adm_in_channels=32, pos_embed_scaling_factor=None,
+        in_channels=16, out_channels=16, patch_size=2, depth=1, adm_in_channels=2 * POOLED_SD3, pos_embed_scaling_factor=None,
         context_embedder_config={"target": "torch.nn.Linear", "params": {"in_features": D, "out_features": 64}},
         num_patches=64, pos_embed_max_size=8, input_size=None, x_block_self_attn_layers=[]), (1, 16, 8, 8),
         {"context_embedder.weight": (64, D)}, pooled="y_embedder.mlp.0.weight"),
@@ -198,7 +200,8 @@ class DiTCLIP:
         self.family = family
         self.tokenizer = (real_tokenizers(family) if real_tokenizer else None) or standin_tokenizers(family)
         self.enc = SeededEncoder(D, seed, positions=family in ("qwen_image", "lumina2", "qwen_image21", "hunyuan_video"))
-        self.clip_l, self.clip_g = SeededEncoder(16, seed + 1), SeededEncoder(16, seed + 2)
+        width = POOLED.get(family, 32) // (2 if family == "sd3" else 1)  # SD3 pools CLIP-L and G side by side
+        self.clip_l, self.clip_g = SeededEncoder(width, seed + 1), SeededEncoder(width, seed + 2)
 
     def tokenize(self, text: str, return_word_ids=False, **kwargs):
         return self.tokenizer.tokenize_with_weights(text, return_word_ids, **kwargs)
@@ -208,7 +211,11 @@ class DiTCLIP:
         return [t[0] for t in tokens[key][0]]
 
     def _pool(self, enc, ids):
-        return enc.rows(ids)[ids.index(49407)].unsqueeze(0)
+        """CLIP's pooled vector: the end token's row, which (as in CLIP) carries the prompt's words."""
+        rows = enc.rows(ids)
+        words = [i for i, t in enumerate(ids) if t not in (49406, 49407, 0)]
+        pooled = (rows[ids.index(49407)] + (rows[words].mean(0) if words else rows[ids.index(49407)])) / 2
+        return pooled.unsqueeze(0)
 
     def encode_from_tokens(self, tokens, return_pooled=False, return_dict=False):
         extra = {}
