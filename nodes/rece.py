@@ -66,7 +66,11 @@ def pooled_erasure(model, clip, arch, names: list[str], guide: str, preserve: li
     def vector(text: str) -> torch.Tensor:
         if text not in vectors:
             check()
-            pooled = encoding.encode(clip, text, device, arch, model)[2].get("pooled_output")
+            tokens = clip.tokenize(text if text.strip() else "")
+            if "t5xxl" in tokens and "l" in tokens:  # Flux, SD3: the pooled vector is CLIP's; T5 gets one token
+                tokens["t5xxl"] = [tokens["t5xxl"][0][-1:]]
+            out = clip.encode_from_tokens(tokens, return_pooled=True, return_dict=True)
+            pooled = out.get("pooled_output") if isinstance(out, dict) else out[1]
             if pooled is None or pooled.reshape(-1).shape[0] != width:
                 raise LookupError(f"the CLIP gives {'no' if pooled is None else pooled.reshape(-1).shape[0]}-wide "
                                   f"pooled vector, the model's pooled path reads {width}")

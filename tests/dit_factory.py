@@ -220,8 +220,11 @@ class DiTCLIP:
     def encode_from_tokens(self, tokens, return_pooled=False, return_dict=False):
         extra = {}
         pooled = None
-        if self.family in ("flux", "chroma"):
-            cond = self.enc.rows(self._ids(tokens, "t5xxl"))
+        if self.family in ("flux", "chroma", "wan"):
+            # ComfyUI's T5 (and Flux's CLIP-L + T5) encodes every chunk of a token list in one batch and
+            # concatenates their rows; the pooled vector is the first chunk's
+            key = "umt5xxl" if self.family == "wan" else "t5xxl"
+            cond = torch.cat([self.enc.rows([t[0] for t in chunk]) for chunk in tokens[key]])
             if self.family == "flux":
                 pooled = self._pool(self.clip_l, self._ids(tokens, "l"))
         elif self.family == "sd3":
@@ -230,8 +233,6 @@ class DiTCLIP:
             lg = torch.nn.functional.pad(lg, (0, D - lg.shape[-1]))
             cond = torch.cat([lg, self.enc.rows(self._ids(tokens, "t5xxl"))])
             pooled = torch.cat([self._pool(self.clip_l, l_ids), self._pool(self.clip_g, g_ids)], dim=-1)
-        elif self.family == "wan":
-            cond = self.enc.rows(self._ids(tokens, "umt5xxl"))
         elif self.family == "qwen_image":
             ids = self._ids(tokens, "qwen25_7b")
             cond = self.enc.rows(ids)
