@@ -164,3 +164,60 @@ def test_real_classes_have_the_readers(config):
     assert {state[k].shape[1] for k in found} == {state[found[0]].shape[1]}
     pooled = arch.pooled_keys(config, keys)
     assert [k.removeprefix("diffusion_model.") for k in pooled] == expected[3]
+
+
+def test_sdxl_pooled_bigg_is_erased_on_its_columns_of_label_emb_only(models_dir):
+    """SDXL's label_emb reads [pooled bigG (1280) | size embeddings (1536)]: the pooled erasure edits the
+    first 1280 columns as W P and leaves the size embeddings' columns exactly as they were; it survives
+    Save/Load and is in the exported LoRA."""
+    import math
+
+    import torch
+    from safetensors.torch import load_file
+
+    from factory import FakeCLIP, effective_weights, make_model
+    from rece_comfyui.nodes.files import ExportErasureAsLoRA, LoadErasedWeights, SaveErasedWeights
+    from rece_comfyui.nodes.rece import ApplyErasedWeights, RECEEraseConcept
+
+    class BigGPooled(FakeCLIP):
+        """The tiny CLIP's rows, and a 1280-wide pooled vector carrying the prompt (SDXL's pooled bigG)."""
+
+        def __init__(self):
+            super().__init__("tiny")
+            gen = torch.Generator().manual_seed(7)
+            self.to_bigg = torch.randn(64, 1280, generator=gen) / 8
+
+        def encode_from_tokens(self, tokens, return_pooled=False, return_dict=False):
+            cond = super().encode_from_tokens(tokens)
+            ids = [t[0] for t in tokens["l"][0]]
+            rows = cond[0, :len(ids)]
+            pooled = ((rows[ids.index(self.parts[0].end)] + rows[1:ids.index(self.parts[0].end)].sum(0))
+                      @ self.to_bigg).unsqueeze(0)
+            return (cond, pooled) if return_pooled else cond
+
+    model = make_model("tiny", config="SDXL")  # SDXL's pooled path next to tiny cross-attention (fast)
+    label = torch.nn.Module()
+    g = torch.Generator().manual_seed(3)
+    label.register_parameter("weight", torch.nn.Parameter(torch.randn(64, 2816, generator=g) / math.sqrt(2816),
+                                                          requires_grad=False))
+    model.model.diffusion_model.add_module("label_emb", torch.nn.Sequential(torch.nn.Sequential(label)))
+    key = "diffusion_model.label_emb.0.0.weight"
+    before = model.model.state_dict()[key].clone()
+    out, erasure, report = RECEEraseConcept().erase(model, BigGPooled(), "nudity", "", "", "nudity", 1, 0.1, 0.1,
+                                                    1.0, 0.1)["result"]
+    assert erasure.spaces["pooled"].dim == 1280 and "pooled text (label_emb.0.0.weight)" in report
+    w = effective_weights(out, [key])[key]
+    p = erasure.spaces["pooled"].transform.dense().double()
+    assert torch.equal(w[:, 1280:], before[:, 1280:])
+    assert float((w[:, :1280].double() - before[:, :1280].double() @ p).norm() / before.norm()) < 1e-5
+    assert float((w[:, :1280] - before[:, :1280]).norm()) > 1e-3 * float(before.norm())
+    assert torch.equal(model.model.state_dict()[key], before) and key not in model.patches
+    SaveErasedWeights().save(erasure, "x")
+    loaded = LoadErasedWeights().load("x_00001.safetensors")["result"][0]
+    again = ApplyErasedWeights().apply(model, loaded, 1.0)["result"][0]
+    assert torch.equal(effective_weights(again, [key])[key], w)
+    ExportErasureAsLoRA().export(model, erasure, "l", 0, "fp32")
+    lora = load_file(str(models_dir / "loras" / "l_00001.safetensors"))
+    up, down = lora["lora_unet_label_emb_0_0.lora_up.weight"], lora["lora_unet_label_emb_0_0.lora_down.weight"]
+    delta = float(lora["lora_unet_label_emb_0_0.alpha"]) / down.shape[0] * up @ down
+    assert float((before + delta - w).norm() / w.norm()) < 1e-5 and float(delta[:, 1280:].abs().max()) == 0.0
