@@ -127,8 +127,12 @@ class RECEEraseConcept:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("MODEL", {"tooltip": "The diffusion model to erase from (SD1.x, SD2.x, SDXL, Flux, Chroma, "
-                                           "SD3.x, Wan, Qwen-Image, HiDream, Lumina 2 / Z-Image)."}),
+            "model": ("MODEL", {"tooltip": "The diffusion model to erase from (SD1.x, SD2.x, SDXL, Flux, Flux.2, "
+                                           "Chroma, SD3.x, Wan, Qwen-Image (2.1), HiDream, Lumina 2 / Z-Image, "
+                                           "Kandinsky 5, HunyuanVideo / HunyuanImage, Ideogram 4, ERNIE-Image, "
+                                           "JoyImage, OmniGen2, Anima, Cosmos Predict2, AuraFlow, PixArt, LTX-Video, "
+                                           "Mochi, Stable Cascade, LongCat-Image). Its pooled text path, where it has "
+                                           "one, is erased too."}),
             "clip": ("CLIP", {"tooltip": "The text encoder that goes with the model."}),
             "concepts": ("STRING", {"multiline": True, "default": "nudity",
                                     "tooltip": "Concepts to erase, one per line."}),
