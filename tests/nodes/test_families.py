@@ -221,3 +221,29 @@ def test_sdxl_pooled_bigg_is_erased_on_its_columns_of_label_emb_only(models_dir)
     up, down = lora["lora_unet_label_emb_0_0.lora_up.weight"], lora["lora_unet_label_emb_0_0.lora_down.weight"]
     delta = float(lora["lora_unet_label_emb_0_0.alpha"]) / down.shape[0] * up @ down
     assert float((before + delta - w).norm() / w.norm()) < 1e-5 and float(delta[:, 1280:].abs().max()) == 0.0
+
+
+def test_a_flux_checkpoint_with_txt_norm_is_read_through_it():
+    """A Flux-family checkpoint carrying ``txt_norm`` (ComfyUI's flux model has it as an option): the rows
+    RECE reads, and the rows Derive returns, are in the normed space the reader sees."""
+    import torch
+
+    from dit_factory import D, DiTCLIP, make_model
+    from rece_comfyui.nodes.host import encoding, weights
+    from rece_comfyui.nodes.rece import RECEDeriveEmbedding, RECEEraseConcept
+
+    model, clip = make_model("flux"), DiTCLIP("flux")
+    norm = torch.nn.Module()
+    norm.register_parameter("scale", torch.nn.Parameter(0.5 + torch.rand(D, generator=torch.Generator().manual_seed(2)),
+                                                        requires_grad=False))
+    model.model.diffusion_model.add_module("txt_norm", norm)
+    arch, _ = weights.architecture(model)
+    raw = clip.encode_from_tokens(clip.tokenize("nudity"))[0].float()
+    seen = encoding.encode(clip, "nudity", torch.device("cpu"), arch, model)[0].rows
+    assert torch.allclose(seen, architectures.rms_norm(raw, norm.scale, 1e-6), atol=1e-5)
+    out = RECEEraseConcept().erase(model, clip, "nudity", "", "", "nudity", 1, 0.1, 0.1, 1.0, 0.1)["result"][0]
+    cond = RECEDeriveEmbedding().derive(out, clip, "nudity", 0.1)["result"][0][0][0][0].float()
+    again = architectures.rms_norm(cond, norm.scale, 1e-6)  # what txt_in reads from the returned rows
+    emb = encoding.encode(clip, "nudity", torch.device("cpu"), arch, out)[0]
+    assert again.shape == emb.rows.shape and torch.isfinite(again).all()
+    assert "diffusion_model.txt_norm.scale" not in out.patches
