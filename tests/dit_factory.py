@@ -79,11 +79,14 @@ FAMILIES = {
                            extra_keys={"txt_in.out_layer.weight": (64, 64)}),
     # comfy/ldm/hunyuan_video/model.py: TokenRefiner's input_embedder reads the rows, its c_embedder their
     # mean (into the modulation vector, as vector_in's pooled CLIP-L)
-    "hunyuan_video": Family("hunyuan_video", "HunyuanVideo", {}, (1, 16, 8, 8),
+    "hunyuan_video": Family("hunyuan_video", "HunyuanVideo", dict(
+        image_model="hunyuan_video", in_channels=16, out_channels=16, vec_in_dim=POOLED_FLUX, context_in_dim=D,
+        hidden_size=64, mlp_ratio=2.0, num_heads=2, depth=1, depth_single_blocks=1, axes_dim=[8, 12, 12], theta=256,
+        patch_size=[1, 2, 2], qkv_bias=True, guidance_embed=True, byt5=False, meanflow=False), (1, 16, 1, 8, 8),
                             {"txt_in.input_embedder.weight": (64, D), "txt_in.c_embedder.in_layer.weight": (64, D)},
                             pooled="vector_in.in_layer.weight"),
 }
-REAL_FAMILIES = ("flux", "sd3", "wan", "qwen_image")
+REAL_FAMILIES = ("flux", "sd3", "wan", "qwen_image", "hunyuan_video")
 
 
 # ---------------------------------------------------------------- text encoders

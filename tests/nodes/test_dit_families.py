@@ -1,8 +1,11 @@
-"""RECE on the DiT families (Flux, SD3, Wan, Qwen-Image, Chroma, Lumina2/Z-Image), in both tiers.
+"""RECE on the DiT families (Flux, SD3, Wan, Qwen-Image, Chroma, Lumina2/Z-Image, Qwen-Image 2.1, HunyuanVideo),
+in both tiers, pooled text paths included.
 
 CI tier: stand-in models with the families' text-reader key names, sampled by a small forward that reads
-the text through them. Real tier (COMFYUI_PATH): Flux, SD3, Wan and Qwen-Image are ComfyUI's own model
-classes with tiny configs, sampled by ``comfy.sample``, with ComfyUI's own tokenizers where they ship.
+the text through them. Real tier (COMFYUI_PATH): Flux, SD3, Wan, Qwen-Image and HunyuanVideo are ComfyUI's own
+model classes with tiny configs, sampled by ``comfy.sample``, with ComfyUI's own tokenizers where they ship.
+Qwen-Image 2.1 is newer than ComfyUI 0.3.64: its stand-in mirrors the current class's text path exactly
+(``txt_in.text_norm``, a zero-centred RMSNorm, then ``txt_in.in_layer``), in both tiers.
 """
 
 from __future__ import annotations
