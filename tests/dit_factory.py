@@ -28,7 +28,7 @@ D = 256  # text width of every tiny family
 # T5_ROWS, through ComfyUI's own tokenizer_data knob ("t5xxl_min_length"), instead of 256/512/77.
 T5_ROWS = 16
 # pooled CLIP widths: about the real ratio to the rows' width (CLIP-L's 768 next to T5's 4096)
-POOLED = {"flux": 48, "sd3": 64, "hunyuan_video": 48}
+POOLED = {"flux": 48, "sd3": 64, "hunyuan_video": 48, "stable_cascade": 48}
 POOLED_FLUX, POOLED_SD3 = 48, 32
 QWEN_HEAD = [151644, 8948, 198, 74785, 279, 2168, 13, 151645, 198, 151644, 872, 198]  # system …, user\n
 QWEN_TAIL = [151645, 198, 151644, 77091, 198]  # <|im_end|>\n<|im_start|>assistant\n
@@ -85,6 +85,9 @@ FAMILIES = {
         patch_size=[1, 2, 2], qkv_bias=True, guidance_embed=True, byt5=False, meanflow=False), (1, 16, 1, 8, 8),
                             {"txt_in.input_embedder.weight": (64, D), "txt_in.c_embedder.in_layer.weight": (64, D)},
                             pooled="vector_in.in_layer.weight"),
+    # comfy/ldm/cascade/stage_c.py: clip_txt_mapper reads CLIP-G's rows, clip_txt_pooled_mapper its pooled vector
+    "stable_cascade": Family("stable_cascade", "Stable_Cascade_C", {}, (1, 16, 8, 8), {"clip_txt_mapper.weight": (64, D)},
+                             pooled="clip_txt_pooled_mapper.weight"),
 }
 REAL_FAMILIES = ("flux", "sd3", "wan", "qwen_image", "hunyuan_video")
 
@@ -153,6 +156,7 @@ def standin_tokenizers(family: str) -> Tokenizers:
             pad=151643, head=ZIMAGE_HEAD, tail=QWEN_TAIL))}),
         "qwen_image21": lambda: Tokenizers({"qwen3vl_8b": ("qwen3vl_8b", StandinTokenizer(
             pad=151643, head=ZIMAGE_HEAD, tail=QWEN_TAIL))}),
+        "stable_cascade": lambda: Tokenizers({"g": ("clip_g", _clip_standin())}),
         "hunyuan_video": lambda: Tokenizers({"l": ("clip_l", _clip_standin()), "llama": ("llama", StandinTokenizer(
             pad=128258, head=[128000], tail=[128009]))}),
     }[family]()
@@ -242,6 +246,9 @@ class DiTCLIP:
             starts = [i for i, t in enumerate(ids) if t == 151644][:2]  # the template head ComfyUI drops
             cut = starts[-1] + 3 if ids[starts[-1] + 1: starts[-1] + 3] == [872, 198] else starts[-1]
             cond = cond[cut:]
+        elif self.family == "stable_cascade":  # CLIP-G's rows and its pooled vector
+            cond = self.enc.rows(self._ids(tokens, "g"))
+            pooled = self._pool(self.clip_l, self._ids(tokens, "g"))
         elif self.family == "hunyuan_video":
             cond = self.enc.rows(self._ids(tokens, "llama"))
             pooled = self._pool(self.clip_l, self._ids(tokens, "l"))

@@ -1,4 +1,4 @@
-"""RECE on the DiT families (Flux, SD3, Wan, Qwen-Image, Chroma, Lumina2/Z-Image, Qwen-Image 2.1, HunyuanVideo),
+"""RECE on the DiT families (Flux, SD3, Wan, Qwen-Image, Chroma, Lumina2/Z-Image, Qwen-Image 2.1, HunyuanVideo, Stable Cascade),
 in both tiers, pooled text paths included.
 
 CI tier: stand-in models with the families' text-reader key names, sampled by a small forward that reads
