@@ -129,7 +129,8 @@ def test_every_family_has_a_distinct_name_and_a_text_space():
     assert len(names) == len(set(names)) and all(a.space for a in architectures.ARCHITECTURES)
 
 
-REAL = {  # the families ComfyUI 0.3.64 has, built from its own classes with tiny configs
+REAL = {  # the families ComfyUI 0.3.64 has, built from its own classes with tiny configs (Mochi's class fixes
+    # its MLP at full size, so it is checked on the stand-in keys only)
     "AuraFlow": dict(max_seq=64, cond_seq_dim=32, n_double_layers=1, n_layers=1, dim=64, n_heads=2, patch_size=2,
                      in_channels=4, out_channels=4),
     "PixArtAlpha": dict(image_model="pixart_alpha", input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=1,
@@ -140,6 +141,16 @@ REAL = {  # the families ComfyUI 0.3.64 has, built from its own classes with tin
                              nhead=[2, 2], blocks=[[1, 1], [1, 1]], block_repeat=[[1, 1], [1, 1]],
                              level_config=["CTA", "CTA"], c_clip_text=16, c_clip_text_pooled=16, c_clip_img=16,
                              c_clip_seq=2, switch_level=[False], self_attn=True, t_conds=["sca", "crp"]),
+    "CosmosT2IPredict2": dict(image_model="cosmos_predict2", max_img_h=16, max_img_w=16, max_frames=1, in_channels=16,
+                              out_channels=16, patch_spatial=2, patch_temporal=1, model_channels=64, num_blocks=2,
+                              num_heads=2, crossattn_emb_channels=32, pos_emb_cls="rope3d"),
+    "Omnigen2": dict(image_model="omnigen2", hidden_size=64, num_layers=1, num_refiner_layers=1, num_attention_heads=2,
+                     num_kv_heads=2, multiple_of=16, axes_dim_rope=(8, 12, 12), axes_lens=(16, 16, 16),
+                     text_feat_dim=32),
+    "HunyuanVideo": dict(image_model="hunyuan_video", in_channels=16, out_channels=16, vec_in_dim=16,
+                         context_in_dim=32, hidden_size=64, mlp_ratio=2.0, num_heads=2, depth=1, depth_single_blocks=1,
+                         axes_dim=[8, 12, 12], theta=256, patch_size=[1, 2, 2], qkv_bias=True, guidance_embed=True,
+                         byt5=False, meanflow=False),
 }
 
 
