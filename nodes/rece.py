@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import uuid
 
 import torch
 
@@ -16,7 +17,7 @@ from ..rece_core.procedure import fit_rows
 from . import files
 from .host import encoding, run, weights
 from .checks import check_lines, check_widgets, ui_report
-from .patch import ErasurePatch
+from .patch import ErasurePatch, is_erasure_patch
 
 ERASURE = "RECE_ERASURE"
 KINDS = ["nudity", "unsafe", "artistic_style", "object", "custom"]
@@ -38,13 +39,47 @@ def patched(model, erasure: Erasure, keys: list[str], strength: float, pooled: l
     if len(added) != len(keys):
         raise ValueError(f"only {len(added)} of {len(keys)} cross-attention weights could be patched")
     if pooled and "pooled" in erasure.spaces:
-        state = model.model.state_dict()
         t = erasure.spaces["pooled"].transform
-        added = out.add_patches({k: ErasurePatch.of(weights.widened(t, int(state[k].shape[1]))) for k in pooled},
+        added = out.add_patches({k: ErasurePatch.of(weights.widened(t, weights.in_features(model, k))) for k in pooled},
                                 strength)
         if len(added) != len(pooled):
             raise ValueError(f"only {len(added)} of {len(pooled)} pooled-text weights could be patched")
     return out
+
+
+def undone(model, erasure: Erasure, keys: list[str], strength: float, pooled: list[str] = ()):
+    """A clone of ``model`` without the last patch of ``erasure`` at ``strength`` on every key: strength
+    −t of an erasure applied at t restores the weights exactly, as −1 cancels +1 for a LoRA.
+
+    An erasure is a product ``W P`` whose ``P`` is close to singular (it folds the concept onto the
+    guide: its smallest singular value is about 1e-8 on SD1.5), so no patch added on top can undo it;
+    the erasure's own patch is taken off instead. Anything else is refused: a negative strength of an
+    erasure the model does not carry at that strength would have no meaning."""
+    wanted = {k: erasure.transform for k in keys}
+    if pooled:  # the pooled-text patches carry the pooled transform, widened to the layer's columns
+        t = erasure.spaces["pooled"].transform
+        wanted |= {k: weights.widened(t, weights.in_features(model, k)) for k in pooled}
+    out = model.clone()
+    for key, t in wanted.items():
+        entries = out.patches.get(key, [])
+        found = [i for i, p in enumerate(entries) if is_erasure_patch(p[1]) and float(p[0]) == strength
+                 and _same(p[1].transform(), t)]
+        if not found:
+            raise ValueError(
+                f"Apply Erased Weights: a negative strength undoes an erasure this model carries, and this model "
+                f"does not carry the erasure of {', '.join(map(repr, erasure.concepts[:3]))} at strength "
+                f"{strength:g}. An erasure (W P) cannot be inverted by another patch; to go back, use the model "
+                "from before it (the loaded model is never changed) or strength 0")
+        out.patches[key] = entries[:found[-1]] + entries[found[-1] + 1:]
+    out.patches_uuid = uuid.uuid4()  # ComfyUI re-patches the weights of a model whose patches changed
+    return out
+
+
+def _same(a, b) -> bool:
+    """The same ``P = I + up @ down`` (the adapter keeps ``down = None`` for a dense ``P − I``)."""
+    a, b = a.to(dtype=torch.float32), b.to(dtype=torch.float32)
+    return (a.up.shape == b.up.shape and torch.equal(a.up.cpu(), b.up.cpu())
+            and torch.equal(a.down.cpu(), b.down.cpu()))
 
 
 def pooled_erasure(model, clip, arch, names: list[str], guide: str, preserve: list[str], device, check, *,
@@ -179,21 +214,25 @@ class RECEEraseConcept:
         solve = run.solve_device(device)
         keep = check_lines(len(names), len(split_lines(preserve)), d)
         interrupted = comfy.model_management.throw_exception_if_processing_interrupted
-        progress = run.Progress(len(keys))
         interrupted()
-        read = 0  # weights read so far (their ticks come first in the bar)
+        # The bar counts weights read, prompts encoded (ticked after every encoder call) and the chunks and
+        # steps of the procedure (whose number is known once it starts); it grows if prompts are encoded again.
+        bar = {"read": 0, "encoded": 0, "done": 0, "steps": 1 + rounds}
+        prompts = len(names) + len(dict.fromkeys([guide.strip(), "", " "] + split_lines(preserve)))
+        progress = run.Progress(len(keys) + prompts + bar["steps"])
+
+        def show(**change: int) -> None:
+            bar.update(change)
+            progress.at(bar["read"] + bar["encoded"] + bar["done"],
+                        len(keys) + max(prompts, bar["encoded"]) + bar["steps"])
 
         def gram():
             """The weights as this model uses them, earlier erasures included: chained erase nodes compose."""
+            return weights.gram_of(model, keys, device, include_erasures=True,
+                                   tick=lambda: show(read=bar["read"] + 1)).to(solve)
 
-            def tick():
-                nonlocal read
-                read += 1
-                progress.at(read)
-
-            return weights.gram_of(model, keys, device, include_erasures=True, tick=tick).to(solve)
-
-        calls = encoding.EncoderCalls(check=interrupted)  # about a second per encoder call: Cancel within it
+        # about a second per encoder call: Cancel within it, and a tick after it
+        calls = encoding.EncoderCalls(check=interrupted, tick=lambda n: show(encoded=bar["encoded"] + n))
 
         def encode_many(texts):
             out = encoding.encode_many(clip, list(texts), arch, model, calls)
@@ -204,7 +243,7 @@ class RECEEraseConcept:
                        erase_scale=erase_scale, preserve_scale=preserve_scale, reg=reg, epochs=rounds,
                        encode_many=encode_many, tokens=encoding.tokenize(clip, names[0], arch)[2], keep_bytes=keep,
                        check=interrupted,
-                       progress=lambda done, total: progress.at(read + done, len(keys) + total))
+                       progress=lambda done, total: show(done=done, steps=total))
         pooled, pooled_keys, pooled_note = pooled_erasure(
             model, clip, arch, names, guide, split_lines(preserve), solve, interrupted, lamb=lamb,
             erase_scale=erase_scale, preserve_scale=preserve_scale, reg=reg, epochs=rounds)
@@ -332,7 +371,8 @@ class ApplyErasedWeights:
             "model": ("MODEL", {"tooltip": "The model to apply the erasure to (same text width)."}),
             "erasure": (ERASURE, {"tooltip": "An erasure from RECE Erase Concept or Load Erased Weights."}),
             "strength": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01,
-                                   "tooltip": "1 = as computed, 0 = none; negative allowed."}),
+                                   "tooltip": "1 = as computed, 0 = none; −1 undoes this erasure where the "
+                                              "model carries it at 1 (−t undoes t)."}),
         }}
 
     def apply(self, model, erasure, strength):
@@ -341,6 +381,13 @@ class ApplyErasedWeights:
         keys = weights.cross_attention_keys(model)
         weights.require_erasure(erasure, "Apply Erased Weights", model, keys)
         pooled = weights.pooled_keys(model) if "pooled" in erasure.spaces else []
+        if strength < 0:
+            out = undone(model, erasure, keys, -strength, pooled)
+            report = (f"undid the erasure of {', '.join(map(repr, erasure.concepts))} applied at strength "
+                      f"{-strength:g}: its patches are removed, the weights are as before it")
+            ui = {"concepts": list(erasure.concepts), "strength": strength, "weights": len(keys),
+                  "file": erasure.extra.get("file", ""), "warning": None}
+            return {"ui": ui_report(ui), "result": (out, report)}
         out = patched(model, erasure, keys, strength, pooled)
         report = (f"applied erasure of {', '.join(map(repr, erasure.concepts))} at strength {strength:g} "
                   f"to {len(keys)} weights that read the text ({weights.architecture(model)[0].title})")

@@ -170,7 +170,7 @@ def _strings(info: dict, field: str, name: str) -> tuple[str, ...]:
 def load_erasure(path: str) -> Erasure:
     """Read and validate an erasure file; ``ValueError`` naming the file and the problem otherwise.
 
-    Besides the format, refuses a rank-0 erasure (nothing to apply) and factors that are not finite
+    Besides the format, refuses a rank-0 erasure or all-zero factors (nothing to apply) and factors that are not finite
     or give ``‖P − I‖`` beyond ``validation.MAX_TRANSFORM_NORM``.
     """
     name = os.path.basename(path)
@@ -242,11 +242,14 @@ def load_erasure(path: str) -> Erasure:
         if not bool(torch.isfinite(value).all()):
             raise ValueError(f"{name}: tensor {key} contains NaN or Inf")
     try:
-        check_transform(tensors["transform.up"], tensors["transform.down"], "its transform")
+        norm = check_transform(tensors["transform.up"], tensors["transform.down"], "its transform")
         for space in spaces:
             check_transform(tensors[f"{space}.up"], tensors[f"{space}.down"], f"its {space} transform")
     except ValueError as exc:
         raise ValueError(f"{name}: {exc}") from None
+    if norm == 0.0:
+        raise ValueError(f"{name}: holds no erasure (its factors are all zero: P − I = 0, whatever the metadata's "
+                         f"rank {r} says)")
     if info.get("fingerprint"):
         extra["fingerprint"] = str(info["fingerprint"])
     arch = info.get("architecture", extra.get("architecture", "unet"))

@@ -288,7 +288,7 @@ def rece(weights: Mapping[str, Tensor] | Tensor | Callable[[], Tensor], encode: 
 
     if streamed:
         p, rounds = _rece_streamed(s, concept_chunks, preserved, round_preserve, reg=reg, epochs=epochs,
-                                   tick=tick, **scales)
+                                   tick=tick, check=check, **scales)
     else:
         for _ in concept_chunks():
             tick()
@@ -397,14 +397,15 @@ def _on_device(chunks: Iterable[tuple[list[TextEmbedding], list[TextEmbedding]]]
 
 def _rece_streamed(s: Tensor, chunks: Callable[[], Iterable[tuple[list[TextEmbedding], list[TextEmbedding]]]],
                    preserved: dict[str, Tensor], round_preserve: Tensor, *, reg: float, epochs: int,
-                   tick: Callable[[], None], **scales: float) -> tuple[LowRankTransform, list[RoundReport]]:
+                   tick: Callable[[], None], check: Callable[[], None] | None = None,
+                   **scales: float) -> tuple[LowRankTransform, list[RoundReport]]:
     """RECE from ``d × d`` sums; ``chunks()`` makes one pass over the concepts, ``(concept, guide)``
     embeddings a chunk at a time. The first pass gathers the sums; every later pass reports as many
     steps as ``_report_group`` allows."""
     d, dev = s.shape[0], s.device
     stats = Statistics(d, dev)
     for chunk in _on_device(chunks(), dev):
-        gather(stats, s, chunk)
+        gather(stats, s, chunk, check)
         tick()
     reach_scale = torch.cat(stats.reach_scale).clamp_min(torch.finfo(torch.float64).tiny)
     gap_before = torch.cat(stats.gap_before).clamp_min(1e-300)

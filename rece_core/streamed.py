@@ -16,7 +16,7 @@ report is made. The per-concept diagnostics are quadratic forms of the rows in `
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -62,14 +62,27 @@ class Statistics:
         self.gap_before: list[Tensor] = []  # ‖e − g‖²_S per concept (tail rows)
 
 
-def gather(stats: Statistics, s: Tensor, chunk: Chunk) -> None:
+BLOCK_ROWS = 1024
+"""Rows per product in ``gather``: Cancel (``check``) is honoured between blocks, so within one
+``[1024, d] × [d, d]`` float64 product (SDXL: 8.6 GFLOP) instead of a whole chunk's."""
+
+
+def _blocks(rows: Tensor, check: Callable[[], None]) -> Iterator[Tensor]:
+    for i in range(0, rows.shape[0], BLOCK_ROWS):
+        check()
+        yield rows[i:i + BLOCK_ROWS]
+
+
+def gather(stats: Statistics, s: Tensor, chunk: Chunk, check: Callable[[], None] | None = None) -> None:
     """Add one chunk of concepts to ``stats``: two ``[R, d] × [d, d]`` products, the rest per guide.
 
     ``Σ cᵀg = Σ_guides (Σ c)ᵀ g`` (and ``Σ eᵀ g_tail`` likewise) for concepts sharing a guide; the
     tails' Gram is the rows' Gram less the few rows outside the tails; the per-concept norms
-    ``‖x − y‖²_S = Σ (xS − yS)·(x − y)`` reuse ``cS`` and each guide's ``gS``.
+    ``‖x − y‖²_S = Σ (xS − yS)·(x − y)`` reuse ``cS`` and each guide's ``gS``. The two products run
+    ``BLOCK_ROWS`` rows at a time with ``check()`` (Cancel) before each block.
     """
-    rows_s = chunk.rows @ s
+    check = check or (lambda: None)
+    rows_s = torch.cat([block @ s for block in _blocks(chunk.rows, check)])
     guide_s: dict[int, tuple[Tensor, Tensor]] = {}  # id → (g, g S)
     sum_rows: dict[int, Tensor] = {}  # Σ c per guide
     sum_tails: dict[tuple[int, int, int], Tensor] = {}  # Σ e per (guide, its tail start, tail length)
@@ -91,7 +104,10 @@ def gather(stats: Statistics, s: Tensor, chunk: Chunk) -> None:
                 sums[k] += x
             else:
                 sums[k] = x.clone()
-    gram = chunk.rows.T @ chunk.rows
+    gram = torch.zeros_like(stats.gram)
+    for block in _blocks(chunk.rows, check):
+        gram.addmm_(block.T, block)
+    check()
     out = torch.cat(outside)
     tail_gram = torch.addmm(gram, out.T, out, alpha=-1.0)  # Σ eᵀe = Σ cᵀc − Σ (rows outside the tails)ᵀ(...)
     stats.gram += gram

@@ -4,6 +4,7 @@ sized for Cancel, width checks, and CONDITIONING for derived rows."""
 from __future__ import annotations
 
 import math
+import re
 import time
 import weakref
 from collections.abc import Callable
@@ -52,6 +53,24 @@ def last_word_token(text: str, ids: list, tokenizer, name: str) -> int:
     return max(j - 1, 0)
 
 
+# Literal special tokens of the tokenizers the families use, which they read as the special token, not as
+# text: CLIP's and Qwen's <|...|>, T5's / UMT5's </s> <pad> <unk> <extra_id_N>, Gemma's <bos> <eos> <start_of_turn>…
+SPECIAL_TOKENS = re.compile(r"<\|[^<>|\s]{1,40}\|>|</?s>|<pad>|<unk>|<mask>|<bos>|<eos>|<extra_id_\d+>"
+                            r"|<(?:start|end)_of_(?:turn|image)>|</?think>|</?tool_call>")
+
+
+def special_tokens_in(text: str, tokenizer) -> list[str]:
+    """The literal special tokens in ``text``: the known ones and the tokenizer's own (``all_special_tokens``
+    of the Hugging Face tokenizer an ``SDTokenizer`` wraps, where it has one)."""
+    found = set(SPECIAL_TOKENS.findall(text))
+    try:
+        own = list(getattr(getattr(tokenizer, "tokenizer", None), "all_special_tokens", None) or ())
+    except Exception:  # noqa: BLE001 - a tokenizer without the list: the known ones still count
+        own = []
+    found.update(t for t in own if isinstance(t, str) and len(t) > 1 and t in text)
+    return sorted(found)
+
+
 def tokenize(clip, text: str, arch: Architecture | None = None) -> tuple[dict, int, int]:
     """``clip.tokenize(text)`` checked for ``arch``, the index (in the reader's token ids) of the
     prompt's last word token, and the number of those ids."""
@@ -75,6 +94,10 @@ def tokenize(clip, text: str, arch: Architecture | None = None) -> tuple[dict, i
     ids = [t[0] for t in chunks[0]]
     if arch.name == "unet":
         return tokens, last_word_token(text, ids, tokenizer, name), len(ids)
+    special = special_tokens_in(text, tokenizer)
+    if special:  # T5 reads a literal </s> as its end token: the rows would align on the wrong word
+        raise ValueError(f"the prompt {text[:60]!r} contains the special token {special[0]!r} of the {arch.title} "
+                         "text encoder's tokenizer; remove it, RECE aligns token rows on the end token")
     end = _end_index(arch, tokenizer, [i if isinstance(i, int) else -1 for i in ids])
     if end is None:
         raise ValueError(f"cannot find the end token of the {name!r} tokenizer to align token rows")
@@ -126,8 +149,10 @@ class EncoderCalls:
     """
 
     def __init__(self, seconds: float = 1.0, first: int = 4, check: Callable[[], None] | None = None,
-                 clock: Callable[[], float] = time.perf_counter) -> None:
+                 clock: Callable[[], float] = time.perf_counter,
+                 tick: Callable[[int], None] | None = None) -> None:
         self.seconds, self.size, self.check, self.clock = seconds, max(1, first), check or (lambda: None), clock
+        self.tick = tick  # ``tick(prompts)`` after every call: the progress bar moves while a chunk is encoded
         self.sizes: list[int] = []  # every call's number of prompts, in order
 
     def run(self, n: int, call: Callable[[int, int], None]) -> None:
@@ -142,6 +167,8 @@ class EncoderCalls:
             self.sizes.append(stop - start)
             self.size = max(1, int(min(self.seconds / per_prompt, 2**31)))
             start = stop
+            if self.tick is not None:
+                self.tick(self.sizes[-1])
 
 
 def encode_many(clip, texts: list[str], arch: Architecture | None = None, model=None,
