@@ -409,24 +409,33 @@ def _rece_streamed(s: Tensor, chunks: Callable[[], Iterable[tuple[list[TextEmbed
         tick()
     reach_scale = torch.cat(stats.reach_scale).clamp_min(torch.finfo(torch.float64).tiny)
     gap_before = torch.cat(stats.gap_before).clamp_min(1e-300)
-    system = Derivation(s, None, reg=reg).then(
-        dense_edit(stats.tail_gram, stats.tail_cross, torch.cat(list(preserved.values())), **scales))
+    system = Derivation(s, None, reg=reg)
+    (check or (lambda: None))()
+    system = system.then(dense_edit(stats.tail_gram, stats.tail_cross, torch.cat(list(preserved.values())), **scales))
     group = _report_group(d)
     rounds: list[RoundReport] = []
     forms: list[tuple[Tensor, Tensor]] = []
     drifts: list[dict[str, float]] = []
+    check = check or (lambda: None)
+    check()
     k = system.map()
     for step in range(epochs + 1):
-        if step:
-            system.then(round_edit(stats, k, round_preserve, **scales))
+        if step:  # Cancel between the step's d × d parts (each one or two [d, d] × [d, d] products)
+            check()
+            edit = round_edit(stats, k, round_preserve, **scales)
+            check()
+            system.then(edit)
+            check()
             k = system.map()
+        check()
         forms.append(report_forms(s, system.p, k, system.system))
+        check()
         drifts.append(_drift(s, system.p, preserved))
         tick()
         if len(forms) == group or step == epochs:
             per_chunk = []
             for chunk in _on_device(chunks(), dev):
-                per_chunk.append(report_chunk(forms, chunk))
+                per_chunk.append(report_chunk(forms, chunk, check))
                 tick()
             for j in range(len(forms)):
                 miss = torch.cat([part[j][0] for part in per_chunk])

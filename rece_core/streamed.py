@@ -22,7 +22,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .derive import weighted_norm2
 from .transform import LowRankTransform, spd_solve
 
 __all__ = ["Chunk", "Statistics", "chunked", "dense_edit", "gather", "report_chunk", "report_forms", "round_edit"]
@@ -154,12 +153,23 @@ def report_forms(s: Tensor, p: LowRankTransform, k: Tensor, pulled_back: Tensor)
     return (q + q.T) / 2, pulled_back.float()
 
 
-def report_chunk(forms: Sequence[tuple[Tensor, Tensor]], chunk: Chunk) -> list[tuple[Tensor, Tensor]]:
-    """Per step of ``forms``, per concept of the chunk: ``(‖c Kᵀ Pᵀ − c‖²_S, ‖(e − g)Pᵀ‖²_S)``."""
+def _weighted_norm2(x: Tensor, q: Tensor, sizes: list[int], check: Callable[[], None]) -> Tensor:
+    """``weighted_norm2(x, q, sizes)`` with the ``[rows, d] × [d, d]`` product in blocks of ``BLOCK_ROWS``
+    rows, ``check()`` (Cancel) before each; each row's value is computed as in one product."""
+    x = x.to(q.dtype)
+    per_row = torch.cat([((block @ q) * block).sum(dim=1) for block in _blocks(x, check)])
+    return torch.stack([b.sum() for b in per_row.split(sizes)])
+
+
+def report_chunk(forms: Sequence[tuple[Tensor, Tensor]], chunk: Chunk,
+                 check: Callable[[], None] | None = None) -> list[tuple[Tensor, Tensor]]:
+    """Per step of ``forms``, per concept of the chunk: ``(‖c Kᵀ Pᵀ − c‖²_S, ‖(e − g)Pᵀ‖²_S)``; ``check()``
+    (Cancel) between blocks of ``BLOCK_ROWS`` rows."""
+    check = check or (lambda: None)
     gaps = [(c[tail] - g[guide_tail]).float() for c, g, tail, guide_tail in chunk.concepts()]
     gap_rows, gap_sizes = torch.cat(gaps), [x.shape[0] for x in gaps]
-    return [(weighted_norm2(chunk.rows, q, chunk.sizes), weighted_norm2(gap_rows, gm, gap_sizes).double())
-            for q, gm in forms]
+    return [(_weighted_norm2(chunk.rows, q, chunk.sizes, check),
+             _weighted_norm2(gap_rows, gm, gap_sizes, check).double()) for q, gm in forms]
 
 
 def chunked(items: Sequence, size: int) -> Iterator[Sequence]:

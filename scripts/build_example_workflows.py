@@ -23,6 +23,8 @@ SLOTS = {
                             [("conditioning", "CONDITIONING"), ("reach", "FLOAT"), ("report", "STRING")]),
     "RECEApplyErasedWeights": ([("model", "MODEL"), ("erasure", "RECE_ERASURE")],
                                [("model", "MODEL"), ("report", "STRING")]),
+    "ConceptPruneEraseConcept": ([("model", "MODEL"), ("clip", "CLIP")],
+                                 [("model", "MODEL"), ("prune", "CONCEPTPRUNE"), ("report", "STRING")]),
 }
 
 
@@ -140,9 +142,28 @@ def erase_nudity_flux() -> None:
     g.dump("erase_nudity_flux_side_by_side.json")
 
 
+def erase_artist_rece_and_conceptprune_sd15() -> None:
+    """SD1.5: Van Gogh erased by RECE (the text readers) and by ConceptPrune (the feed-forward weights that
+    draw the style; the paper's artist preset: skill ratio 0.01, τ 10 of 50 steps), side by side with the
+    original, all from the same seed."""
+    g = Graph()
+    ckpt, erase = loader_and_erase(g, "v1-5-pruned-emaonly.safetensors",
+                                   ["Van Gogh", "art", "", "artistic_style", 1, 0.001, 0.1, 1.0, 0.1, "(none)"])
+    prune = g.add("ConceptPruneEraseConcept", ["Van Gogh", "artist", 0.0, 0, 50, 0, 7.5, "euler", "normal", 512],
+                  (380, -420))
+    g.link(ckpt, 0, prune, "model")
+    g.link(ckpt, 1, prune, "clip")
+    pos, neg, latent = prompts_and_latent(g, ckpt, "a starry night over a village, painting by Van Gogh", 512)
+    sampler_branch(g, (ckpt, 0), pos, neg, latent, ckpt, 760, 500, "rece/van_gogh_original")
+    sampler_branch(g, (erase, 0), pos, neg, latent, ckpt, 760, 100, "rece/van_gogh_rece")
+    sampler_branch(g, (prune, 0), pos, neg, latent, ckpt, 760, -300, "rece/van_gogh_conceptprune")
+    g.dump("erase_artist_rece_and_conceptprune_sd15.json")
+
+
 if __name__ == "__main__":
     OUT.mkdir(exist_ok=True)
     erase_nudity_sd15()
     erase_artist_sdxl()
     red_team()
     erase_nudity_flux()
+    erase_artist_rece_and_conceptprune_sd15()

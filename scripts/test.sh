@@ -15,7 +15,8 @@ if [ -z "${COMFYUI_PATH:-}" ]; then
   # current ComfyUI's quantized weights (fp8 scaled, INT8, NVFP4) are comfy-kitchen's QuantizedTensor (CPU eager backend)
   "$PY" -m pip install --quiet "comfy-kitchen>=0.2.40"
   RECE_HOST=current "$PY" -m pytest -q tests/nodes/test_host_contract.py tests/nodes/test_nodes.py \
-    tests/nodes/test_dit_families.py tests/nodes/test_sweep.py tests/test_example_workflows.py
+    tests/nodes/test_dit_families.py tests/nodes/test_sweep.py tests/nodes/test_quantized_formats.py \
+    tests/test_example_workflows.py
 fi
 if command -v node >/dev/null 2>&1 && [ -d tests/web ] && ls tests/web/*.test.mjs >/dev/null 2>&1; then
   node --test tests/web/

@@ -66,7 +66,8 @@ def test_example_workflows_are_what_the_script_writes(tmp_path):
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     script.OUT = tmp_path
-    for build in (script.erase_nudity_sd15, script.erase_artist_sdxl, script.red_team, script.erase_nudity_flux):
+    for build in (script.erase_nudity_sd15, script.erase_artist_sdxl, script.red_team, script.erase_nudity_flux,
+                  script.erase_artist_rece_and_conceptprune_sd15):
         build()
     written = sorted(p.name for p in tmp_path.glob("*.json"))
     assert written == sorted(p.name for p in (ROOT / "example_workflows").glob("*.json"))
@@ -88,3 +89,18 @@ def test_the_readme_sample_report_is_what_the_demo_prints(capsys):
         return re.sub(r"; [\d.]+ s on \w+", "", line.strip())
 
     assert [timeless(x) for x in shown] == [timeless(x) for x in printed]
+
+
+def test_supported_models_names_every_family_the_pack_knows():
+    from conftest import load_pack
+
+    load_pack()
+    from rece_comfyui.nodes.host import architectures
+
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text.split("## Supported models", 1)[1].split("\n## ", 1)[0]
+    missing = [a.title.split(" (")[0] for a in architectures.ARCHITECTURES if a.title.split(" (")[0] not in section]
+    assert missing == []
+    pooled = [a.title.split(" (")[0] for a in architectures.ARCHITECTURES if a.pooled]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and not line.endswith("| — |")]
+    assert all(any(name in row for row in rows) for name in pooled)  # a pooled path is stated for each

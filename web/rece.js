@@ -3,7 +3,8 @@ import { app } from "../../scripts/app.js";
 import { applyPreset, grownSize, renderHTML, reportHeight, reportModel, STYLE } from "./report.js";
 
 const NODES = new Set(["RECEEraseConcept", "RECEDeriveEmbedding", "RECEApplyErasedWeights",
-  "RECESaveErasedWeights", "RECELoadErasedWeights", "RECEExportErasureAsLoRA"]);
+  "RECESaveErasedWeights", "RECELoadErasedWeights", "RECEExportErasureAsLoRA",
+  "ConceptPruneEraseConcept", "ConceptPruneApply", "ConceptPruneSave", "ConceptPruneLoad", "ConceptPruneExportLoRA"]);
 const WIDGET = "rece_report";
 
 function ensureStyle() {

@@ -79,6 +79,23 @@ export function reportModel(nodeType, r) {
       warning: r.warning || null,
     };
   }
+  if (nodeType === "ConceptPruneEraseConcept" || nodeType === "ConceptPruneApply") {
+    const s = r.settings || {};
+    const lines = [
+      `pruned ${quote(r.concepts)} (${r.kind})${r.strength !== undefined ? ` at strength ${r.strength}` : ""}`,
+      `${Number(r.pruned).toLocaleString("en")} weights: ${(100 * Number(r.share || 0)).toFixed(3)}% of the ` +
+        `feed-forward outputs, ${(100 * Number(r.model_share || 0)).toFixed(4)}% of the model`,
+      s.tau !== undefined ? `skill ratio ${s.skill_ratio} · τ=${s.tau} of ${s.steps} steps · ${s.sampler}/${s.scheduler}` : null,
+      r.forward_calls ? `${r.forward_calls} forward calls · ${Number(r.seconds).toFixed(1)} s` : null,
+    ].filter(Boolean);
+    // a layer's share is small (≈ skill ratio × τ at most): bars are scaled to the largest layer's share
+    const top = Math.max(1e-12, ...(r.layers || []).map((l) => Number(l.share) || 0));
+    const bars = (r.layers || []).map((l) => ({
+      label: l.key, value: clamp01((Number(l.share) || 0) / top),
+      text: `${l.pruned} · ${(100 * (Number(l.share) || 0)).toFixed(2)}%`,
+    }));
+    return { title: "ConceptPrune", lines, bars, warning: null };
+  }
   const text = r.saved ? `saved ${r.saved}` : r.loaded ? `loaded ${r.loaded}` : r.exported ? `exported ${r.exported}` : "";
   return { title: "RECE", lines: [text].filter(Boolean), bars: [], warning: null };
 }

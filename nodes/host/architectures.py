@@ -27,6 +27,10 @@ Each ``Architecture`` says:
   in one call (as CLIP's); encoders that combine kinds of rows (SD3) or strip a template do not;
 - ``guidance``: a conditioning key the model reads (Flux's distilled guidance);
 - ``space``: erasures apply between families of the same space and width.
+- ``ffn_out``: the feed-forward output layers (weight keys, ``diffusion_model.`` stripped) that
+  ConceptPrune records and prunes (``""``: ConceptPrune refuses the family); ``ffn_split``: those
+  among them whose input is the attention output then the MLP's (Flux's ``single_blocks.*.linear2``,
+  ``Linear(hidden + mlp, hidden)``): only the MLP columns, from ``out`` on, are the feed-forward's.
 
 Token alignment, whatever the encoder: the last word token is the one before the end token (CLIP's
 first end token, T5's ``</s>``, Qwen's last ``<|im_end|>``), counted in the rows the model sees (a
@@ -76,6 +80,22 @@ class Architecture:
     space: str = ""
     last_reader_only: bool = False
     note: str = ""
+    ffn_out: str = ""
+    ffn_split: str = ""
+
+    def ffn_keys(self, keys: list[str]) -> list[str]:
+        """The ``diffusion_model.*`` feed-forward output weight keys among a model's keys (sorted)."""
+        if not self.ffn_out:
+            return []
+        pattern = re.compile(self.ffn_out)
+        return sorted(k for k in keys if k.startswith("diffusion_model.")
+                      and pattern.search(k.removeprefix("diffusion_model.")))
+
+    def ffn_columns(self, key: str, shape: tuple[int, int]) -> tuple[int, int] | None:
+        """The input columns ``[start, end)`` of ``key`` that are the feed-forward's (``None``: all)."""
+        if self.ffn_split and re.search(self.ffn_split, key.removeprefix("diffusion_model.")):
+            return shape[0], shape[1]
+        return None
 
     def reader_keys(self, keys: list[str]) -> list[str]:
         """The ``diffusion_model.*`` weight keys this architecture edits, among a model's keys."""
@@ -98,12 +118,14 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture(
         "unet", "SD1.x / SD2.x / SDXL UNet (every cross-attention attn2.to_k / to_v)",
         readers=r"attn2\.to_[kv]\.weight$", signature=("attn2",), space="unet",
-        pooled=r"^label_emb\.0\.0\.weight$", pooled_columns=1280, pooled_configs=SDXL_CONFIGS),
+        pooled=r"^label_emb\.0\.0\.weight$", pooled_columns=1280, pooled_configs=SDXL_CONFIGS,
+        ffn_out=r"\.ff\.net\.2\.weight$"),
     Architecture(
         "qwen_image", "Qwen-Image (txt_in after txt_norm, Qwen2.5-VL rows)",
         readers=r"^txt_in\.weight$", configs=("QwenImage",), signature=("txt_norm.weight", "txt_in.weight"),
         excludes=("double_blocks.", "single_blocks."),
-        encoder="qwen25_7b", template_end=IM_END, norm="txt_norm.weight", norm_eps=1e-6, space="qwen_image"),
+        encoder="qwen25_7b", template_end=IM_END, norm="txt_norm.weight", norm_eps=1e-6, space="qwen_image",
+        ffn_out=r"^transformer_blocks\.\d+\.(img|txt)_mlp\.net\.2\.weight$"),
     Architecture(
         "qwen_image21", "Qwen-Image 2.1 (txt_in.in_layer after the zero-centred txt_in.text_norm, Qwen3-VL rows)",
         readers=r"^txt_in\.in_layer\.weight$", configs=("QwenImage21",),
@@ -114,7 +136,9 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         readers=r"^txt_in\.weight$", configs=("Flux", "FluxInpaint", "FluxSchnell"),
         signature=("txt_in.weight", "vector_in.in_layer.weight"), encoder="t5xxl",
         norm=FLUX_NORM, norm_optional=True,
-        pooled=r"^vector_in\.in_layer\.weight$", guidance=3.5, space="t5xxl", batch_encode=True),
+        pooled=r"^vector_in\.in_layer\.weight$", guidance=3.5, space="t5xxl", batch_encode=True,
+        ffn_out=r"^(double_blocks\.\d+\.(img|txt)_mlp\.2|single_blocks\.\d+\.linear2)\.weight$",
+        ffn_split=r"^single_blocks\.\d+\.linear2\.weight$"),
     Architecture(
         "chroma", "Chroma (txt_in, T5-XXL rows)",
         readers=r"^txt_in\.weight$", configs=("Chroma", "ChromaRadiance"),
@@ -134,13 +158,15 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         "sd3", "SD3.x (context_embedder, CLIP-L+G rows then T5-XXL rows; pooled CLIP-L+G into y_embedder)",
         readers=r"^context_embedder\.weight$", configs=("SD3",), signature=("context_embedder.weight",),
         encoder="l", pooled=r"^y_embedder\.mlp\.0\.weight$", space="sd3",
-        note="rows are aligned on CLIP-L's tokens; the T5 rows follow the CLIP rows"),
+        note="rows are aligned on CLIP-L's tokens; the T5 rows follow the CLIP rows",
+        ffn_out=r"^joint_blocks\.\d+\.(x_block|context_block)\.mlp\.fc2\.weight$"),
     Architecture(
         "wan", "Wan 2.x (text_embedding.0, UMT5-XXL rows)",
         readers=r"^text_embedding\.0\.weight$", signature=("text_embedding.0.weight",),
         configs=("WAN21_T2V", "WAN21_I2V", "WAN21_FunControl2V", "WAN21_Camera", "WAN22_Camera", "WAN21_Vace",
                  "WAN21_HuMo", "WAN22_S2V", "WAN22_Animate", "WAN22_T2V"),
-        encoder="umt5xxl", space="umt5xxl", batch_encode=True),
+        encoder="umt5xxl", space="umt5xxl", batch_encode=True,
+        ffn_out=r"^blocks\.\d+\.ffn\.2\.weight$"),
     Architecture(
         "hidream", "HiDream (caption_projection of the T5-XXL rows)",
         readers=r"^caption_projection\.\d+\.linear\.weight$", configs=("HiDream",),

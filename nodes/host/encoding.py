@@ -54,9 +54,11 @@ def last_word_token(text: str, ids: list, tokenizer, name: str) -> int:
 
 
 # Literal special tokens of the tokenizers the families use, which they read as the special token, not as
-# text: CLIP's and Qwen's <|...|>, T5's / UMT5's </s> <pad> <unk> <extra_id_N>, Gemma's <bos> <eos> <start_of_turn>…
+# text: CLIP's, Qwen's and Llama-3's <|...|>, T5's / UMT5's / Pile-T5's </s> <pad> <unk> <extra_id_N>, Gemma's
+# <bos> <eos> <start_of_turn>, Mistral's <s> [INST] [SYSTEM_PROMPT]…
 SPECIAL_TOKENS = re.compile(r"<\|[^<>|\s]{1,40}\|>|</?s>|<pad>|<unk>|<mask>|<bos>|<eos>|<extra_id_\d+>"
-                            r"|<(?:start|end)_of_(?:turn|image)>|</?think>|</?tool_call>")
+                            r"|<(?:start|end)_of_(?:turn|image)>|</?think>|</?tool_call>"
+                            r"|\[/?(?:INST|SYSTEM_PROMPT|AVAILABLE_TOOLS|TOOL_CALLS|TOOL_RESULTS)\]")
 
 
 def special_tokens_in(text: str, tokenizer) -> list[str]:

@@ -10,8 +10,8 @@ pack = load_pack()
 NODES = sorted(pack.NODE_CLASS_MAPPINGS.items())
 
 
-def test_the_pack_registers_its_six_nodes():
-    assert len(NODES) == 6 and set(pack.NODE_DISPLAY_NAME_MAPPINGS) == set(pack.NODE_CLASS_MAPPINGS)
+def test_the_pack_registers_its_eleven_nodes():
+    assert len(NODES) == 11 and set(pack.NODE_DISPLAY_NAME_MAPPINGS) == set(pack.NODE_CLASS_MAPPINGS)
 
 
 @pytest.mark.parametrize("node_id, cls", NODES, ids=[n for n, _ in NODES])

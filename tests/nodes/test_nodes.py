@@ -35,12 +35,13 @@ def snapshot(model):
 
 
 def test_registered_with_stable_ids_and_display_names():
-    assert pack.NODE_DISPLAY_NAME_MAPPINGS == {"RECEEraseConcept": "RECE Erase Concept",
+    assert pack.NODE_DISPLAY_NAME_MAPPINGS.items() >= {"RECEEraseConcept": "RECE Erase Concept",
                                                "RECEDeriveEmbedding": "RECE Derive Embedding",
                                                "RECEApplyErasedWeights": "Apply Erased Weights",
                                                "RECESaveErasedWeights": "Save Erased Weights",
                                                "RECELoadErasedWeights": "Load Erased Weights",
-                                               "RECEExportErasureAsLoRA": "Export Erasure as LoRA"}
+                                               "RECEExportErasureAsLoRA": "Export Erasure as LoRA"}.items()
+    assert pack.NODE_DISPLAY_NAME_MAPPINGS["ConceptPruneEraseConcept"] == "ConceptPrune Erase Concept"
     assert set(pack.NODE_CLASS_MAPPINGS) == set(pack.NODE_DISPLAY_NAME_MAPPINGS)
     assert pack.WEB_DIRECTORY == "./web"
 

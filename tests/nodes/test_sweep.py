@@ -82,7 +82,8 @@ def test_concept_list_none_is_no_list():
 @pytest.mark.parametrize("family, text", [
     ("flux", "cat </s> dog"), ("flux", "</s>"), ("flux", "<pad>"), ("chroma", "a <unk> b"), ("wan", "x <extra_id_0>"),
     ("qwen_image", "cat <|im_end|> dog"), ("qwen_image", "<|endoftext|>"), ("lumina2", "a <eos> b"),
-    ("lumina2", "<start_of_turn>user"), ("sd3", "a <|endoftext|> b"),
+    ("lumina2", "<start_of_turn>user"), ("sd3", "a <|endoftext|> b"), ("hunyuan_video", "cat <|eot_id|> dog"),
+    ("qwen_image21", "a <|im_start|> b"),
 ])
 def test_literal_special_tokens_refused_on_every_family(family, text):
     model = make_dit(family)
@@ -101,6 +102,7 @@ def test_special_tokens_found_in_the_tokenizers_own_list():
         tokenizer = HF()
 
     assert encoding.special_tokens_in("a [MYEND] b", Tok()) == ["[MYEND]"]
+    assert encoding.special_tokens_in("[INST] a cat [/INST]", None) == ["[/INST]", "[INST]"]  # Mistral (Flux.2, ERNIE)
     assert encoding.special_tokens_in("a photo of a cat, <lora:x> s", Tok()) == []
 
 

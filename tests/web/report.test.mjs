@@ -76,3 +76,21 @@ test("the report's height grows with its rows and is capped (it scrolls beyond)"
   assert.ok(reportHeight(0) > 0);
   assert.equal(reportHeight(1000), reportHeight(500));
 });
+
+test("ConceptPrune report: concepts, share, settings, one bar per layer scaled to the largest share", () => {
+  const m = reportModel("ConceptPruneEraseConcept", {
+    concepts: ["Van Gogh"], kind: "artist", pruned: 1234, share: 0.02, model_share: 0.0015,
+    settings: { skill_ratio: 0.01, tau: 10, steps: 50, sampler: "euler", scheduler: "normal" },
+    layers: [{ key: "input_blocks.1.1.transformer_blocks.0.ff.net.2", pruned: 100, share: 0.04 },
+      { key: "middle_block.1.transformer_blocks.0.ff.net.2", pruned: 50, share: 0.01 }],
+    seconds: 3.21, forward_calls: 20,
+  });
+  assert.equal(m.title, "ConceptPrune");
+  assert.match(m.lines[0], /“Van Gogh” \(artist\)/);
+  assert.match(m.lines[1], /1,234 weights: 2\.000% of the feed-forward outputs, 0\.1500% of the model/);
+  assert.match(m.lines[2], /τ=10 of 50 steps/);
+  assert.equal(m.bars.length, 2);
+  assert.equal(m.bars[0].value, 1);
+  assert.equal(m.bars[1].value, 0.25);
+  assert.match(m.bars[1].text, /50 · 1\.00%/);
+});

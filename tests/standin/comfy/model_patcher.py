@@ -75,3 +75,34 @@ class ModelPatcher:
                 convert_func = lambda a, **kwargs: a  # noqa: E731
             p[k] = [(weight, convert_func)] + self.patches.get(k, [])
         return p
+
+    def get_model_object(self, name):
+        if name in self.object_patches:
+            return self.object_patches[name]
+        return comfy.utils.get_attr(self.model, name)
+
+    def patch_model(self, device_to=None, lowvram_model_memory=0, load_weights=True, force_patch_weights=False):
+        """Every patched weight replaced by its patched value (the original kept in ``backup``) for sampling."""
+        for key, patches in self.patches.items():
+            if not patches:
+                continue
+            *path, leaf = key.split(".")
+            op = comfy.utils.get_attr(self.model, ".".join(path))
+            weight = getattr(op, leaf)
+            if key not in self.backup:
+                self.backup[key] = _Backup(weight)
+            w = comfy.lora.calculate_weight(patches, weight.detach().float().clone(), key)
+            setattr(op, leaf, torch.nn.Parameter(w.to(weight.dtype), requires_grad=False))
+        return self.model
+
+    def unpatch_model(self, device_to=None, unpatch_weights=True):
+        for key, saved in list(self.backup.items()):
+            *path, leaf = key.split(".")
+            setattr(comfy.utils.get_attr(self.model, ".".join(path)), leaf, saved.weight)
+        self.backup.clear()
+
+
+class _Backup:
+    def __init__(self, weight):
+        self.weight = weight
+

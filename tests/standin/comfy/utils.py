@@ -32,3 +32,13 @@ class ProgressBar:
 
     def update(self, value):
         self.update_absolute(self.current + value)
+
+
+def repeat_to_batch_size(tensor, batch_size, dim=0):
+    if tensor.shape[dim] > batch_size:
+        return tensor.narrow(dim, 0, batch_size)
+    if tensor.shape[dim] < batch_size:
+        reps = [1] * tensor.ndim
+        reps[dim] = -(-batch_size // tensor.shape[dim])
+        return tensor.repeat(reps).narrow(dim, 0, batch_size)
+    return tensor
