@@ -10,8 +10,9 @@ import torch
 
 import comfy.model_management
 
-from ..rece_core import PRESETS, Erasure, TextEmbedding, rece
+from ..rece_core import PRESETS, Erasure, rece
 from ..rece_core.derive import derive_with_transform, weighted_norm2
+from ..rece_core.pooled import rece_vectors
 from ..rece_core.procedure import fit_rows
 from . import files
 from .host import encoding, run, weights
@@ -81,13 +82,15 @@ def _same(a, b) -> bool:
             and torch.equal(a.down.cpu(), b.down.cpu()))
 
 
-def pooled_erasure(model, clip, arch, names: list[str], guide: str, preserve: list[str], device, check,
-                   **params) -> tuple[Erasure | None, list[str], str]:
+def pooled_erasure(model, clip, arch, names: list[str], guide: str, preserve: list[str], device, check, *,
+                   lamb: float, erase_scale: float, preserve_scale: float, reg: float,
+                   epochs: int) -> tuple[Erasure | None, list[str], str]:
     """RECE on the pooled text vector, its own text space: ``(erasure, pooled keys, note)``.
 
-    The same closed form as on the rows, over the pooled vectors of the concepts, guide and preserved
-    prompts (one row each), with ``S = Σ WᵀW`` of the layers reading the pooled vector. ``None`` where
-    the model has no pooled path, or the CLIP gives no pooled vector of that width (the note says why).
+    The same closed forms as on the rows (``rece_core.pooled``), over the pooled vectors of the concepts,
+    guide and preserved prompts, with ``S = Σ WᵀW`` of the layers reading the pooled vector (its columns
+    only). ``None`` where the model has no pooled path, or the CLIP gives no pooled vector of that width
+    (the note says why).
     """
     keys = weights.pooled_keys(model, arch)
     if not keys:
@@ -95,22 +98,35 @@ def pooled_erasure(model, clip, arch, names: list[str], guide: str, preserve: li
     width = weights.pooled_width(model, arch, keys)
     vectors: dict[str, torch.Tensor] = {}
 
-    def encode(text: str) -> TextEmbedding:
+    def vector(text: str) -> torch.Tensor:
         if text not in vectors:
             check()
-            pooled = encoding.encode(clip, text, device, arch, model)[2].get("pooled_output")
+            tokens = clip.tokenize(text if text.strip() else "")
+            if "t5xxl" in tokens and "l" in tokens:  # Flux, SD3: the pooled vector is CLIP's; T5 gets one token
+                tokens["t5xxl"] = [tokens["t5xxl"][0][-1:]]
+            out = clip.encode_from_tokens(tokens, return_pooled=True, return_dict=True)
+            pooled = out.get("pooled_output") if isinstance(out, dict) else out[1]
             if pooled is None or pooled.reshape(-1).shape[0] != width:
                 raise LookupError(f"the CLIP gives {'no' if pooled is None else pooled.reshape(-1).shape[0]}-wide "
                                   f"pooled vector, the model's pooled path reads {width}")
-            vectors[text] = pooled.reshape(1, -1).to(device=device, dtype=torch.float32)
-        return TextEmbedding(vectors[text], 0)
+            vectors[text] = pooled.reshape(1, -1).to(device=device, dtype=torch.float64)
+        return vectors[text]
 
     try:
-        encode(names[0])
+        concepts = torch.cat([vector(n) for n in names])
     except LookupError as exc:
         return None, [], f"note: the pooled text path is not erased: {exc}"
-    erasure = rece(lambda: weights.pooled_gram(model, arch, keys, device, include_erasures=True),
-                   encode, names, guide, preserve, check=check, **params)
+    guides = [guide.strip() or " "] * len(names)
+    start = time.perf_counter()
+    s = weights.pooled_gram(model, arch, keys, device, include_erasures=True)
+    p, rounds = rece_vectors(s, concepts, torch.cat([vector(g) for g in guides]),
+                             {t: vector(t) for t in dict.fromkeys([""] + preserve)}, vector(" "), lamb=lamb,
+                             erase_scale=erase_scale, preserve_scale=preserve_scale, reg=reg, epochs=epochs,
+                             check=check)
+    erasure = Erasure(transform=p.compressed().to(dtype=torch.float32), concepts=tuple(names), guides=tuple(guides),
+                      preserve=tuple(preserve), lamb=lamb, erase_scale=erase_scale, preserve_scale=preserve_scale,
+                      reg=reg, epochs=epochs, rounds=tuple(rounds), seconds=time.perf_counter() - start,
+                      device=str(device))
     return erasure, keys, ""
 
 
@@ -146,8 +162,12 @@ class RECEEraseConcept:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("MODEL", {"tooltip": "The diffusion model to erase from (SD1.x, SD2.x, SDXL, Flux, Chroma, "
-                                           "SD3.x, Wan, Qwen-Image, HiDream, Lumina 2 / Z-Image)."}),
+            "model": ("MODEL", {"tooltip": "The diffusion model to erase from (SD1.x, SD2.x, SDXL, Flux, Flux.2, "
+                                           "Chroma, SD3.x, Wan, Qwen-Image (2.1), HiDream, Lumina 2 / Z-Image, "
+                                           "Kandinsky 5, HunyuanVideo / HunyuanImage, Ideogram 4, ERNIE-Image, "
+                                           "JoyImage, OmniGen2, Anima, Cosmos Predict2, AuraFlow, PixArt, LTX-Video, "
+                                           "Mochi, Stable Cascade, LongCat-Image). Its pooled text path, where it has "
+                                           "one, is erased too."}),
             "clip": ("CLIP", {"tooltip": "The text encoder that goes with the model."}),
             "concepts": ("STRING", {"multiline": True, "default": "nudity",
                                     "tooltip": "Concepts to erase, one per line."}),

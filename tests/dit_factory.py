@@ -27,7 +27,9 @@ D = 256  # text width of every tiny family
 # Tiny models keep the real ratio of token rows to text width (Flux: 256 rows, 4096 wide): T5 pads to
 # T5_ROWS, through ComfyUI's own tokenizer_data knob ("t5xxl_min_length"), instead of 256/512/77.
 T5_ROWS = 16
-POOLED = {"flux": 16, "sd3": 32, "hunyuan_video": 16}
+# pooled CLIP widths: about the real ratio to the rows' width (CLIP-L's 768 next to T5's 4096)
+POOLED = {"flux": 48, "sd3": 64, "hunyuan_video": 48, "stable_cascade": 48}
+POOLED_FLUX, POOLED_SD3 = 48, 32
 QWEN_HEAD = [151644, 8948, 198, 74785, 279, 2168, 13, 151645, 198, 151644, 872, 198]  # system …, user\n
 QWEN_TAIL = [151645, 198, 151644, 77091, 198]  # <|im_end|>\n<|im_start|>assistant\n
 ZIMAGE_HEAD = [151644, 872, 198]
@@ -48,12 +50,12 @@ class Family:
 
 FAMILIES = {
     "flux": Family("flux", "Flux", dict(
-        image_model="flux", in_channels=16, out_channels=16, vec_in_dim=16, context_in_dim=D, hidden_size=64,
+        image_model="flux", in_channels=16, out_channels=16, vec_in_dim=POOLED_FLUX, context_in_dim=D, hidden_size=64,
         mlp_ratio=2.0, num_heads=2, depth=2, depth_single_blocks=2, axes_dim=[8, 12, 12], theta=10000,
         patch_size=2, qkv_bias=True, guidance_embed=True), (1, 16, 8, 8),
         {"txt_in.weight": (64, D)}, pooled="vector_in.in_layer.weight"),
     "sd3": Family("sd3", "SD3", dict(
-        in_channels=16, out_channels=16, patch_size=2, depth=1, adm_in_channels=32, pos_embed_scaling_factor=None,
+        in_channels=16, out_channels=16, patch_size=2, depth=1, adm_in_channels=2 * POOLED_SD3, pos_embed_scaling_factor=None,
         context_embedder_config={"target": "torch.nn.Linear", "params": {"in_features": D, "out_features": 64}},
         num_patches=64, pos_embed_max_size=8, input_size=None, x_block_self_attn_layers=[]), (1, 16, 8, 8),
         {"context_embedder.weight": (64, D)}, pooled="y_embedder.mlp.0.weight"),
@@ -77,11 +79,17 @@ FAMILIES = {
                            extra_keys={"txt_in.out_layer.weight": (64, 64)}),
     # comfy/ldm/hunyuan_video/model.py: TokenRefiner's input_embedder reads the rows, its c_embedder their
     # mean (into the modulation vector, as vector_in's pooled CLIP-L)
-    "hunyuan_video": Family("hunyuan_video", "HunyuanVideo", {}, (1, 16, 8, 8),
+    "hunyuan_video": Family("hunyuan_video", "HunyuanVideo", dict(
+        image_model="hunyuan_video", in_channels=16, out_channels=16, vec_in_dim=POOLED_FLUX, context_in_dim=D,
+        hidden_size=64, mlp_ratio=2.0, num_heads=2, depth=1, depth_single_blocks=1, axes_dim=[8, 12, 12], theta=256,
+        patch_size=[1, 2, 2], qkv_bias=True, guidance_embed=True, byt5=False, meanflow=False), (1, 16, 1, 8, 8),
                             {"txt_in.input_embedder.weight": (64, D), "txt_in.c_embedder.in_layer.weight": (64, D)},
                             pooled="vector_in.in_layer.weight"),
+    # comfy/ldm/cascade/stage_c.py: clip_txt_mapper reads CLIP-G's rows, clip_txt_pooled_mapper its pooled vector
+    "stable_cascade": Family("stable_cascade", "Stable_Cascade_C", {}, (1, 16, 8, 8), {"clip_txt_mapper.weight": (64, D)},
+                             pooled="clip_txt_pooled_mapper.weight"),
 }
-REAL_FAMILIES = ("flux", "sd3", "wan", "qwen_image")
+REAL_FAMILIES = ("flux", "sd3", "wan", "qwen_image", "hunyuan_video")
 
 
 # ---------------------------------------------------------------- text encoders
@@ -148,6 +156,7 @@ def standin_tokenizers(family: str) -> Tokenizers:
             pad=151643, head=ZIMAGE_HEAD, tail=QWEN_TAIL))}),
         "qwen_image21": lambda: Tokenizers({"qwen3vl_8b": ("qwen3vl_8b", StandinTokenizer(
             pad=151643, head=ZIMAGE_HEAD, tail=QWEN_TAIL))}),
+        "stable_cascade": lambda: Tokenizers({"g": ("clip_g", _clip_standin())}),
         "hunyuan_video": lambda: Tokenizers({"l": ("clip_l", _clip_standin()), "llama": ("llama", StandinTokenizer(
             pad=128258, head=[128000], tail=[128009]))}),
     }[family]()
@@ -198,7 +207,8 @@ class DiTCLIP:
         self.family = family
         self.tokenizer = (real_tokenizers(family) if real_tokenizer else None) or standin_tokenizers(family)
         self.enc = SeededEncoder(D, seed, positions=family in ("qwen_image", "lumina2", "qwen_image21", "hunyuan_video"))
-        self.clip_l, self.clip_g = SeededEncoder(16, seed + 1), SeededEncoder(16, seed + 2)
+        width = POOLED.get(family, 32) // (2 if family == "sd3" else 1)  # SD3 pools CLIP-L and G side by side
+        self.clip_l, self.clip_g = SeededEncoder(width, seed + 1), SeededEncoder(width, seed + 2)
 
     def tokenize(self, text: str, return_word_ids=False, **kwargs):
         return self.tokenizer.tokenize_with_weights(text, return_word_ids, **kwargs)
@@ -208,13 +218,20 @@ class DiTCLIP:
         return [t[0] for t in tokens[key][0]]
 
     def _pool(self, enc, ids):
-        return enc.rows(ids)[ids.index(49407)].unsqueeze(0)
+        """CLIP's pooled vector: the end token's row, which (as in CLIP) carries the prompt's words."""
+        rows = enc.rows(ids)
+        words = [i for i, t in enumerate(ids) if t not in (49406, 49407, 0)]
+        pooled = (rows[ids.index(49407)] + (rows[words].mean(0) if words else rows[ids.index(49407)])) / 2
+        return pooled.unsqueeze(0)
 
     def encode_from_tokens(self, tokens, return_pooled=False, return_dict=False):
         extra = {}
         pooled = None
-        if self.family in ("flux", "chroma"):
-            cond = self.enc.rows(self._ids(tokens, "t5xxl"))
+        if self.family in ("flux", "chroma", "wan"):
+            # ComfyUI's T5 (and Flux's CLIP-L + T5) encodes every chunk of a token list in one batch and
+            # concatenates their rows; the pooled vector is the first chunk's
+            key = "umt5xxl" if self.family == "wan" else "t5xxl"
+            cond = torch.cat([self.enc.rows([t[0] for t in chunk]) for chunk in tokens[key]])
             if self.family == "flux":
                 pooled = self._pool(self.clip_l, self._ids(tokens, "l"))
         elif self.family == "sd3":
@@ -223,14 +240,15 @@ class DiTCLIP:
             lg = torch.nn.functional.pad(lg, (0, D - lg.shape[-1]))
             cond = torch.cat([lg, self.enc.rows(self._ids(tokens, "t5xxl"))])
             pooled = torch.cat([self._pool(self.clip_l, l_ids), self._pool(self.clip_g, g_ids)], dim=-1)
-        elif self.family == "wan":
-            cond = self.enc.rows(self._ids(tokens, "umt5xxl"))
         elif self.family == "qwen_image":
             ids = self._ids(tokens, "qwen25_7b")
             cond = self.enc.rows(ids)
             starts = [i for i, t in enumerate(ids) if t == 151644][:2]  # the template head ComfyUI drops
             cut = starts[-1] + 3 if ids[starts[-1] + 1: starts[-1] + 3] == [872, 198] else starts[-1]
             cond = cond[cut:]
+        elif self.family == "stable_cascade":  # CLIP-G's rows and its pooled vector
+            cond = self.enc.rows(self._ids(tokens, "g"))
+            pooled = self._pool(self.clip_l, self._ids(tokens, "g"))
         elif self.family == "hunyuan_video":
             cond = self.enc.rows(self._ids(tokens, "llama"))
             pooled = self._pool(self.clip_l, self._ids(tokens, "l"))

@@ -22,6 +22,9 @@ Each ``Architecture`` says:
   (SD1.x/SD2.x have no pooled path, SD2.1 unCLIP's ``label_emb`` reads an image embedding);
 - ``excludes``: substrings no key of the family has (key detection of look-alike families);
 - ``refused``: families whose text is read inside the diffusion model itself: refused with the reason;
+- ``batch_encode``: ComfyUI's text encoder for the family (T5 alone, or Flux's CLIP-L + T5) encodes the
+  chunks of a token list in one batch and concatenates their rows, so several prompts of one length go
+  in one call (as CLIP's); encoders that combine kinds of rows (SD3) or strip a template do not;
 - ``guidance``: a conditioning key the model reads (Flux's distilled guidance);
 - ``space``: erasures apply between families of the same space and width.
 - ``ffn_out``: the feed-forward output layers (weight keys, ``diffusion_model.`` stripped) that
@@ -72,6 +75,7 @@ class Architecture:
     pooled_configs: tuple[str, ...] | None = None
     excludes: tuple[str, ...] = ()
     refused: str = ""
+    batch_encode: bool = False
     guidance: float | None = None
     space: str = ""
     last_reader_only: bool = False
@@ -132,13 +136,13 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         readers=r"^txt_in\.weight$", configs=("Flux", "FluxInpaint", "FluxSchnell"),
         signature=("txt_in.weight", "vector_in.in_layer.weight"), encoder="t5xxl",
         norm=FLUX_NORM, norm_optional=True,
-        pooled=r"^vector_in\.in_layer\.weight$", guidance=3.5, space="t5xxl",
+        pooled=r"^vector_in\.in_layer\.weight$", guidance=3.5, space="t5xxl", batch_encode=True,
         ffn_out=r"^(double_blocks\.\d+\.(img|txt)_mlp\.2|single_blocks\.\d+\.linear2)\.weight$",
         ffn_split=r"^single_blocks\.\d+\.linear2\.weight$"),
     Architecture(
         "chroma", "Chroma (txt_in, T5-XXL rows)",
         readers=r"^txt_in\.weight$", configs=("Chroma", "ChromaRadiance"),
-        signature=("txt_in.weight", "distilled_guidance_layer.in_proj.weight"), encoder="t5xxl", space="t5xxl"),
+        signature=("txt_in.weight", "distilled_guidance_layer.in_proj.weight"), encoder="t5xxl", space="t5xxl", batch_encode=True),
     Architecture(
         "flux2", "Flux.2 dev / Klein (txt_in, Mistral-3 or Qwen3 rows; no pooled path)",
         readers=r"^txt_in\.weight$", configs=("Flux2",),
@@ -161,7 +165,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         readers=r"^text_embedding\.0\.weight$", signature=("text_embedding.0.weight",),
         configs=("WAN21_T2V", "WAN21_I2V", "WAN21_FunControl2V", "WAN21_Camera", "WAN22_Camera", "WAN21_Vace",
                  "WAN21_HuMo", "WAN22_S2V", "WAN22_Animate", "WAN22_T2V"),
-        encoder="umt5xxl", space="umt5xxl",
+        encoder="umt5xxl", space="umt5xxl", batch_encode=True,
         ffn_out=r"^blocks\.\d+\.ffn\.2\.weight$"),
     Architecture(
         "hidream", "HiDream (caption_projection of the T5-XXL rows)",
@@ -225,24 +229,24 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         "cosmos_predict2", "Cosmos Predict2 (blocks.*.cross_attn.k_proj / v_proj, T5-XXL rows)",
         readers=r"^blocks\.\d+\.cross_attn\.[kv]_proj\.weight$", configs=("CosmosT2IPredict2", "CosmosI2VPredict2"),
         signature=("blocks.0.cross_attn.k_proj.weight",), excludes=("llm_adapter.",), encoder="t5xxl",
-        space="cosmos_t5"),
+        space="cosmos_t5", batch_encode=True),
     Architecture(
         "auraflow", "AuraFlow (cond_seq_linear, Pile-T5-XL rows)",
         readers=r"^cond_seq_linear\.weight$", configs=("AuraFlow",), signature=("cond_seq_linear.weight",),
-        encoder="pile_t5xl", space="auraflow"),
+        encoder="pile_t5xl", space="auraflow", batch_encode=True),
     Architecture(
         "pixart", "PixArt α / Σ (y_embedder.y_proj.fc1, T5-XXL rows)",
         readers=r"^y_embedder\.y_proj\.fc1\.weight$", configs=("PixArtAlpha", "PixArtSigma"),
-        signature=("y_embedder.y_proj.fc1.weight",), encoder="t5xxl", space="pixart"),
+        signature=("y_embedder.y_proj.fc1.weight",), encoder="t5xxl", space="pixart", batch_encode=True),
     Architecture(
         "ltxv", "LTX-Video (caption_projection.linear_1, T5-XXL rows)",
         readers=r"^caption_projection\.linear_1\.weight$", configs=("LTXV",),
-        signature=("caption_projection.linear_1.weight",), encoder="t5xxl", space="ltxv"),
+        signature=("caption_projection.linear_1.weight",), encoder="t5xxl", space="ltxv", batch_encode=True),
     Architecture(
         "mochi", "Mochi (t5_yproj and the t5_y_embedder attention pool, T5-XXL rows)",
         readers=r"^(t5_yproj|t5_y_embedder\.to_kv|t5_y_embedder\.to_q)\.weight$", configs=("GenmoMochi",),
         signature=("t5_yproj.weight", "t5_y_embedder.to_kv.weight"), encoder="t5xxl", space="mochi",
-        note="t5_y_embedder's query reads the masked mean of the rows, linear in them, so W P is exact there too"),
+        note="t5_y_embedder's query reads the masked mean of the rows, linear in them, so W P is exact there too", batch_encode=True),
     Architecture(
         "stable_cascade", "Stable Cascade stage C (clip_txt_mapper, CLIP-G rows; pooled CLIP-G into "
         "clip_txt_pooled_mapper)",

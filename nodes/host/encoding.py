@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import re
 import time
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -174,7 +175,7 @@ class EncoderCalls:
 
 def encode_many(clip, texts: list[str], arch: Architecture | None = None, model=None,
                 calls: EncoderCalls | None = None) -> list[TextEmbedding]:
-    """Encode prompts as CLIPTextEncode does, several in one encoder forward (CLIP families).
+    """Encode prompts as CLIPTextEncode does, several in one encoder forward (CLIP and T5 families).
 
     ComfyUI's CLIP encodes every chunk of a token list in one batch and concatenates their rows
     (``encode_from_tokens``, its public API), weighting each chunk against the same empty
@@ -182,31 +183,75 @@ def encode_many(clip, texts: list[str], arch: Architecture | None = None, model=
     prompt's own rows. Prompts whose token lists differ in length go into separate calls, and
     ``calls`` (default: one call per length) bounds how long each call takes. Rows stay as the
     encoder returns them (its dtype, ComfyUI's intermediate device). Encoders that combine several
-    kinds of rows (SD3's CLIP + T5) or strip a template are encoded one prompt at a time.
+    kinds of rows (SD3's CLIP + T5) or strip a template are encoded one prompt at a time. For T5 families
+    (``arch.batch_encode``) the first batch is checked against the last of its prompts encoded alone.
     """
     arch = arch or architectures.by_name("unet")
-    if arch.name != "unet":
+
+    def one_by_one() -> list[TextEmbedding]:
         out = [None] * len(texts)
-        calls = calls or EncoderCalls(seconds=math.inf)
+        one_calls = calls or EncoderCalls(seconds=math.inf)
 
         def one(start: int, stop: int) -> None:
             for i in range(start, stop):
-                calls.check()  # one prompt per encoder call here: Cancel between any two
+                one_calls.check()  # one prompt per encoder call here: Cancel between any two
                 out[i] = encode(clip, texts[i], None, arch, model)[0]
 
-        calls.run(len(texts), one)
+        one_calls.run(len(texts), one)
         return out
+
+    if arch.name != "unet" and (not arch.batch_encode or _alike_in_batches(clip) is False):
+        return one_by_one()
+    try:
+        return _encode_batched(clip, texts, arch, model, calls)
+    except _Unbatchable:  # this encoder does not give each prompt its own rows in a batch: one at a time
+        _remember(clip, False)
+        return one_by_one()
+
+
+def _alike_in_batches(clip) -> bool | None:
+    try:
+        return _BATCHES_ALIKE.get(clip)
+    except TypeError:  # not weak-referenceable
+        return None
+
+
+def _remember(clip, alike: bool) -> None:
+    try:
+        _BATCHES_ALIKE[clip] = alike
+    except TypeError:
+        pass
+
+
+class _Unbatchable(Exception):
+    pass
+
+
+_BATCHES_ALIKE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # CLIP → its batches were checked
+
+def _encode_batched(clip, texts: list[str], arch: Architecture, model, calls: EncoderCalls | None) -> list[TextEmbedding]:
     tokenized = [tokenize(clip, t, arch) for t in texts]
     groups: dict[tuple, list[int]] = {}
     for i, (tokens, _, _) in enumerate(tokenized):
         groups.setdefault(tuple((k, len(v[0])) for k, v in tokens.items()), []).append(i)
     out: list[TextEmbedding | None] = [None] * len(texts)
+    # DiT encoders (T5): the first batch of each CLIP is checked once against one-at-a-time encoding
+    checked = arch.name == "unet" or bool(_alike_in_batches(clip))
     for shape, members in groups.items():
 
         def batch(start: int, stop: int) -> None:
+            nonlocal checked
             part = members[start:stop]
             cond = clip.encode_from_tokens({name: [tokenized[i][0][name][0] for i in part] for name, _ in shape})
-            for i, r in zip(part, cond[0].split(cond.shape[1] // len(part))):
+            rows = cond[0].split(cond.shape[1] // len(part))
+            if not checked and len(part) > 1:
+                alone = clip.encode_from_tokens(tokenized[part[-1]][0])[0]
+                if alone.shape != rows[-1].shape or not torch.allclose(alone.float(), rows[-1].float(), rtol=1e-3,
+                                                                        atol=1e-4 * float(alone.float().abs().max())):
+                    raise _Unbatchable
+                checked = True
+                _remember(clip, True)
+            for i, r in zip(part, rows):
                 out[i] = _embedding(r, tokenized[i][1], tokenized[i][2], arch, model, None)
 
         (calls or EncoderCalls(seconds=math.inf, first=len(members))).run(len(members), batch)

@@ -293,7 +293,7 @@ def norm_scale(model, arch: Architecture, device: torch.device) -> Tensor | None
     ``[d]``; a zero-centred norm stores ``scale − 1``), ``None`` where this model has no such norm."""
     if arch.norm is None:
         return None
-    key = architectures.norm_key(arch, model.model.state_dict().keys())
+    key = architectures.norm_key(arch, model.model.state_dict().keys() if arch.norm.startswith("^") else ())
     if key is None:
         return None
     w = effective_weight(model, f"diffusion_model.{key}", device)

@@ -1,8 +1,11 @@
-"""RECE on the DiT families (Flux, SD3, Wan, Qwen-Image, Chroma, Lumina2/Z-Image), in both tiers.
+"""RECE on the DiT families (Flux, SD3, Wan, Qwen-Image, Chroma, Lumina2/Z-Image, Qwen-Image 2.1, HunyuanVideo, Stable Cascade),
+in both tiers, pooled text paths included.
 
 CI tier: stand-in models with the families' text-reader key names, sampled by a small forward that reads
-the text through them. Real tier (COMFYUI_PATH): Flux, SD3, Wan and Qwen-Image are ComfyUI's own model
-classes with tiny configs, sampled by ``comfy.sample``, with ComfyUI's own tokenizers where they ship.
+the text through them. Real tier (COMFYUI_PATH): Flux, SD3, Wan, Qwen-Image and HunyuanVideo are ComfyUI's own
+model classes with tiny configs, sampled by ``comfy.sample``, with ComfyUI's own tokenizers where they ship.
+Qwen-Image 2.1 is newer than ComfyUI 0.3.64: its stand-in mirrors the current class's text path exactly
+(``txt_in.text_norm``, a zero-centred RMSNorm, then ``txt_in.in_layer``), in both tiers.
 """
 
 from __future__ import annotations
@@ -73,7 +76,9 @@ def test_concept_moves_preserved_barely_and_model_untouched(erased):
     orig_p, er_p = (sample(m, family, clip.conditioning(PRESERVED), negative) for m in (model, out))
     concept, preserved = rel(er_c, orig_c), rel(er_p, orig_p)
     print(f"{family}: relative latent change: concept {concept:.4f}, preserved {preserved:.4f}")
-    assert concept > 1e-2 and concept > 3 * preserved
+    # 2x, not 3x: on the stand-in Flux the rows' erasure moves the preserved prompt's T5 rows by 35% (its
+    # padding rows are the concept's tail), which shows since the stand-in's pooled vector depends on the prompt
+    assert concept > 1e-2 and concept > 2 * preserved
     assert torch.equal(sample(model, family, clip.conditioning(CONCEPT), negative), orig_c)
     assert all(torch.equal(before[k], v) for k, v in model.model.state_dict().items())
 
@@ -297,7 +302,7 @@ def test_hidream_edits_only_the_t5_projection():
 
 
 def test_cancel_between_dit_prompts():
-    """DiT prompts are encoded one per encoder call: Cancel is honoured between any two of them."""
+    """Prompts encoded one per encoder call (Qwen templates): Cancel is honoured between any two of them."""
     from rece_comfyui.nodes.host import encoding
 
     class Cancelled(Exception):
@@ -310,13 +315,52 @@ def test_cancel_between_dit_prompts():
         if len(checks) == 3:
             raise Cancelled
 
-    clip, encoded = DiTCLIP("flux"), []
+    clip, encoded = DiTCLIP("qwen_image"), []
     encode = clip.encode_from_tokens
     clip.encode_from_tokens = lambda *a, **kw: encoded.append(1) or encode(*a, **kw)
     with pytest.raises(Cancelled):
-        encoding.encode_many(clip, [f"concept {i}" for i in range(40)], architectures.by_name("flux"),
-                           make_model("flux"), encoding.EncoderCalls(check=check))
+        encoding.encode_many(clip, [f"concept {i}" for i in range(40)], architectures.by_name("qwen_image"),
+                             make_model("qwen_image"), encoding.EncoderCalls(check=check))
     assert len(encoded) == 1  # checked before each prompt: stopped before the second (the first call holds four)
+
+
+@pytest.mark.parametrize("family", ["flux", "wan", "chroma"])
+def test_t5_prompts_are_batched_with_the_rows_of_one_at_a_time_encoding(family):
+    """T5 pads to a fixed length (Chroma's does not: one call per length): 100 prompts in a few encoder
+    calls, each prompt's rows equal to encoding it alone; Cancel is checked before every call."""
+    from rece_comfyui.nodes.host import encoding
+
+    model, clip, encoded, checks = make_model(family), DiTCLIP(family), [], []
+    encode = clip.encode_from_tokens
+    clip.encode_from_tokens = lambda *a, **kw: encoded.append(1) or encode(*a, **kw)
+    texts = [f"concept number {i}" for i in range(100)]
+    arch = architectures.by_name(family)
+    calls = encoding.EncoderCalls(check=lambda: checks.append(1))
+    batched = encoding.encode_many(clip, texts, arch, model, calls)
+    alone = [encoding.encode(clip, t, torch.device("cpu"), arch, model)[0] for t in texts]
+    assert all(torch.allclose(b.rows.float(), a.rows, atol=1e-5) and b.last_token == a.last_token
+               for b, a in zip(batched, alone))
+    if family != "chroma":
+        assert len(encoded) - len(texts) <= 3  # a first call of 4, one check of it alone, then the rest
+    assert len(checks) == len(calls.sizes) and sum(calls.sizes) == len(texts)
+
+
+def test_an_encoder_that_batches_differently_is_encoded_one_prompt_at_a_time():
+    from rece_comfyui.nodes.host import encoding
+
+    model, clip = make_model("flux"), DiTCLIP("flux")
+    encode = clip.encode_from_tokens
+
+    def skewed(tokens, *a, **kw):  # a batch of several prompts comes back shifted
+        out = encode(tokens, *a, **kw)
+        return out + 0.1 if len(tokens["t5xxl"]) > 1 and not kw.get("return_dict") else out
+
+    clip.encode_from_tokens = skewed
+    texts = [f"concept number {i}" for i in range(6)]
+    arch = architectures.by_name("flux")
+    got = encoding.encode_many(clip, texts, arch, model)
+    alone = [encoding.encode(clip, t, torch.device("cpu"), arch, model)[0] for t in texts]
+    assert all(torch.equal(g.rows.float(), a.rows) for g, a in zip(got, alone))
 
 
 def test_files_written_before_pooled_spaces_still_load_and_apply(models_dir):
@@ -331,6 +375,31 @@ def test_files_written_before_pooled_spaces_still_load_and_apply(models_dir):
     model = make_model("flux")
     out, report = ApplyErasedWeights().apply(model, loaded, 1.0)["result"]
     assert set(out.patches) == set(reader_keys("flux")) and "holds no transform of the pooled text" in report
-    now = erase(model, DiTCLIP("flux"), rounds=0, preserve="")[1]
-    assert rel(now.transform.dense(), loaded.transform.dense()) < 1e-5
-    assert "warning" not in report and model.patches == {}
+    base, after = effective_weights(model, reader_keys("flux")), effective_weights(out, reader_keys("flux"))
+    for k in reader_keys("flux"):
+        assert rel(after[k], base[k].double() @ loaded.transform.dense().double()) < 1e-5
+    if not REAL:  # the file was made on the stand-in Flux: the same erasure made now gives the same transform
+        now = erase(model, DiTCLIP("flux"), rounds=0, preserve="")[1]
+        assert rel(now.transform.dense(), loaded.transform.dense()) < 1e-5
+    assert model.patches == {}
+    assert ("warning" in report) == REAL  # the real tier's Flux is another base model than the file's stand-in
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_pooled_vectors_are_encoded_with_t5_cut_to_one_token(family):
+    """The pooled vector is CLIP's: encoding it does not run T5 over the whole padded prompt again, and it
+    equals the pooled vector of the full encoding."""
+    from rece_comfyui.nodes.host import encoding
+
+    model, clip, t5_lengths = make_model(family), DiTCLIP(family), []
+    encode = clip.encode_from_tokens
+    clip.encode_from_tokens = lambda tokens, *a, **kw: t5_lengths.append(len(tokens["t5xxl"][0])) or encode(tokens, *a, **kw)
+    out, erasure, _ = erase(model, clip, concepts="nudity\nVan Gogh", rounds=1)
+    pooled_calls = [n for n in t5_lengths if n == 1]
+    assert len(pooled_calls) == 4  # nudity, Van Gogh, ' ' and '', once each
+    arch = architectures.by_name(family)
+    full = encoding.encode(clip, "Van Gogh", torch.device("cpu"), arch, model)[2]["pooled_output"]
+    clip.encode_from_tokens = encode
+    tokens = clip.tokenize("Van Gogh")
+    tokens["t5xxl"] = [tokens["t5xxl"][0][-1:]]
+    assert torch.equal(encode(tokens, return_pooled=True, return_dict=True)["pooled_output"], full)

@@ -129,7 +129,8 @@ def test_every_family_has_a_distinct_name_and_a_text_space():
     assert len(names) == len(set(names)) and all(a.space for a in architectures.ARCHITECTURES)
 
 
-REAL = {  # the families ComfyUI 0.3.64 has, built from its own classes with tiny configs
+REAL = {  # the families ComfyUI 0.3.64 has, built from its own classes with tiny configs (Mochi's class fixes
+    # its MLP at full size, so it is checked on the stand-in keys only)
     "AuraFlow": dict(max_seq=64, cond_seq_dim=32, n_double_layers=1, n_layers=1, dim=64, n_heads=2, patch_size=2,
                      in_channels=4, out_channels=4),
     "PixArtAlpha": dict(image_model="pixart_alpha", input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=1,
@@ -140,6 +141,16 @@ REAL = {  # the families ComfyUI 0.3.64 has, built from its own classes with tin
                              nhead=[2, 2], blocks=[[1, 1], [1, 1]], block_repeat=[[1, 1], [1, 1]],
                              level_config=["CTA", "CTA"], c_clip_text=16, c_clip_text_pooled=16, c_clip_img=16,
                              c_clip_seq=2, switch_level=[False], self_attn=True, t_conds=["sca", "crp"]),
+    "CosmosT2IPredict2": dict(image_model="cosmos_predict2", max_img_h=16, max_img_w=16, max_frames=1, in_channels=16,
+                              out_channels=16, patch_spatial=2, patch_temporal=1, model_channels=64, num_blocks=2,
+                              num_heads=2, crossattn_emb_channels=32, pos_emb_cls="rope3d"),
+    "Omnigen2": dict(image_model="omnigen2", hidden_size=64, num_layers=1, num_refiner_layers=1, num_attention_heads=2,
+                     num_kv_heads=2, multiple_of=16, axes_dim_rope=(8, 12, 12), axes_lens=(16, 16, 16),
+                     text_feat_dim=32),
+    "HunyuanVideo": dict(image_model="hunyuan_video", in_channels=16, out_channels=16, vec_in_dim=16,
+                         context_in_dim=32, hidden_size=64, mlp_ratio=2.0, num_heads=2, depth=1, depth_single_blocks=1,
+                         axes_dim=[8, 12, 12], theta=256, patch_size=[1, 2, 2], qkv_bias=True, guidance_embed=True,
+                         byt5=False, meanflow=False),
 }
 
 
@@ -164,3 +175,86 @@ def test_real_classes_have_the_readers(config):
     assert {state[k].shape[1] for k in found} == {state[found[0]].shape[1]}
     pooled = arch.pooled_keys(config, keys)
     assert [k.removeprefix("diffusion_model.") for k in pooled] == expected[3]
+
+
+def test_sdxl_pooled_bigg_is_erased_on_its_columns_of_label_emb_only(models_dir):
+    """SDXL's label_emb reads [pooled bigG (1280) | size embeddings (1536)]: the pooled erasure edits the
+    first 1280 columns as W P and leaves the size embeddings' columns exactly as they were; it survives
+    Save/Load and is in the exported LoRA."""
+    import math
+
+    import torch
+    from safetensors.torch import load_file
+
+    from factory import FakeCLIP, effective_weights, make_model
+    from rece_comfyui.nodes.files import ExportErasureAsLoRA, LoadErasedWeights, SaveErasedWeights
+    from rece_comfyui.nodes.rece import ApplyErasedWeights, RECEEraseConcept
+
+    class BigGPooled(FakeCLIP):
+        """The tiny CLIP's rows, and a 1280-wide pooled vector carrying the prompt (SDXL's pooled bigG)."""
+
+        def __init__(self):
+            super().__init__("tiny")
+            gen = torch.Generator().manual_seed(7)
+            self.to_bigg = torch.randn(64, 1280, generator=gen) / 8
+
+        def encode_from_tokens(self, tokens, return_pooled=False, return_dict=False):
+            cond = super().encode_from_tokens(tokens)
+            ids = [t[0] for t in tokens["l"][0]]
+            rows = cond[0, :len(ids)]
+            pooled = ((rows[ids.index(self.parts[0].end)] + rows[1:ids.index(self.parts[0].end)].sum(0))
+                      @ self.to_bigg).unsqueeze(0)
+            return (cond, pooled) if return_pooled else cond
+
+    model = make_model("tiny", config="SDXL")  # SDXL's pooled path next to tiny cross-attention (fast)
+    label = torch.nn.Module()
+    g = torch.Generator().manual_seed(3)
+    label.register_parameter("weight", torch.nn.Parameter(torch.randn(64, 2816, generator=g) / math.sqrt(2816),
+                                                          requires_grad=False))
+    model.model.diffusion_model.add_module("label_emb", torch.nn.Sequential(torch.nn.Sequential(label)))
+    key = "diffusion_model.label_emb.0.0.weight"
+    before = model.model.state_dict()[key].clone()
+    out, erasure, report = RECEEraseConcept().erase(model, BigGPooled(), "nudity", "", "", "nudity", 1, 0.1, 0.1,
+                                                    1.0, 0.1)["result"]
+    assert erasure.spaces["pooled"].dim == 1280 and "pooled text (label_emb.0.0.weight)" in report
+    w = effective_weights(out, [key])[key]
+    p = erasure.spaces["pooled"].transform.dense().double()
+    assert torch.equal(w[:, 1280:], before[:, 1280:])
+    assert float((w[:, :1280].double() - before[:, :1280].double() @ p).norm() / before.norm()) < 1e-5
+    assert float((w[:, :1280] - before[:, :1280]).norm()) > 1e-3 * float(before.norm())
+    assert torch.equal(model.model.state_dict()[key], before) and key not in model.patches
+    SaveErasedWeights().save(erasure, "x")
+    loaded = LoadErasedWeights().load("x_00001.safetensors")["result"][0]
+    again = ApplyErasedWeights().apply(model, loaded, 1.0)["result"][0]
+    assert torch.equal(effective_weights(again, [key])[key], w)
+    ExportErasureAsLoRA().export(model, erasure, "l", 0, "fp32")
+    lora = load_file(str(models_dir / "loras" / "l_00001.safetensors"))
+    up, down = lora["lora_unet_label_emb_0_0.lora_up.weight"], lora["lora_unet_label_emb_0_0.lora_down.weight"]
+    delta = float(lora["lora_unet_label_emb_0_0.alpha"]) / down.shape[0] * up @ down
+    assert float((before + delta - w).norm() / w.norm()) < 1e-5 and float(delta[:, 1280:].abs().max()) == 0.0
+
+
+def test_a_flux_checkpoint_with_txt_norm_is_read_through_it():
+    """A Flux-family checkpoint carrying ``txt_norm`` (ComfyUI's flux model has it as an option): the rows
+    RECE reads, and the rows Derive returns, are in the normed space the reader sees."""
+    import torch
+
+    from dit_factory import D, DiTCLIP, make_model
+    from rece_comfyui.nodes.host import encoding, weights
+    from rece_comfyui.nodes.rece import RECEDeriveEmbedding, RECEEraseConcept
+
+    model, clip = make_model("flux"), DiTCLIP("flux")
+    norm = torch.nn.Module()
+    norm.register_parameter("scale", torch.nn.Parameter(0.5 + torch.rand(D, generator=torch.Generator().manual_seed(2)),
+                                                        requires_grad=False))
+    model.model.diffusion_model.add_module("txt_norm", norm)
+    arch, _ = weights.architecture(model)
+    raw = clip.encode_from_tokens(clip.tokenize("nudity"))[0].float()
+    seen = encoding.encode(clip, "nudity", torch.device("cpu"), arch, model)[0].rows
+    assert torch.allclose(seen, architectures.rms_norm(raw, norm.scale, 1e-6), atol=1e-5)
+    out = RECEEraseConcept().erase(model, clip, "nudity", "", "", "nudity", 1, 0.1, 0.1, 1.0, 0.1)["result"][0]
+    cond = RECEDeriveEmbedding().derive(out, clip, "nudity", 0.1)["result"][0][0][0][0].float()
+    again = architectures.rms_norm(cond, norm.scale, 1e-6)  # what txt_in reads from the returned rows
+    emb = encoding.encode(clip, "nudity", torch.device("cpu"), arch, out)[0]
+    assert again.shape == emb.rows.shape and torch.isfinite(again).all()
+    assert "diffusion_model.txt_norm.scale" not in out.patches
