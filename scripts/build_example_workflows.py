@@ -218,12 +218,11 @@ def task_vector_sd15() -> None:
     g.dump("erase_task_vector_sd15.json")
 
 
+BUILDERS = (fewshot_unlearn_sd15, erase_nudity_sd15, erase_artist_sdxl, red_team, erase_nudity_flux,
+            erase_artist_rece_and_conceptprune_sd15, task_vector_sd15)
+
+
 if __name__ == "__main__":
     OUT.mkdir(exist_ok=True)
-    fewshot_unlearn_sd15()
-    erase_nudity_sd15()
-    erase_artist_sdxl()
-    red_team()
-    erase_nudity_flux()
-    erase_artist_rece_and_conceptprune_sd15()
-    task_vector_sd15()
+    for build in BUILDERS:
+        build()
