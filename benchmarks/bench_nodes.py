@@ -11,7 +11,8 @@ Cases: 1 concept × 3 rounds, 100 and 1000 concepts × 1 round (``--concepts`` t
 baseline of the same run is ComfyUI's CLIPTextEncode encoding the same prompts one by one, which
 is what the node cost before prompts were batched. Peak memory is the growth during the node
 call: CUDA's peak allocation, or on the CPU the process's resident memory sampled every 2 ms.
-``--keep-mib`` sets how much encoder output the node keeps between its passes (``KEEP_BYTES``).
+The node's encoder calls (``clip.encode_from_tokens``) per run are counted (issue #21: 100 concepts on
+Flux in at most 10). ``--keep-mib`` sets how much encoder output the node keeps between its passes (``KEEP_BYTES``).
 """
 
 from __future__ import annotations
@@ -119,7 +120,19 @@ def run(label: str, model, clip, cases: list[int], repeats: int) -> None:
         texts = prompts(n)
         kw = settings(texts, rounds)
         reps = repeats if n < 1000 else 1
-        t, grown, where = timed(lambda: node.erase(model, clip, **kw), reps)
+        calls: list[bool] = []  # per encoder call: whether it is a pooled-only one (T5 cut to one token)
+        encode = clip.encode_from_tokens
+
+        def counted(tokens, *a, **k):
+            calls.append("t5xxl" in tokens and len(tokens["t5xxl"][0]) == 1)
+            return encode(tokens, *a, **k)
+
+        clip.encode_from_tokens = counted
+        try:
+            t, grown, where = timed(lambda: node.erase(model, clip, **kw), reps)
+        finally:
+            del clip.encode_from_tokens  # back to the class's own method
+        per_run, pooled_only = len(calls) // reps, sum(calls) // reps
 
         def clip_text_encode_loop():
             for text in texts + ["", " "]:
@@ -127,7 +140,9 @@ def run(label: str, model, clip, cases: list[int], repeats: int) -> None:
 
         t_enc = timed(clip_text_encode_loop, reps)[0]
         print(f"{label:34} {n:5} concept(s) x {rounds}: node {t:8.3f} s | CLIPTextEncode loop of the same "
-              f"prompts {t_enc:8.3f} s | ratio {t_enc / t:6.2f}x | peak {where} +{grown / GiB:.3f} GiB", flush=True)
+              f"prompts {t_enc:8.3f} s | ratio {t_enc / t:6.2f}x | peak {where} +{grown / GiB:.3f} GiB | "
+              f"{per_run} encoder calls ({per_run - pooled_only} of the rows, {pooled_only} pooled-only: CLIP, "
+              "T5 cut to one token)", flush=True)
 
 
 def settings(texts: list[str], rounds: int) -> dict:
@@ -193,6 +208,11 @@ def main() -> None:
             from checkpoint import sdxl_clip
 
             run("SDXL cross-attn, real SDXL CLIP", make_model("sdxl", dtype=torch.float16), sdxl_clip(),
+                args.concepts, args.repeats)
+        elif arch == "flux":  # the stand-in Flux of the tests (txt_in + vector_in), CLIP-L + T5 stand-ins
+            import dit_factory
+
+            run("Flux txt_in + vector_in, stand-in", dit_factory.make_model("flux"), dit_factory.DiTCLIP("flux"),
                 args.concepts, args.repeats)
         else:
             run(f"{arch} cross-attn, toy CLIP", make_model(arch), FakeCLIP(arch), args.concepts, args.repeats)

@@ -4,9 +4,9 @@ One module a method (``rece``...) plus ``files`` (save, load, export of every me
 each has its own ``NODE_CLASS_MAPPINGS`` and ``NODE_DISPLAY_NAME_MAPPINGS``, gathered here.
 """
 
-from . import fewshot, files, rece
+from . import conceptprune, fewshot, files, rece, task_vector
 
-METHODS = (rece, fewshot, files)
+METHODS = (rece, conceptprune, fewshot, task_vector, files)
 
 NODE_CLASS_MAPPINGS = {k: v for m in METHODS for k, v in m.NODE_CLASS_MAPPINGS.items()}
 NODE_DISPLAY_NAME_MAPPINGS = {k: v for m in METHODS for k, v in m.NODE_DISPLAY_NAME_MAPPINGS.items()}

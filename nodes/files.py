@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -49,20 +52,26 @@ def concept_list_names() -> list[str]:
     return [NO_LIST] + folder_paths.get_filename_list(LISTS)
 
 
-def read_concept_list(name: str) -> list[str]:
-    """The concepts of a list file: one per line, blank lines and ``#`` comments skipped."""
-    if name in ("", NO_LIST):
+def read_concept_list(name: str | None) -> list[str]:
+    """The concepts of a list file: one per line, blank lines and ``#`` comments skipped.
+
+    UTF-8, with or without a byte-order mark (Windows Notepad writes one); at most ``MAX_LIST_BYTES`` bytes.
+    ``None`` (an API caller leaving the optional input out) is no list."""
+    if name is None or name in ("", NO_LIST):
         return []
+    if not isinstance(name, str):
+        raise ValueError(f"concept list must be a file name (a string), not {type(name).__name__}")
     if not name.endswith(".txt"):
         raise ValueError(f"concept list {name!r}: only .txt lists in models/rece/lists are read")
     path = resolve(LISTS, name)
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read(MAX_LIST_BYTES + 1)
+        with open(path, "rb") as f:
+            data = f.read(MAX_LIST_BYTES + 1)
+        if len(data) > MAX_LIST_BYTES:
+            raise ValueError(f"concept list {name}: larger than {MAX_LIST_BYTES // 2**20} MiB; split it")
+        text = data.decode("utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise ValueError(f"concept list {name}: cannot be read ({exc.__class__.__name__}: {exc})") from None
-    if len(text) > MAX_LIST_BYTES:
-        raise ValueError(f"concept list {name}: larger than {MAX_LIST_BYTES // 2**20} MiB; split it")
     concepts = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
     if not concepts:
         raise ValueError(f"concept list {name}: has no concepts (one per line, # starts a comment)")
@@ -104,7 +113,14 @@ def loadable_names() -> list[str]:
 
 
 def new_path(folder: str, prefix: str) -> str:
-    """``<folder>/<prefix>_00001.safetensors``, the next free number, inside the first folder path."""
+    """``<folder>/<prefix>_00001.safetensors``, the next free number, inside the first folder path.
+
+    The file is created here, exclusively (empty), so two saves with the same prefix at once each get
+    their own number; write it with ``write_new``. A prefix the OS cannot create is refused naming it."""
+    if not isinstance(prefix, str):
+        raise ValueError(f"filename_prefix must be a string, not {type(prefix).__name__}")
+    if "\0" in prefix:
+        raise ValueError(f"filename_prefix {prefix!r}: cannot create a file whose name holds a NUL character")
     _check_relative(prefix, "filename_prefix")
     norm = os.path.normpath(prefix)
     if norm == "." or any(part.startswith(".") for part in Path(norm).parts):
@@ -114,11 +130,29 @@ def new_path(folder: str, prefix: str) -> str:
     stem = os.path.join(base, os.path.normpath(prefix))
     if not _inside(os.path.dirname(stem) or base, base):
         raise ValueError(f"filename_prefix {prefix!r} leads outside models/{folder}")
-    os.makedirs(os.path.dirname(stem), exist_ok=True)
     n = 1
-    while os.path.exists(f"{stem}_{n:05}.safetensors"):
-        n += 1
-    return f"{stem}_{n:05}.safetensors"
+    while True:
+        path = f"{stem}_{n:05}.safetensors"
+        try:
+            os.makedirs(os.path.dirname(stem), exist_ok=True)
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+            return path
+        except FileExistsError:
+            n += 1
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"filename_prefix {prefix!r}: cannot create {os.path.relpath(path, base)!r} in "
+                             f"models/{folder} ({exc.strerror or exc}); use a shorter plain name such as "
+                             "rece/erasure") from None
+
+
+def write_new(path: str, write: Callable[[str], None]) -> None:
+    """``write(path)`` into the file ``new_path`` created; on failure the empty file is removed."""
+    try:
+        write(path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(path)
+        raise
 
 
 class SaveErasedWeights:
@@ -141,7 +175,7 @@ class SaveErasedWeights:
     def save(self, erasure, filename_prefix):
         weights.require_erasure(erasure, "Save Erased Weights")
         path = new_path(FOLDER, filename_prefix)
-        save_erasure(erasure, path, pack_version=__version__)
+        write_new(path, lambda p: save_erasure(erasure, p, pack_version=__version__))
         rel = os.path.relpath(path, folder_paths.get_folder_paths(FOLDER)[0])
         return {"ui": ui_report({"saved": rel, "concepts": list(erasure.concepts)}), "result": ()}
 
@@ -207,20 +241,26 @@ class ExportErasureAsLoRA:
         weights.require_erasure(erasure, "Export Erasure as LoRA", model, keys)
         dtype = torch.float16 if precision == "fp16" else torch.float32
         out, worst = {}, 0.0
-        for key, w in weights.key_weights(model, keys, torch.device("cpu"), include_erasures=False):
+        pooled = weights.pooled_keys(model, arch) if "pooled" in erasure.spaces else []
+        for key, w in weights.key_weights(model, keys + pooled, torch.device("cpu"), include_erasures=False):
+            space = erasure
+            if key in pooled:  # the pooled readers: the pooled space's transform, on the pooled columns only
+                space = dataclasses.replace(erasure, transform=weights.widened(
+                    erasure.spaces["pooled"].transform, int(w.shape[1])))
             try:
-                up, down, err = lora_factors(erasure, w, rank, dtype)
+                up, down, err = lora_factors(space, w, rank, dtype)
             except ValueError as exc:
                 raise ValueError(f"Export Erasure as LoRA: {exc} (layer {key})") from None
-            name = lora_key(key, arch.name)
+            name = lora_key(key, "dit" if key in pooled else arch.name)
             out[f"{name}.lora_up.weight"] = up.contiguous()
             out[f"{name}.lora_down.weight"] = down.clone()  # one copy per layer in the file
             out[f"{name}.alpha"] = torch.tensor(float(up.shape[1]), dtype=dtype)  # rank ≥ 1: never 0
             worst = max(worst, err)
         path = new_path("loras", filename_prefix)
-        save_file(out, path, metadata={"rece_concepts": ", ".join(erasure.concepts), "ss_network_module": "networks.lora"})
+        write_new(path, lambda p: save_file(out, p, metadata={"rece_concepts": ", ".join(erasure.concepts),
+                                                              "ss_network_module": "networks.lora"}))
         rel = os.path.relpath(path, folder_paths.get_folder_paths("loras")[0])
-        report = (f"exported {len(keys)} layers to loras/{rel} at rank "
+        report = (f"exported {len(keys) + len(pooled)} layers to loras/{rel} at rank "
                   f"{rank if 0 < rank < erasure.rank else erasure.rank} ({precision}); "
                   + ("exact" if worst <= EXACT else f"largest relative error of a layer's delta {worst:.2e} "
                      f"(as written in {precision})"))

@@ -84,13 +84,17 @@ class ErasurePatch(WeightAdapterBase):
     def calculate_weight(self, weight: Tensor, key: str, strength: float, strength_model: float, offset,
                          function: Callable[[Tensor], Tensor] | None,
                          intermediate_dtype: torch.dtype = torch.float32, original_weight=None) -> Tensor:
-        """``W + strength · W (P − I)`` written into ``weight`` (views from ``offset`` stay valid)."""
+        """``W + strength · W (P − I)`` written into ``weight`` (views from ``offset`` stay valid); returned as a
+        plain tensor. The factors are moved to the weight's device here (ComfyUI-GGUF does not move adapters)."""
         if strength == 0.0:
             return weight
         function = function or (lambda a: a)
-        w = weight.to(_compute_dtype(weight.dtype))
-        weight.copy_(w + function(strength * self.weight_delta(w)))
-        return weight
+        # A tensor subclass is written through a plain view of its memory: ComfyUI-GGUF's GGMLTensor
+        # (F16/F32 weights) only warns when its copy_ fails, and its clone()/detach() return itself.
+        target = weight if type(weight) in (Tensor, torch.nn.Parameter) else weight.as_subclass(Tensor)
+        w = target.to(_compute_dtype(target.dtype))
+        target.copy_(w + function(strength * self.weight_delta(w)))
+        return target
 
     def bypass_forward(self, org_forward: Callable[..., Tensor], x: Tensor, *args, **kwargs) -> Tensor:
         """The layer's own forward on ``x + t · x (P − I)ᵀ``: exactly ``W' x + b``."""

@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import uuid
 
 import torch
 
 import comfy.model_management
 
 from ..rece_core import PRESETS, Erasure, rece
-from ..rece_core.derive import derive_with_transform, reach
+from ..rece_core.derive import derive_with_transform, weighted_norm2
+from ..rece_core.pooled import rece_vectors
 from ..rece_core.procedure import fit_rows
 from . import files
 from .host import encoding, run, weights
 from .checks import check_lines, check_widgets, ui_report
-from .patch import ErasurePatch
+from .patch import ErasurePatch, is_erasure_patch
 
 ERASURE = "RECE_ERASURE"
 KINDS = ["nudity", "unsafe", "artistic_style", "object", "custom"]
@@ -28,14 +30,104 @@ def split_lines(text: str) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
-def patched(model, erasure: Erasure, keys: list[str], strength: float):
-    """A clone of ``model`` carrying ``erasure`` as a weight patch on every key; ``model`` untouched."""
+def patched(model, erasure: Erasure, keys: list[str], strength: float, pooled: list[str] = ()):
+    """A clone of ``model`` carrying ``erasure`` as a weight patch on every key, and its pooled-text erasure
+    on every ``pooled`` key (on the pooled vector's columns only); ``model`` untouched."""
     out = model.clone()
     patch = ErasurePatch.of(erasure.transform)
     added = out.add_patches({k: patch for k in keys}, strength)
     if len(added) != len(keys):
         raise ValueError(f"only {len(added)} of {len(keys)} cross-attention weights could be patched")
+    if pooled and "pooled" in erasure.spaces:
+        t = erasure.spaces["pooled"].transform
+        added = out.add_patches({k: ErasurePatch.of(weights.widened(t, weights.in_features(model, k))) for k in pooled},
+                                strength)
+        if len(added) != len(pooled):
+            raise ValueError(f"only {len(added)} of {len(pooled)} pooled-text weights could be patched")
     return out
+
+
+def undone(model, erasure: Erasure, keys: list[str], strength: float, pooled: list[str] = ()):
+    """A clone of ``model`` without the last patch of ``erasure`` at ``strength`` on every key: strength
+    −t of an erasure applied at t restores the weights exactly, as −1 cancels +1 for a LoRA.
+
+    An erasure is a product ``W P`` whose ``P`` is close to singular (it folds the concept onto the
+    guide: its smallest singular value is about 1e-8 on SD1.5), so no patch added on top can undo it;
+    the erasure's own patch is taken off instead. Anything else is refused: a negative strength of an
+    erasure the model does not carry at that strength would have no meaning."""
+    wanted = {k: erasure.transform for k in keys}
+    if pooled:  # the pooled-text patches carry the pooled transform, widened to the layer's columns
+        t = erasure.spaces["pooled"].transform
+        wanted |= {k: weights.widened(t, weights.in_features(model, k)) for k in pooled}
+    out = model.clone()
+    for key, t in wanted.items():
+        entries = out.patches.get(key, [])
+        found = [i for i, p in enumerate(entries) if is_erasure_patch(p[1]) and float(p[0]) == strength
+                 and _same(p[1].transform(), t)]
+        if not found:
+            raise ValueError(
+                f"Apply Erased Weights: a negative strength undoes an erasure this model carries, and this model "
+                f"does not carry the erasure of {', '.join(map(repr, erasure.concepts[:3]))} at strength "
+                f"{strength:g}. An erasure (W P) cannot be inverted by another patch; to go back, use the model "
+                "from before it (the loaded model is never changed) or strength 0")
+        out.patches[key] = entries[:found[-1]] + entries[found[-1] + 1:]
+    out.patches_uuid = uuid.uuid4()  # ComfyUI re-patches the weights of a model whose patches changed
+    return out
+
+
+def _same(a, b) -> bool:
+    """The same ``P = I + up @ down`` (the adapter keeps ``down = None`` for a dense ``P − I``)."""
+    a, b = a.to(dtype=torch.float32), b.to(dtype=torch.float32)
+    return (a.up.shape == b.up.shape and torch.equal(a.up.cpu(), b.up.cpu())
+            and torch.equal(a.down.cpu(), b.down.cpu()))
+
+
+def pooled_erasure(model, clip, arch, names: list[str], guide: str, preserve: list[str], device, check, *,
+                   lamb: float, erase_scale: float, preserve_scale: float, reg: float,
+                   epochs: int) -> tuple[Erasure | None, list[str], str]:
+    """RECE on the pooled text vector, its own text space: ``(erasure, pooled keys, note)``.
+
+    The same closed forms as on the rows (``rece_core.pooled``), over the pooled vectors of the concepts,
+    guide and preserved prompts, with ``S = Σ WᵀW`` of the layers reading the pooled vector (its columns
+    only). ``None`` where the model has no pooled path, or the CLIP gives no pooled vector of that width
+    (the note says why).
+    """
+    keys = weights.pooled_keys(model, arch)
+    if not keys:
+        return None, [], ""
+    width = weights.pooled_width(model, arch, keys)
+    vectors: dict[str, torch.Tensor] = {}
+
+    def vector(text: str) -> torch.Tensor:
+        if text not in vectors:
+            check()
+            tokens = clip.tokenize(text if text.strip() else "")
+            if "t5xxl" in tokens and "l" in tokens:  # Flux, SD3: the pooled vector is CLIP's; T5 gets one token
+                tokens["t5xxl"] = [tokens["t5xxl"][0][-1:]]
+            out = clip.encode_from_tokens(tokens, return_pooled=True, return_dict=True)
+            pooled = out.get("pooled_output") if isinstance(out, dict) else out[1]
+            if pooled is None or pooled.reshape(-1).shape[0] != width:
+                raise LookupError(f"the CLIP gives {'no' if pooled is None else pooled.reshape(-1).shape[0]}-wide "
+                                  f"pooled vector, the model's pooled path reads {width}")
+            vectors[text] = pooled.reshape(1, -1).to(device=device, dtype=torch.float64)
+        return vectors[text]
+
+    try:
+        concepts = torch.cat([vector(n) for n in names])
+    except LookupError as exc:
+        return None, [], f"note: the pooled text path is not erased: {exc}"
+    guides = [guide.strip() or " "] * len(names)
+    start = time.perf_counter()
+    s = weights.pooled_gram(model, arch, keys, device, include_erasures=True)
+    p, rounds = rece_vectors(s, concepts, torch.cat([vector(g) for g in guides]),
+                             {t: vector(t) for t in dict.fromkeys([""] + preserve)}, vector(" "), lamb=lamb,
+                             erase_scale=erase_scale, preserve_scale=preserve_scale, reg=reg, epochs=epochs,
+                             check=check)
+    erasure = Erasure(transform=p.compressed().to(dtype=torch.float32), concepts=tuple(names), guides=tuple(guides),
+                      preserve=tuple(preserve), lamb=lamb, erase_scale=erase_scale, preserve_scale=preserve_scale,
+                      reg=reg, epochs=epochs, rounds=tuple(rounds), seconds=time.perf_counter() - start,
+                      device=str(device))
+    return erasure, keys, ""
 
 
 def round_ui(erasure: Erasure) -> dict:
@@ -70,8 +162,12 @@ class RECEEraseConcept:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("MODEL", {"tooltip": "The diffusion model to erase from (SD1.x, SD2.x, SDXL, Flux, Chroma, "
-                                           "SD3.x, Wan, Qwen-Image, HiDream, Lumina 2 / Z-Image)."}),
+            "model": ("MODEL", {"tooltip": "The diffusion model to erase from (SD1.x, SD2.x, SDXL, Flux, Flux.2, "
+                                           "Chroma, SD3.x, Wan, Qwen-Image (2.1), HiDream, Lumina 2 / Z-Image, "
+                                           "Kandinsky 5, HunyuanVideo / HunyuanImage, Ideogram 4, ERNIE-Image, "
+                                           "JoyImage, OmniGen2, Anima, Cosmos Predict2, AuraFlow, PixArt, LTX-Video, "
+                                           "Mochi, Stable Cascade, LongCat-Image). Its pooled text path, where it has "
+                                           "one, is erased too."}),
             "clip": ("CLIP", {"tooltip": "The text encoder that goes with the model."}),
             "concepts": ("STRING", {"multiline": True, "default": "nudity",
                                     "tooltip": "Concepts to erase, one per line."}),
@@ -118,21 +214,25 @@ class RECEEraseConcept:
         solve = run.solve_device(device)
         keep = check_lines(len(names), len(split_lines(preserve)), d)
         interrupted = comfy.model_management.throw_exception_if_processing_interrupted
-        progress = run.Progress(len(keys))
         interrupted()
-        read = 0  # weights read so far (their ticks come first in the bar)
+        # The bar counts weights read, prompts encoded (ticked after every encoder call) and the chunks and
+        # steps of the procedure (whose number is known once it starts); it grows if prompts are encoded again.
+        bar = {"read": 0, "encoded": 0, "done": 0, "steps": 1 + rounds}
+        prompts = len(names) + len(dict.fromkeys([guide.strip(), "", " "] + split_lines(preserve)))
+        progress = run.Progress(len(keys) + prompts + bar["steps"])
+
+        def show(**change: int) -> None:
+            bar.update(change)
+            progress.at(bar["read"] + bar["encoded"] + bar["done"],
+                        len(keys) + max(prompts, bar["encoded"]) + bar["steps"])
 
         def gram():
             """The weights as this model uses them, earlier erasures included: chained erase nodes compose."""
+            return weights.gram_of(model, keys, device, include_erasures=True,
+                                   tick=lambda: show(read=bar["read"] + 1)).to(solve)
 
-            def tick():
-                nonlocal read
-                read += 1
-                progress.at(read)
-
-            return weights.gram_of(model, keys, device, include_erasures=True, tick=tick).to(solve)
-
-        calls = encoding.EncoderCalls(check=interrupted)  # about a second per encoder call: Cancel within it
+        # about a second per encoder call: Cancel within it, and a tick after it
+        calls = encoding.EncoderCalls(check=interrupted, tick=lambda n: show(encoded=bar["encoded"] + n))
 
         def encode_many(texts):
             out = encoding.encode_many(clip, list(texts), arch, model, calls)
@@ -143,13 +243,22 @@ class RECEEraseConcept:
                        erase_scale=erase_scale, preserve_scale=preserve_scale, reg=reg, epochs=rounds,
                        encode_many=encode_many, tokens=encoding.tokenize(clip, names[0], arch)[2], keep_bytes=keep,
                        check=interrupted,
-                       progress=lambda done, total: progress.at(read + done, len(keys) + total))
+                       progress=lambda done, total: show(done=done, steps=total))
+        pooled, pooled_keys, pooled_note = pooled_erasure(
+            model, clip, arch, names, guide, split_lines(preserve), solve, interrupted, lamb=lamb,
+            erase_scale=erase_scale, preserve_scale=preserve_scale, reg=reg, epochs=rounds)
         erasure = dataclasses.replace(
             erasure, seconds=time.perf_counter() - start, device=str(device),
             extra={"kind": concept_kind, "model": weights.model_type(model), "architecture": arch.name,
-                   "fingerprint": weights.base_fingerprint(model, keys)})
-        out = patched(model, erasure, keys, 1.0)
+                   "fingerprint": weights.base_fingerprint(model, keys)},
+            spaces={"pooled": pooled} if pooled is not None else {})
+        out = patched(model, erasure, keys, 1.0, pooled_keys)
         report = erasure.summary()
+        if pooled is not None:
+            report += (f"\npooled text ({', '.join(k.removeprefix('diffusion_model.') for k in pooled_keys)}), its "
+                       f"own transform:\n" + "\n".join(pooled.summary().splitlines()[1:]))
+        if pooled_note:
+            report += "\n" + pooled_note
         if arch.note:
             report += f"\nnote ({arch.title}): {arch.note}"
         preset = PRESETS.get(concept_kind)
@@ -196,7 +305,7 @@ class RECEDeriveEmbedding:
         if not text:
             raise ValueError("RECE Derive Embedding: enter the concept to derive an embedding for.")
         arch, keys = weights.architecture(model)
-        erasures = weights.applied_erasures(model)
+        erasures = weights.applied_erasures(model, keys)
         if not erasures:
             raise ValueError("RECE Derive Embedding: this model carries no RECE erasure; connect the MODEL "
                              "output of RECE Erase Concept or Apply Erased Weights.")
@@ -212,10 +321,30 @@ class RECEDeriveEmbedding:
         s = weights.gram_of(model, keys, device, tick=progress.tick).to(solve)
         p = weights.combined_transform(erasures, d, solve)
         derived = derive_with_transform(s, p, emb.rows, reg=reg)
-        value = float(reach(s, p, emb.rows, derived, fit_rows(guide.rows, emb.rows.shape[0])))
+        # reach over every text space: Σ‖W'c' − Wc‖² / Σ‖Wc − Wg‖² summed over the rows' and the pooled readers
+        c = emb.rows.to(torch.float64)
+        miss = weighted_norm2(p.apply_rows(derived) - c, s)
+        scale = weighted_norm2(c - fit_rows(guide.rows, c.shape[0]).to(c), s)
+        extra = dict(extra)
+        spaces = "rows"
+        pooled_keys = weights.pooled_keys(model, arch)
+        pooled_erasures = weights.applied_erasures(model, pooled_keys) if pooled_keys else []
+        if pooled_erasures and extra.get("pooled_output") is not None:
+            width = weights.pooled_width(model, arch, pooled_keys)
+            sp = weights.pooled_gram(model, arch, pooled_keys, solve, include_erasures=False)
+            pp = weights.combined_transform([(weights.narrowed(t, width), x) for t, x in pooled_erasures], width, solve)
+            pooled = extra["pooled_output"]
+            pc = pooled.reshape(1, -1).to(device=solve, dtype=torch.float64)
+            pg = encoding.encode(clip, " ", solve, arch, model)[2]["pooled_output"].reshape(1, -1).to(pc)
+            pd = derive_with_transform(sp, pp, pc, reg=reg)
+            miss = miss + weighted_norm2(pp.apply_rows(pd) - pc, sp)
+            scale = scale + weighted_norm2(pc - pg, sp)
+            extra["pooled_output"] = pd.reshape(pooled.shape).to(device=pooled.device, dtype=pooled.dtype)
+            spaces = "rows + pooled vector"
+        value = float((1.0 - miss / scale.clamp_min(torch.finfo(torch.float64).tiny)).clamp(0.0, 1.0))
         progress.tick()
-        report = (f"derived embedding for {text!r} (ρ={reg:g}) reaches {value:.1%} of it on the erased model "
-                  f"({len(erasures)} erasure(s))")
+        report = (f"derived embedding for {text!r} (ρ={reg:g}; {spaces}) reaches {value:.1%} of it on the erased "
+                  f"model ({len(erasures)} erasure(s))")
         ui = {"concept": text, "reg": reg, "reach": value, "erasures": len(erasures)}
         return {"ui": ui_report(ui),
                 "result": (encoding.conditioning(arch, derived.float(), model, cond, extra), value, report)}
@@ -242,7 +371,8 @@ class ApplyErasedWeights:
             "model": ("MODEL", {"tooltip": "The model to apply the erasure to (same text width)."}),
             "erasure": (ERASURE, {"tooltip": "An erasure from RECE Erase Concept or Load Erased Weights."}),
             "strength": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01,
-                                   "tooltip": "1 = as computed, 0 = none; negative allowed."}),
+                                   "tooltip": "1 = as computed, 0 = none; −1 undoes this erasure where the "
+                                              "model carries it at 1 (−t undoes t)."}),
         }}
 
     def apply(self, model, erasure, strength):
@@ -250,9 +380,22 @@ class ApplyErasedWeights:
         weights.require_erasure(erasure, "Apply Erased Weights")
         keys = weights.cross_attention_keys(model)
         weights.require_erasure(erasure, "Apply Erased Weights", model, keys)
-        out = patched(model, erasure, keys, strength)
+        pooled = weights.pooled_keys(model) if "pooled" in erasure.spaces else []
+        if strength < 0:
+            out = undone(model, erasure, keys, -strength, pooled)
+            report = (f"undid the erasure of {', '.join(map(repr, erasure.concepts))} applied at strength "
+                      f"{-strength:g}: its patches are removed, the weights are as before it")
+            ui = {"concepts": list(erasure.concepts), "strength": strength, "weights": len(keys),
+                  "file": erasure.extra.get("file", ""), "warning": None}
+            return {"ui": ui_report(ui), "result": (out, report)}
+        out = patched(model, erasure, keys, strength, pooled)
         report = (f"applied erasure of {', '.join(map(repr, erasure.concepts))} at strength {strength:g} "
                   f"to {len(keys)} weights that read the text ({weights.architecture(model)[0].title})")
+        if pooled:
+            report += f" and {len(pooled)} that read the pooled text"
+        elif weights.pooled_keys(model):
+            report += ("\nnote: this erasure holds no transform of the pooled text (made before this pack erased it), "
+                       "so the model's pooled text path is left as it was")
         made_on = erasure.extra.get("fingerprint")
         here = weights.base_fingerprint(model, keys)
         warning = None

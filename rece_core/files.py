@@ -10,6 +10,11 @@ Format (version 1):
   and ``architecture`` (the model family whose text space ``P`` acts on, e.g. ``unet``, ``flux``;
   files written before it existed are ``unet``).
 
+Format version 2 (written when the erasure holds other text spaces; version 1 files still load): the
+same, plus for each other text space ``name`` (``pooled``: the pooled text vector) the tensors
+``<name>.up: [d', r']`` and ``<name>.down: [r', d']`` and, in ``rece``, ``spaces = {name: {"dim", "rank",
+"rounds"}}``.
+
 Only safetensors is read (never pickle); every malformed file is refused with a ``ValueError``
 naming the file and the problem, before anything is returned.
 """
@@ -36,7 +41,9 @@ __all__ = ["FORMAT", "FORMAT_VERSION", "MAX_HEADER", "fingerprint", "load_erasur
            "lora_key", "save_erasure"]
 
 FORMAT = "rece-erasure"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READS = ("1", "2")
+SPACES = ("pooled",)  # the other text spaces an erasure file may hold
 MAX_HEADER = 16 * 2**20  # a real header is a few KiB
 TENSORS = ("transform.down", "transform.up")
 FIELDS = {"concepts": list, "guides": list, "preserve": list, "lamb": (int, float), "erase_scale": (int, float),
@@ -58,12 +65,23 @@ def fingerprint(weights: Mapping[str, Tensor]) -> str:
     return h.hexdigest()[:16]
 
 
+def _rounds(rounds) -> list[dict]:
+    return [{"step": r.step, "guide_gap": list(r.guide_gap), "reach": list(r.reach), "drift": r.drift} for r in rounds]
+
+
 def save_erasure(erasure: Erasure, path: str, *, pack_version: str = "") -> None:
-    """Write ``erasure`` to ``path`` (``.safetensors``); refuses what ``load_erasure`` would refuse."""
+    """Write ``erasure`` to ``path`` (``.safetensors``); refuses what ``load_erasure`` would refuse.
+
+    Version 1 when it holds only the rows' transform (older packs read it), version 2 with other spaces."""
     t = erasure.transform
     if erasure.rank < 1:
         raise ValueError("this erasure has rank 0 (it changes nothing): nothing to save")
     check_transform(t.up, t.down)
+    spaces = {name: e for name, e in erasure.spaces.items() if e.rank >= 1}
+    for name, e in spaces.items():
+        if name not in SPACES:
+            raise ValueError(f"unknown text space {name!r} (this pack writes {', '.join(SPACES)})")
+        check_transform(e.transform.up, e.transform.down)
     meta = {
         "concepts": list(erasure.concepts), "guides": list(erasure.guides), "preserve": list(erasure.preserve),
         "lamb": erasure.lamb, "erase_scale": erasure.erase_scale, "preserve_scale": erasure.preserve_scale,
@@ -77,7 +95,12 @@ def save_erasure(erasure: Erasure, path: str, *, pack_version: str = "") -> None
     }
     tensors = {"transform.up": t.up.detach().to("cpu", torch.float32).contiguous(),
                "transform.down": t.down.detach().to("cpu", torch.float32).contiguous()}
-    save_file(tensors, path, metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION),
+    if spaces:
+        meta["spaces"] = {name: {"dim": e.dim, "rank": e.rank, "rounds": _rounds(e.rounds)} for name, e in spaces.items()}
+        for name, e in spaces.items():
+            tensors[f"{name}.up"] = e.transform.up.detach().to("cpu", torch.float32).contiguous()
+            tensors[f"{name}.down"] = e.transform.down.detach().to("cpu", torch.float32).contiguous()
+    save_file(tensors, path, metadata={"format": FORMAT, "format_version": "2" if spaces else "1",
                                        "rece": json.dumps(meta, allow_nan=False)})
 
 
@@ -147,7 +170,7 @@ def _strings(info: dict, field: str, name: str) -> tuple[str, ...]:
 def load_erasure(path: str) -> Erasure:
     """Read and validate an erasure file; ``ValueError`` naming the file and the problem otherwise.
 
-    Besides the format, refuses a rank-0 erasure (nothing to apply) and factors that are not finite
+    Besides the format, refuses a rank-0 erasure or all-zero factors (nothing to apply) and factors that are not finite
     or give ``‖P − I‖`` beyond ``validation.MAX_TRANSFORM_NORM``.
     """
     name = os.path.basename(path)
@@ -157,19 +180,23 @@ def load_erasure(path: str) -> Erasure:
     meta = header.pop("__metadata__", None) or {}
     if meta.get("format") != FORMAT:
         raise ValueError(f"{name}: not a RECE erasure file (metadata format={str(meta.get('format'))[:40]!r})")
-    if meta.get("format_version") != str(FORMAT_VERSION):
+    if meta.get("format_version") not in READS:
         raise ValueError(f"{name}: unknown erasure format version {str(meta.get('format_version'))[:40]!r} "
-                         f"(this pack reads version {FORMAT_VERSION}); update the pack")
-    keys = set(header)
-    if keys != set(TENSORS):
-        missing, extra = sorted(set(TENSORS) - keys), sorted(keys - set(TENSORS))
-        raise ValueError(f"{name}: expected tensors {list(TENSORS)}; missing {missing}, unexpected {extra[:5]}")
-    for key in TENSORS:
-        if header[key]["dtype"] != "F32":
-            raise ValueError(f"{name}: tensor {key} must be float32, found {header[key]['dtype'][:20]}")
+                         f"(this pack reads versions {', '.join(READS)}); update the pack")
     info = _json(meta.get("rece", ""), name, "the 'rece' metadata is not valid JSON")
     if not isinstance(info, dict):
         raise ValueError(f"{name}: the 'rece' metadata is not a JSON object")
+    spaces = info.get("spaces", {}) if meta["format_version"] == "2" else {}
+    if not isinstance(spaces, dict) or not all(k in SPACES and isinstance(v, dict) for k, v in spaces.items()):
+        raise ValueError(f"{name}: metadata field 'spaces' must map text spaces ({', '.join(SPACES)}) to objects")
+    expected = set(TENSORS) | {f"{k}.{part}" for k in spaces for part in ("up", "down")}
+    keys = set(header)
+    if keys != expected:
+        missing, extra = sorted(expected - keys), sorted(keys - expected)
+        raise ValueError(f"{name}: expected tensors {sorted(expected)}; missing {missing}, unexpected {extra[:5]}")
+    for key in sorted(expected):
+        if header[key]["dtype"] != "F32":
+            raise ValueError(f"{name}: tensor {key} must be float32, found {header[key]['dtype'][:20]}")
     for field, kind in FIELDS.items():
         if not isinstance(info.get(field), kind) or isinstance(info.get(field), bool):
             raise ValueError(f"{name}: metadata field {field!r} is missing or not a {getattr(kind, '__name__', 'number')}")
@@ -179,6 +206,11 @@ def load_erasure(path: str) -> Erasure:
     if info["epochs"] < 0:
         raise ValueError(f"{name}: metadata field 'epochs' is negative")
     shapes = {"transform.up": [d, r], "transform.down": [r, d]}
+    for space, entry in spaces.items():
+        ds, rs = entry.get("dim"), entry.get("rank")
+        if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in (ds, rs)):
+            raise ValueError(f"{name}: the {space} space's dim and rank must be positive integers")
+        shapes |= {f"{space}.up": [ds, rs], f"{space}.down": [rs, ds]}
     for key, shape in shapes.items():
         if header[key]["shape"] != shape:
             raise ValueError(f"{name}: tensor {key} has shape {header[key]['shape'][:4]}, expected {shape} "
@@ -188,11 +220,15 @@ def load_erasure(path: str) -> Erasure:
                                               for f in ("lamb", "erase_scale", "preserve_scale", "reg"))
     if min(lamb, erase_scale, preserve_scale, reg) < 0:
         raise ValueError(f"{name}: parameters must be finite and non-negative")
-    try:
-        rounds = tuple(RoundReport(int(x["step"]), tuple(map(float, x["guide_gap"])), tuple(map(float, x["reach"])),
-                                   {str(k): float(v) for k, v in x["drift"].items()}) for x in info["rounds"])
-    except (KeyError, TypeError, ValueError, AttributeError, OverflowError):
-        raise ValueError(f"{name}: metadata field 'rounds' is malformed") from None
+    def read_rounds(value) -> tuple[RoundReport, ...]:
+        try:
+            return tuple(RoundReport(int(x["step"]), tuple(map(float, x["guide_gap"])), tuple(map(float, x["reach"])),
+                                     {str(k): float(v) for k, v in x["drift"].items()}) for x in value)
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError):
+            raise ValueError(f"{name}: metadata field 'rounds' is malformed") from None
+
+    rounds = read_rounds(info["rounds"])
+    space_rounds = {space: read_rounds(entry.get("rounds", [])) for space, entry in spaces.items()}
     extra = info.get("extra") or {}
     if not isinstance(extra, dict):
         raise ValueError(f"{name}: metadata field 'extra' is not a JSON object")
@@ -206,9 +242,14 @@ def load_erasure(path: str) -> Erasure:
         if not bool(torch.isfinite(value).all()):
             raise ValueError(f"{name}: tensor {key} contains NaN or Inf")
     try:
-        check_transform(tensors["transform.up"], tensors["transform.down"], "its transform")
+        norm = check_transform(tensors["transform.up"], tensors["transform.down"], "its transform")
+        for space in spaces:
+            check_transform(tensors[f"{space}.up"], tensors[f"{space}.down"], f"its {space} transform")
     except ValueError as exc:
         raise ValueError(f"{name}: {exc}") from None
+    if norm == 0.0:
+        raise ValueError(f"{name}: holds no erasure (its factors are all zero: P − I = 0, whatever the metadata's "
+                         f"rank {r} says)")
     if info.get("fingerprint"):
         extra["fingerprint"] = str(info["fingerprint"])
     arch = info.get("architecture", extra.get("architecture", "unet"))
@@ -216,12 +257,14 @@ def load_erasure(path: str) -> Erasure:
         raise ValueError(f"{name}: metadata field 'architecture' is not a name")
     extra["architecture"] = arch
     extra["file"] = name
+    common = dict(concepts=concepts, guides=guides, preserve=preserve, lamb=lamb, erase_scale=erase_scale,
+                  preserve_scale=preserve_scale, reg=reg, epochs=int(info["epochs"]), seconds=seconds,
+                  device=str(info.get("device", "")))
     return Erasure(
-        transform=LowRankTransform(tensors["transform.up"], tensors["transform.down"]),
-        concepts=concepts, guides=guides, preserve=preserve, lamb=lamb,
-        erase_scale=erase_scale, preserve_scale=preserve_scale, reg=reg,
-        epochs=int(info["epochs"]), rounds=rounds, seconds=seconds, device=str(info.get("device", "")),
-        extra=extra)
+        transform=LowRankTransform(tensors["transform.up"], tensors["transform.down"]), rounds=rounds, extra=extra,
+        spaces={space: Erasure(transform=LowRankTransform(tensors[f"{space}.up"], tensors[f"{space}.down"]),
+                               rounds=space_rounds[space], extra=dict(extra), **common) for space in spaces},
+        **common)
 
 
 def lora_key(comfy_key: str, architecture: str = "unet") -> str:

@@ -83,6 +83,9 @@ class Erasure:
     seconds: float = 0.0
     device: str = "cpu"
     extra: dict[str, str] = field(default_factory=dict)
+    spaces: dict[str, "Erasure"] = field(default_factory=dict)
+    """The erasures of the model's other text spaces (``"pooled"``: the pooled text vector), each its
+    own transform computed by the same closed form over that space's vectors."""
 
     @property
     def dim(self) -> int:
@@ -285,7 +288,7 @@ def rece(weights: Mapping[str, Tensor] | Tensor | Callable[[], Tensor], encode: 
 
     if streamed:
         p, rounds = _rece_streamed(s, concept_chunks, preserved, round_preserve, reg=reg, epochs=epochs,
-                                   tick=tick, **scales)
+                                   tick=tick, check=check, **scales)
     else:
         for _ in concept_chunks():
             tick()
@@ -394,35 +397,45 @@ def _on_device(chunks: Iterable[tuple[list[TextEmbedding], list[TextEmbedding]]]
 
 def _rece_streamed(s: Tensor, chunks: Callable[[], Iterable[tuple[list[TextEmbedding], list[TextEmbedding]]]],
                    preserved: dict[str, Tensor], round_preserve: Tensor, *, reg: float, epochs: int,
-                   tick: Callable[[], None], **scales: float) -> tuple[LowRankTransform, list[RoundReport]]:
+                   tick: Callable[[], None], check: Callable[[], None] | None = None,
+                   **scales: float) -> tuple[LowRankTransform, list[RoundReport]]:
     """RECE from ``d × d`` sums; ``chunks()`` makes one pass over the concepts, ``(concept, guide)``
     embeddings a chunk at a time. The first pass gathers the sums; every later pass reports as many
     steps as ``_report_group`` allows."""
     d, dev = s.shape[0], s.device
     stats = Statistics(d, dev)
     for chunk in _on_device(chunks(), dev):
-        gather(stats, s, chunk)
+        gather(stats, s, chunk, check)
         tick()
     reach_scale = torch.cat(stats.reach_scale).clamp_min(torch.finfo(torch.float64).tiny)
     gap_before = torch.cat(stats.gap_before).clamp_min(1e-300)
-    system = Derivation(s, None, reg=reg).then(
-        dense_edit(stats.tail_gram, stats.tail_cross, torch.cat(list(preserved.values())), **scales))
+    system = Derivation(s, None, reg=reg)
+    (check or (lambda: None))()
+    system = system.then(dense_edit(stats.tail_gram, stats.tail_cross, torch.cat(list(preserved.values())), **scales))
     group = _report_group(d)
     rounds: list[RoundReport] = []
     forms: list[tuple[Tensor, Tensor]] = []
     drifts: list[dict[str, float]] = []
+    check = check or (lambda: None)
+    check()
     k = system.map()
     for step in range(epochs + 1):
-        if step:
-            system.then(round_edit(stats, k, round_preserve, **scales))
+        if step:  # Cancel between the step's d × d parts (each one or two [d, d] × [d, d] products)
+            check()
+            edit = round_edit(stats, k, round_preserve, **scales)
+            check()
+            system.then(edit)
+            check()
             k = system.map()
+        check()
         forms.append(report_forms(s, system.p, k, system.system))
+        check()
         drifts.append(_drift(s, system.p, preserved))
         tick()
         if len(forms) == group or step == epochs:
             per_chunk = []
             for chunk in _on_device(chunks(), dev):
-                per_chunk.append(report_chunk(forms, chunk))
+                per_chunk.append(report_chunk(forms, chunk, check))
                 tick()
             for j in range(len(forms)):
                 miss = torch.cat([part[j][0] for part in per_chunk])

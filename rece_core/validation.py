@@ -69,8 +69,9 @@ def check_rows(name: str, rows: Sequence[Tensor] | Tensor, d: int) -> list[Tenso
     return out
 
 
-def check_transform(up: Tensor, down: Tensor, what: str = "the erasure") -> None:
-    """Factors of ``P − I = up @ down`` that are finite and give ``‖P − I‖_F ≤ MAX_TRANSFORM_NORM``.
+def check_transform(up: Tensor, down: Tensor, what: str = "the erasure") -> float:
+    """Factors of ``P − I = up @ down`` that are finite and give ``‖P − I‖_F ≤ MAX_TRANSFORM_NORM``;
+    returns ``‖P − I‖_F``.
 
     ``‖U V‖_F² = tr((UᵀU)(VVᵀ))`` in float64, from the ``[r, r]`` Gram matrices (no ``d × d`` product).
     """
@@ -84,3 +85,4 @@ def check_transform(up: Tensor, down: Tensor, what: str = "the erasure") -> None
     if not norm <= MAX_TRANSFORM_NORM:
         raise ValueError(f"{what} is absurdly large (‖P − I‖ = {norm:.3g}, limit {MAX_TRANSFORM_NORM:g}): it would "
                          "swamp or overflow the model's weights; increase lamb or lower erase_scale")
+    return norm

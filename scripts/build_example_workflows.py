@@ -23,10 +23,19 @@ SLOTS = {
                             [("conditioning", "CONDITIONING"), ("reach", "FLOAT"), ("report", "STRING")]),
     "RECEApplyErasedWeights": ([("model", "MODEL"), ("erasure", "RECE_ERASURE")],
                                [("model", "MODEL"), ("report", "STRING")]),
+    "ConceptPruneEraseConcept": ([("model", "MODEL"), ("clip", "CLIP")],
+                                 [("model", "MODEL"), ("prune", "CONCEPTPRUNE"), ("report", "STRING")]),
     "LoadImage": ([], [("IMAGE", "IMAGE"), ("MASK", "MASK")]),
     "ImageBatch": ([("image1", "IMAGE"), ("image2", "IMAGE")], [("IMAGE", "IMAGE")]),
     "RECEFewShotUnlearnConcept": ([("clip", "CLIP"), ("model", "MODEL"), ("vae", "VAE"), ("images", "IMAGE")],
                                   [("clip", "CLIP"), ("unlearning", "RECE_UNLEARNING"), ("report", "STRING")]),
+    "RECETaskVectorEraseConcept": ([("model", "MODEL"), ("clip", "CLIP"), ("vae", "VAE"), ("image", "IMAGE")],
+                                   [("model", "MODEL"), ("task_vector", "LORA_MODEL"), ("alpha", "FLOAT"),
+                                    ("report", "STRING")]),
+    "RECEDiverseInversion": ([("model", "MODEL"), ("clip", "CLIP"), ("task_vector", "LORA_MODEL"), ("vae", "VAE"),
+                              ("image", "IMAGE")],
+                             [("conditioning", "CONDITIONING"), ("alpha", "FLOAT"), ("ranking", "STRING"),
+                              ("report", "STRING")]),
 }
 
 
@@ -144,6 +153,22 @@ def erase_nudity_flux() -> None:
     g.dump("erase_nudity_flux_side_by_side.json")
 
 
+def erase_artist_rece_and_conceptprune_sd15() -> None:
+    """SD1.5: Van Gogh erased by RECE (the text readers) and by ConceptPrune (the feed-forward weights that
+    draw the style; the paper's artist preset: skill ratio 0.01, τ 10 of 50 steps), side by side with the
+    original, all from the same seed."""
+    g = Graph()
+    ckpt, erase = loader_and_erase(g, "v1-5-pruned-emaonly.safetensors",
+                                   ["Van Gogh", "art", "", "artistic_style", 1, 0.001, 0.1, 1.0, 0.1, "(none)"])
+    prune = g.add("ConceptPruneEraseConcept", ["Van Gogh", "artist", 0.0, 0, 50, 0, 7.5, "euler", "normal", 512],
+                  (380, -420))
+    g.link(ckpt, 0, prune, "model")
+    g.link(ckpt, 1, prune, "clip")
+    pos, neg, latent = prompts_and_latent(g, ckpt, "a starry night over a village, painting by Van Gogh", 512)
+    sampler_branch(g, (ckpt, 0), pos, neg, latent, ckpt, 760, 500, "rece/van_gogh_original")
+    sampler_branch(g, (erase, 0), pos, neg, latent, ckpt, 760, 100, "rece/van_gogh_rece")
+    sampler_branch(g, (prune, 0), pos, neg, latent, ckpt, 760, -300, "rece/van_gogh_conceptprune")
+    g.dump("erase_artist_rece_and_conceptprune_sd15.json")
 def fewshot_unlearn_sd15() -> None:
     """Four images of the concept (LoadImage ×4 → ImageBatch) → Few-shot Unlearn Concept (paper's settings)
     → the same prompt encoded by the original and by the unlearned CLIP, sampled side by side."""
@@ -173,10 +198,31 @@ def fewshot_unlearn_sd15() -> None:
     g.dump("fewshot_unlearn_sd15_side_by_side.json")
 
 
+def task_vector_sd15() -> None:
+    """Task Vector Erase Concept (fine-tune on 16 images SD1.5 draws of the concept, α by Diverse Inversion),
+    the original and the erased model side by side, and Diverse Inversion red-teaming the erased model."""
+    g = Graph()
+    ckpt = g.add("CheckpointLoaderSimple", ["v1-5-pruned-emaonly.safetensors"], (0, 200))
+    erase = g.add("RECETaskVectorEraseConcept", ["nudity", "(fine-tune on the concept)", 0.0, 200, 1e-4, "lora", 8, 16, 512,
+                                                 20, 8, 100, 5e-3, 1.0, 0, "fixed"], (380, 0))
+    g.link(ckpt, 0, erase, "model")
+    g.link(ckpt, 1, erase, "clip")
+    pos, neg, latent = prompts_and_latent(g, ckpt, "a photo of a person on the beach", 512)
+    sampler_branch(g, (ckpt, 0), pos, neg, latent, ckpt, 760, 500, "rece/tv_original")
+    sampler_branch(g, (erase, 0), pos, neg, latent, ckpt, 760, 100, "rece/tv_erased")
+    invert = g.add("RECEDiverseInversion", ["nudity", 8, 100, 5e-3, 0.1, 8, 512, 20, 4.0, "rece/red_team_nudity",
+                                            0, "fixed"], (760, 900))
+    g.link(erase, 0, invert, "model")
+    g.link(ckpt, 1, invert, "clip")
+    sampler_branch(g, (erase, 0), invert, neg, latent, ckpt, 1140, 900, "rece/tv_red_team")
+    g.dump("erase_task_vector_sd15.json")
+
+
+BUILDERS = (fewshot_unlearn_sd15, erase_nudity_sd15, erase_artist_sdxl, red_team, erase_nudity_flux,
+            erase_artist_rece_and_conceptprune_sd15, task_vector_sd15)
+
+
 if __name__ == "__main__":
     OUT.mkdir(exist_ok=True)
-    fewshot_unlearn_sd15()
-    erase_nudity_sd15()
-    erase_artist_sdxl()
-    red_team()
-    erase_nudity_flux()
+    for build in BUILDERS:
+        build()

@@ -27,7 +27,9 @@ D = 256  # text width of every tiny family
 # Tiny models keep the real ratio of token rows to text width (Flux: 256 rows, 4096 wide): T5 pads to
 # T5_ROWS, through ComfyUI's own tokenizer_data knob ("t5xxl_min_length"), instead of 256/512/77.
 T5_ROWS = 16
-POOLED = {"flux": 16, "sd3": 32}
+# pooled CLIP widths: about the real ratio to the rows' width (CLIP-L's 768 next to T5's 4096)
+POOLED = {"flux": 48, "sd3": 64, "hunyuan_video": 48, "stable_cascade": 48}
+POOLED_FLUX, POOLED_SD3 = 48, 32
 QWEN_HEAD = [151644, 8948, 198, 74785, 279, 2168, 13, 151645, 198, 151644, 872, 198]  # system …, user\n
 QWEN_TAIL = [151645, 198, 151644, 77091, 198]  # <|im_end|>\n<|im_start|>assistant\n
 ZIMAGE_HEAD = [151644, 872, 198]
@@ -42,17 +44,18 @@ class Family:
     readers: dict[str, tuple[int, int]]
     norm: str | None = None
     pooled: str | None = None
+    zero_centred: bool = False  # the stored norm weight is scale − 1 (Qwen-Image 2.1)
     extra_keys: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
 
 FAMILIES = {
     "flux": Family("flux", "Flux", dict(
-        image_model="flux", in_channels=16, out_channels=16, vec_in_dim=16, context_in_dim=D, hidden_size=64,
+        image_model="flux", in_channels=16, out_channels=16, vec_in_dim=POOLED_FLUX, context_in_dim=D, hidden_size=64,
         mlp_ratio=2.0, num_heads=2, depth=2, depth_single_blocks=2, axes_dim=[8, 12, 12], theta=10000,
         patch_size=2, qkv_bias=True, guidance_embed=True), (1, 16, 8, 8),
         {"txt_in.weight": (64, D)}, pooled="vector_in.in_layer.weight"),
     "sd3": Family("sd3", "SD3", dict(
-        in_channels=16, out_channels=16, patch_size=2, depth=1, adm_in_channels=32, pos_embed_scaling_factor=None,
+        in_channels=16, out_channels=16, patch_size=2, depth=1, adm_in_channels=2 * POOLED_SD3, pos_embed_scaling_factor=None,
         context_embedder_config={"target": "torch.nn.Linear", "params": {"in_features": D, "out_features": 64}},
         num_patches=64, pos_embed_max_size=8, input_size=None, x_block_self_attn_layers=[]), (1, 16, 8, 8),
         {"context_embedder.weight": (64, D)}, pooled="y_embedder.mlp.0.weight"),
@@ -69,8 +72,24 @@ FAMILIES = {
                      extra_keys={"distilled_guidance_layer.in_proj.weight": (32, 64)}),
     "lumina2": Family("lumina2", "ZImage", {}, (1, 16, 8, 8), {"cap_embedder.1.weight": (64, D)},
                       norm="cap_embedder.0.weight"),
+    # newer than ComfyUI 0.3.64: stand-ins mirroring the current classes' text paths exactly
+    # (comfy/ldm/qwen_image21/model.py TextProjection: text_norm, a zero-centred RMSNorm, then in_layer)
+    "qwen_image21": Family("qwen_image21", "QwenImage21", {}, (1, 16, 8, 8), {"txt_in.in_layer.weight": (64, D)},
+                           norm="txt_in.text_norm.weight", zero_centred=True,
+                           extra_keys={"txt_in.out_layer.weight": (64, 64)}),
+    # comfy/ldm/hunyuan_video/model.py: TokenRefiner's input_embedder reads the rows, its c_embedder their
+    # mean (into the modulation vector, as vector_in's pooled CLIP-L)
+    "hunyuan_video": Family("hunyuan_video", "HunyuanVideo", dict(
+        image_model="hunyuan_video", in_channels=16, out_channels=16, vec_in_dim=POOLED_FLUX, context_in_dim=D,
+        hidden_size=64, mlp_ratio=2.0, num_heads=2, depth=1, depth_single_blocks=1, axes_dim=[8, 12, 12], theta=256,
+        patch_size=[1, 2, 2], qkv_bias=True, guidance_embed=True, byt5=False, meanflow=False), (1, 16, 1, 8, 8),
+                            {"txt_in.input_embedder.weight": (64, D), "txt_in.c_embedder.in_layer.weight": (64, D)},
+                            pooled="vector_in.in_layer.weight"),
+    # comfy/ldm/cascade/stage_c.py: clip_txt_mapper reads CLIP-G's rows, clip_txt_pooled_mapper its pooled vector
+    "stable_cascade": Family("stable_cascade", "Stable_Cascade_C", {}, (1, 16, 8, 8), {"clip_txt_mapper.weight": (64, D)},
+                             pooled="clip_txt_pooled_mapper.weight"),
 }
-REAL_FAMILIES = ("flux", "sd3", "wan", "qwen_image")
+REAL_FAMILIES = ("flux", "sd3", "wan", "qwen_image", "hunyuan_video")
 
 
 # ---------------------------------------------------------------- text encoders
@@ -135,6 +154,11 @@ def standin_tokenizers(family: str) -> Tokenizers:
             pad=151643, head=QWEN_HEAD, tail=QWEN_TAIL))}),
         "lumina2": lambda: Tokenizers({"qwen3_4b": ("qwen3_4b", StandinTokenizer(
             pad=151643, head=ZIMAGE_HEAD, tail=QWEN_TAIL))}),
+        "qwen_image21": lambda: Tokenizers({"qwen3vl_8b": ("qwen3vl_8b", StandinTokenizer(
+            pad=151643, head=ZIMAGE_HEAD, tail=QWEN_TAIL))}),
+        "stable_cascade": lambda: Tokenizers({"g": ("clip_g", _clip_standin())}),
+        "hunyuan_video": lambda: Tokenizers({"l": ("clip_l", _clip_standin()), "llama": ("llama", StandinTokenizer(
+            pad=128258, head=[128000], tail=[128009]))}),
     }[family]()
 
 
@@ -182,8 +206,9 @@ class DiTCLIP:
     def __init__(self, family: str, seed: int = 0, real_tokenizer: bool = REAL) -> None:
         self.family = family
         self.tokenizer = (real_tokenizers(family) if real_tokenizer else None) or standin_tokenizers(family)
-        self.enc = SeededEncoder(D, seed, positions=family in ("qwen_image", "lumina2"))
-        self.clip_l, self.clip_g = SeededEncoder(16, seed + 1), SeededEncoder(16, seed + 2)
+        self.enc = SeededEncoder(D, seed, positions=family in ("qwen_image", "lumina2", "qwen_image21", "hunyuan_video"))
+        width = POOLED.get(family, 32) // (2 if family == "sd3" else 1)  # SD3 pools CLIP-L and G side by side
+        self.clip_l, self.clip_g = SeededEncoder(width, seed + 1), SeededEncoder(width, seed + 2)
 
     def tokenize(self, text: str, return_word_ids=False, **kwargs):
         return self.tokenizer.tokenize_with_weights(text, return_word_ids, **kwargs)
@@ -193,13 +218,20 @@ class DiTCLIP:
         return [t[0] for t in tokens[key][0]]
 
     def _pool(self, enc, ids):
-        return enc.rows(ids)[ids.index(49407)].unsqueeze(0)
+        """CLIP's pooled vector: the end token's row, which (as in CLIP) carries the prompt's words."""
+        rows = enc.rows(ids)
+        words = [i for i, t in enumerate(ids) if t not in (49406, 49407, 0)]
+        pooled = (rows[ids.index(49407)] + (rows[words].mean(0) if words else rows[ids.index(49407)])) / 2
+        return pooled.unsqueeze(0)
 
     def encode_from_tokens(self, tokens, return_pooled=False, return_dict=False):
         extra = {}
         pooled = None
-        if self.family in ("flux", "chroma"):
-            cond = self.enc.rows(self._ids(tokens, "t5xxl"))
+        if self.family in ("flux", "chroma", "wan"):
+            # ComfyUI's T5 (and Flux's CLIP-L + T5) encodes every chunk of a token list in one batch and
+            # concatenates their rows; the pooled vector is the first chunk's
+            key = "umt5xxl" if self.family == "wan" else "t5xxl"
+            cond = torch.cat([self.enc.rows([t[0] for t in chunk]) for chunk in tokens[key]])
             if self.family == "flux":
                 pooled = self._pool(self.clip_l, self._ids(tokens, "l"))
         elif self.family == "sd3":
@@ -208,16 +240,20 @@ class DiTCLIP:
             lg = torch.nn.functional.pad(lg, (0, D - lg.shape[-1]))
             cond = torch.cat([lg, self.enc.rows(self._ids(tokens, "t5xxl"))])
             pooled = torch.cat([self._pool(self.clip_l, l_ids), self._pool(self.clip_g, g_ids)], dim=-1)
-        elif self.family == "wan":
-            cond = self.enc.rows(self._ids(tokens, "umt5xxl"))
         elif self.family == "qwen_image":
             ids = self._ids(tokens, "qwen25_7b")
             cond = self.enc.rows(ids)
             starts = [i for i, t in enumerate(ids) if t == 151644][:2]  # the template head ComfyUI drops
             cut = starts[-1] + 3 if ids[starts[-1] + 1: starts[-1] + 3] == [872, 198] else starts[-1]
             cond = cond[cut:]
-        else:  # lumina2 / Z-Image: the whole templated sequence
-            cond = self.enc.rows(self._ids(tokens, "qwen3_4b"))
+        elif self.family == "stable_cascade":  # CLIP-G's rows and its pooled vector
+            cond = self.enc.rows(self._ids(tokens, "g"))
+            pooled = self._pool(self.clip_l, self._ids(tokens, "g"))
+        elif self.family == "hunyuan_video":
+            cond = self.enc.rows(self._ids(tokens, "llama"))
+            pooled = self._pool(self.clip_l, self._ids(tokens, "l"))
+        else:  # lumina2 / Z-Image, Qwen-Image 2.1: the whole templated sequence
+            cond = self.enc.rows(self._ids(tokens, next(iter(tokens))))
         cond = cond.unsqueeze(0)
         if return_dict:
             out = {"cond": cond, "pooled_output": pooled}
@@ -256,7 +292,7 @@ def make_model(family: str, seed: int = 0):
         state[f"diffusion_model.{key}"] = torch.randn(out, d, generator=g) / math.sqrt(d)
         state[f"diffusion_model.{key[:-len('weight')]}bias"] = 0.1 * torch.randn(out, generator=g)
     if fam.norm:
-        state[f"diffusion_model.{fam.norm}"] = 1 + 0.3 * torch.rand(D, generator=g)
+        state[f"diffusion_model.{fam.norm}"] = (0.0 if fam.zero_centred else 1.0) + 0.3 * torch.rand(D, generator=g)
     if fam.pooled:
         state[f"diffusion_model.{fam.pooled}"] = torch.randn(64, POOLED[family], generator=g) / math.sqrt(POOLED[family])
     for key, shape in {"img_in.weight": (64, 16), "attn.q.weight": (64, 64), "attn.k.weight": (64, 64),
@@ -307,15 +343,18 @@ def sample(model, family: str, positive: list, negative: list, seed: int = 42) -
         return comfy.sample.sample(model, noise, 4, 2.0, "euler", "simple", positive, negative, latent,
                                    denoise=1.0, seed=seed, disable_pbar=True).float()
     w = _weights(model)
-    reader = next(iter(fam.readers))
+    reader, *mean_readers = fam.readers
 
     def text(cond):
         rows, extra = cond[0][0][0].float(), cond[0][1]
         if fam.norm:
             eps = 1e-5 if family == "lumina2" else 1e-6
-            rows = rows * torch.rsqrt(rows.pow(2).mean(-1, keepdim=True) + eps) * w[fam.norm]
+            scale = w[fam.norm] + 1.0 if fam.zero_centred else w[fam.norm]
+            rows = rows * torch.rsqrt(rows.pow(2).mean(-1, keepdim=True) + eps) * scale
         txt = rows @ w[reader].T + w[reader[:-len("weight")] + "bias"]
         vec = extra["pooled_output"][0].float() @ w[fam.pooled].T if fam.pooled else 0.0
+        for r in mean_readers:  # HunyuanVideo's c_embedder: the mean of the rows, into the modulation vector
+            vec = vec + rows.mean(0) @ w[r].T
         return txt, vec
 
     x = noise.reshape(16, -1).T @ w["img_in.weight"].T  # [tokens, 64]

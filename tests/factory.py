@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import comfy.model_patcher
-from rece_core.toy import ARCHITECTURES, ToyTextEncoder, cross_attention_weights
+from rece_core.toy import ARCHITECTURES, ToyTextEncoder, cross_attention_weights, layer_names
 
 
 def _config(name: str):
@@ -34,12 +34,20 @@ def _module_tree(state: dict[str, torch.Tensor]) -> nn.Module:
 
 
 def make_model(arch: str = "tiny", seed: int = 0, config: str | None = None, dtype=torch.float32,
-               cross_attention: bool = True, storage=None):
+               cross_attention: bool = True, storage=None, blocks: int | None = None):
     """A ModelPatcher whose model has every attn2.to_k/to_v (and a few other weights).
 
-    ``storage(w)``, if given, wraps each attn2 weight (e.g. a quantized tensor type).
+    ``storage(w)``, if given, wraps each attn2 weight (e.g. a quantized tensor type). ``blocks``: only the
+    first ``blocks`` transformer blocks' to_k/to_v (same text width and key names, far fewer weights).
     """
-    state = cross_attention_weights(arch, seed=seed, dtype=dtype) if cross_attention else {}
+    if blocks is None:
+        state = cross_attention_weights(arch, seed=seed, dtype=dtype) if cross_attention else {}
+    else:
+        d = ARCHITECTURES[arch][1]
+        g = torch.Generator().manual_seed(seed)
+        attn = list(dict.fromkeys(k.rsplit(".", 2)[0] for k, _ in layer_names(arch)))[:blocks]
+        state = {k: (torch.randn(out, d, generator=g) / d ** 0.5).to(dtype)
+                 for k, out in layer_names(arch) if k.rsplit(".", 2)[0] in attn}
     if storage is not None:
         state = {k: storage(v) for k, v in state.items()}
     g = torch.Generator().manual_seed(seed + 1000)

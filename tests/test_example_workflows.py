@@ -126,11 +126,12 @@ def test_workflows_saved_before_the_optional_inputs_still_load():
     assert all(name in input_types.get("optional", {}) for name, _, _ in widgets(input_types)[len(legacy):])
 
 
-def test_there_are_the_four_examples():
+def test_there_are_the_five_examples():
     names = {p.name for p in EXAMPLES}
     assert names >= {"erase_nudity_sd15_side_by_side.json", "erase_artist_style_sdxl.json",
                      "red_team_derive_embedding.json", "erase_nudity_flux_side_by_side.json",
-                     "fewshot_unlearn_sd15_side_by_side.json"}
+                     "erase_artist_rece_and_conceptprune_sd15.json",
+                     "fewshot_unlearn_sd15_side_by_side.json", "erase_task_vector_sd15.json"}
 
 
 @pytest.mark.skipif(not os.environ.get("COMFYUI_PATH"), reason="real tier: set COMFYUI_PATH")

@@ -4,7 +4,9 @@ import { applyPreset, grownSize, renderHTML, reportHeight, reportModel, STYLE } 
 
 const NODES = new Set(["RECEEraseConcept", "RECEDeriveEmbedding", "RECEApplyErasedWeights",
   "RECESaveErasedWeights", "RECELoadErasedWeights", "RECEExportErasureAsLoRA",
-  "RECEFewShotUnlearnConcept", "RECESaveUnlearning", "RECELoadUnlearning", "RECEExportUnlearningAsLoRA"]);
+  "RECEFewShotUnlearnConcept", "RECESaveUnlearning", "RECELoadUnlearning", "RECEExportUnlearningAsLoRA",
+  "ConceptPruneEraseConcept", "ConceptPruneApply", "ConceptPruneSave", "ConceptPruneLoad", "ConceptPruneExportLoRA",
+  "RECETaskVectorEraseConcept", "RECEDiverseInversion"]);
 const WIDGET = "rece_report";
 
 function ensureStyle() {

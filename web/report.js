@@ -89,6 +89,40 @@ export function reportModel(nodeType, r) {
       warning: null,
     };
   }
+  if (nodeType === "ConceptPruneEraseConcept" || nodeType === "ConceptPruneApply") {
+    const s = r.settings || {};
+    const lines = [
+      `pruned ${quote(r.concepts)} (${r.kind})${r.strength !== undefined ? ` at strength ${r.strength}` : ""}`,
+      `${Number(r.pruned).toLocaleString("en")} weights: ${(100 * Number(r.share || 0)).toFixed(3)}% of the ` +
+        `feed-forward outputs, ${(100 * Number(r.model_share || 0)).toFixed(4)}% of the model`,
+      s.tau !== undefined ? `skill ratio ${s.skill_ratio} · τ=${s.tau} of ${s.steps} steps · ${s.sampler}/${s.scheduler}` : null,
+      r.forward_calls ? `${r.forward_calls} forward calls · ${Number(r.seconds).toFixed(1)} s` : null,
+    ].filter(Boolean);
+    // a layer's share is small (≈ skill ratio × τ at most): bars are scaled to the largest layer's share
+    const top = Math.max(1e-12, ...(r.layers || []).map((l) => Number(l.share) || 0));
+    const bars = (r.layers || []).map((l) => ({
+      label: l.key, value: clamp01((Number(l.share) || 0) / top),
+      text: `${l.pruned} · ${(100 * (Number(l.share) || 0)).toFixed(2)}%`,
+    }));
+    return { title: "ConceptPrune", lines, bars, warning: null };
+  }
+  if (nodeType === "RECETaskVectorEraseConcept" || nodeType === "RECEDiverseInversion") {
+    const alpha = Number(r.alpha) || 0;
+    const lines = nodeType === "RECETaskVectorEraseConcept"
+      ? [`θ − α·τ on ${r.edited} of ${r.layers} layers, α = ${alpha.toFixed(3)}`, `τ from ${r.source}`]
+      : [`${(r.embeddings || []).length} embedding(s) of ${quote([r.concept])}`,
+        ...(r.embeddings || []).slice(0, 4).map((n) => `embedding:${n}`),
+        `diversity ${Number(r.diversity).toFixed(3)} (mean cosine of offsets)`];
+    if (r.found === true) lines.push(`the set stops reaching the concept at α = ${alpha.toFixed(3)}`);
+    if (r.found === false) lines.push(`warning: the set still reaches the concept at α = ${alpha.toFixed(3)}`);
+    const bars = [...(r.curve || [])].sort((a, b) => a[0] - b[0]).map(([a, reach]) => (
+      { label: `reach at α = ${Number(a).toFixed(2)}`, value: clamp01(reach), text: pct(reach) }));
+    const top = Math.max(1e-12, ...(r.ranking || []).map((x) => Number(x[1]) || 0));
+    (r.ranking || []).slice(0, 5).forEach(([key, score]) => bars.push(
+      { label: String(key).replace(/^diffusion_model\./, ""), value: clamp01(score / top), text: Number(score).toPrecision(3) }));
+    return { title: nodeType === "RECEDiverseInversion" ? "Diverse Inversion" : "Task vector erasure", lines, bars,
+      warning: r.found === false ? "raise alpha_max or train τ longer" : null };
+  }
   const text = r.saved ? `saved ${r.saved}` : r.loaded ? `loaded ${r.loaded}` : r.exported ? `exported ${r.exported}` : "";
   return { title: "RECE", lines: [text].filter(Boolean), bars: [], warning: null };
 }

@@ -4,7 +4,9 @@ sized for Cancel, width checks, and CONDITIONING for derived rows."""
 from __future__ import annotations
 
 import math
+import re
 import time
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -13,7 +15,7 @@ from torch import Tensor
 from ...rece_core import TextEmbedding
 from . import architectures
 from .architectures import Architecture
-from .weights import effective_weight, model_type, norm_eps
+from .weights import model_type, norm_eps, norm_scale
 
 
 def _end_index(arch: Architecture, tokenizer, ids: list[int]) -> int | None:
@@ -51,6 +53,26 @@ def last_word_token(text: str, ids: list, tokenizer, name: str) -> int:
     return max(j - 1, 0)
 
 
+# Literal special tokens of the tokenizers the families use, which they read as the special token, not as
+# text: CLIP's, Qwen's and Llama-3's <|...|>, T5's / UMT5's / Pile-T5's </s> <pad> <unk> <extra_id_N>, Gemma's
+# <bos> <eos> <start_of_turn>, Mistral's <s> [INST] [SYSTEM_PROMPT]…
+SPECIAL_TOKENS = re.compile(r"<\|[^<>|\s]{1,40}\|>|</?s>|<pad>|<unk>|<mask>|<bos>|<eos>|<extra_id_\d+>"
+                            r"|<(?:start|end)_of_(?:turn|image)>|</?think>|</?tool_call>"
+                            r"|\[/?(?:INST|SYSTEM_PROMPT|AVAILABLE_TOOLS|TOOL_CALLS|TOOL_RESULTS)\]")
+
+
+def special_tokens_in(text: str, tokenizer) -> list[str]:
+    """The literal special tokens in ``text``: the known ones and the tokenizer's own (``all_special_tokens``
+    of the Hugging Face tokenizer an ``SDTokenizer`` wraps, where it has one)."""
+    found = set(SPECIAL_TOKENS.findall(text))
+    try:
+        own = list(getattr(getattr(tokenizer, "tokenizer", None), "all_special_tokens", None) or ())
+    except Exception:  # noqa: BLE001 - a tokenizer without the list: the known ones still count
+        own = []
+    found.update(t for t in own if isinstance(t, str) and len(t) > 1 and t in text)
+    return sorted(found)
+
+
 def tokenize(clip, text: str, arch: Architecture | None = None) -> tuple[dict, int, int]:
     """``clip.tokenize(text)`` checked for ``arch``, the index (in the reader's token ids) of the
     prompt's last word token, and the number of those ids."""
@@ -74,6 +96,10 @@ def tokenize(clip, text: str, arch: Architecture | None = None) -> tuple[dict, i
     ids = [t[0] for t in chunks[0]]
     if arch.name == "unet":
         return tokens, last_word_token(text, ids, tokenizer, name), len(ids)
+    special = special_tokens_in(text, tokenizer)
+    if special:  # T5 reads a literal </s> as its end token: the rows would align on the wrong word
+        raise ValueError(f"the prompt {text[:60]!r} contains the special token {special[0]!r} of the {arch.title} "
+                         "text encoder's tokenizer; remove it, RECE aligns token rows on the end token")
     end = _end_index(arch, tokenizer, [i if isinstance(i, int) else -1 for i in ids])
     if end is None:
         raise ValueError(f"cannot find the end token of the {name!r} tokenizer to align token rows")
@@ -87,10 +113,9 @@ def _embedding(rows: Tensor, last: int, n_ids: int, arch: Architecture, model,
     ``device=None`` keeps the rows as the encoder returned them (dtype and device)."""
     rows = rows.detach() if device is None else rows.detach().to(device=device, dtype=torch.float32)
     offset = max(n_ids - rows.shape[0], 0)  # a template head the encoder strips (Qwen-Image)
-    if arch.norm is not None:
-        at = rows.device if device is None else device
-        rows = architectures.rms_norm(rows.float(), effective_weight(model, f"diffusion_model.{arch.norm}", at),
-                                      norm_eps(model, arch))
+    scale = norm_scale(model, arch, rows.device if device is None else device)
+    if scale is not None:
+        rows = architectures.rms_norm(rows.float(), scale, norm_eps(model, arch))
     return TextEmbedding(rows, min(max(last - offset, 0), rows.shape[0] - 1))
 
 
@@ -126,8 +151,10 @@ class EncoderCalls:
     """
 
     def __init__(self, seconds: float = 1.0, first: int = 4, check: Callable[[], None] | None = None,
-                 clock: Callable[[], float] = time.perf_counter) -> None:
+                 clock: Callable[[], float] = time.perf_counter,
+                 tick: Callable[[int], None] | None = None) -> None:
         self.seconds, self.size, self.check, self.clock = seconds, max(1, first), check or (lambda: None), clock
+        self.tick = tick  # ``tick(prompts)`` after every call: the progress bar moves while a chunk is encoded
         self.sizes: list[int] = []  # every call's number of prompts, in order
 
     def run(self, n: int, call: Callable[[int, int], None]) -> None:
@@ -142,11 +169,13 @@ class EncoderCalls:
             self.sizes.append(stop - start)
             self.size = max(1, int(min(self.seconds / per_prompt, 2**31)))
             start = stop
+            if self.tick is not None:
+                self.tick(self.sizes[-1])
 
 
 def encode_many(clip, texts: list[str], arch: Architecture | None = None, model=None,
                 calls: EncoderCalls | None = None) -> list[TextEmbedding]:
-    """Encode prompts as CLIPTextEncode does, several in one encoder forward (CLIP families).
+    """Encode prompts as CLIPTextEncode does, several in one encoder forward (CLIP and T5 families).
 
     ComfyUI's CLIP encodes every chunk of a token list in one batch and concatenates their rows
     (``encode_from_tokens``, its public API), weighting each chunk against the same empty
@@ -154,31 +183,75 @@ def encode_many(clip, texts: list[str], arch: Architecture | None = None, model=
     prompt's own rows. Prompts whose token lists differ in length go into separate calls, and
     ``calls`` (default: one call per length) bounds how long each call takes. Rows stay as the
     encoder returns them (its dtype, ComfyUI's intermediate device). Encoders that combine several
-    kinds of rows (SD3's CLIP + T5) or strip a template are encoded one prompt at a time.
+    kinds of rows (SD3's CLIP + T5) or strip a template are encoded one prompt at a time. For T5 families
+    (``arch.batch_encode``) the first batch is checked against the last of its prompts encoded alone.
     """
     arch = arch or architectures.by_name("unet")
-    if arch.name != "unet":
+
+    def one_by_one() -> list[TextEmbedding]:
         out = [None] * len(texts)
-        calls = calls or EncoderCalls(seconds=math.inf)
+        one_calls = calls or EncoderCalls(seconds=math.inf)
 
         def one(start: int, stop: int) -> None:
             for i in range(start, stop):
-                calls.check()  # one prompt per encoder call here: Cancel between any two
+                one_calls.check()  # one prompt per encoder call here: Cancel between any two
                 out[i] = encode(clip, texts[i], None, arch, model)[0]
 
-        calls.run(len(texts), one)
+        one_calls.run(len(texts), one)
         return out
+
+    if arch.name != "unet" and (not arch.batch_encode or _alike_in_batches(clip) is False):
+        return one_by_one()
+    try:
+        return _encode_batched(clip, texts, arch, model, calls)
+    except _Unbatchable:  # this encoder does not give each prompt its own rows in a batch: one at a time
+        _remember(clip, False)
+        return one_by_one()
+
+
+def _alike_in_batches(clip) -> bool | None:
+    try:
+        return _BATCHES_ALIKE.get(clip)
+    except TypeError:  # not weak-referenceable
+        return None
+
+
+def _remember(clip, alike: bool) -> None:
+    try:
+        _BATCHES_ALIKE[clip] = alike
+    except TypeError:
+        pass
+
+
+class _Unbatchable(Exception):
+    pass
+
+
+_BATCHES_ALIKE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # CLIP → its batches were checked
+
+def _encode_batched(clip, texts: list[str], arch: Architecture, model, calls: EncoderCalls | None) -> list[TextEmbedding]:
     tokenized = [tokenize(clip, t, arch) for t in texts]
     groups: dict[tuple, list[int]] = {}
     for i, (tokens, _, _) in enumerate(tokenized):
         groups.setdefault(tuple((k, len(v[0])) for k, v in tokens.items()), []).append(i)
     out: list[TextEmbedding | None] = [None] * len(texts)
+    # DiT encoders (T5): the first batch of each CLIP is checked once against one-at-a-time encoding
+    checked = arch.name == "unet" or bool(_alike_in_batches(clip))
     for shape, members in groups.items():
 
         def batch(start: int, stop: int) -> None:
+            nonlocal checked
             part = members[start:stop]
             cond = clip.encode_from_tokens({name: [tokenized[i][0][name][0] for i in part] for name, _ in shape})
-            for i, r in zip(part, cond[0].split(cond.shape[1] // len(part))):
+            rows = cond[0].split(cond.shape[1] // len(part))
+            if not checked and len(part) > 1:
+                alone = clip.encode_from_tokens(tokenized[part[-1]][0])[0]
+                if alone.shape != rows[-1].shape or not torch.allclose(alone.float(), rows[-1].float(), rtol=1e-3,
+                                                                        atol=1e-4 * float(alone.float().abs().max())):
+                    raise _Unbatchable
+                checked = True
+                _remember(clip, True)
+            for i, r in zip(part, rows):
                 out[i] = _embedding(r, tokenized[i][1], tokenized[i][2], arch, model, None)
 
         (calls or EncoderCalls(seconds=math.inf, first=len(members))).run(len(members), batch)
@@ -202,9 +275,9 @@ def check_width(width: int, d: int, model, arch: Architecture | None = None) -> 
 
 def conditioning(arch: Architecture, rows: Tensor, model, cond: Tensor, extra: dict) -> list:
     """ComfyUI ``CONDITIONING`` carrying ``rows`` (in the space the readers see) for ``model``."""
-    if arch.norm is not None:  # back to the encoder's space: the model norms it again
-        rows = architectures.rms_norm_preimage(
-            rows, effective_weight(model, f"diffusion_model.{arch.norm}", rows.device))
+    scale = norm_scale(model, arch, rows.device)
+    if scale is not None:  # back to the encoder's space: the model norms it again
+        rows = architectures.rms_norm_preimage(rows, scale)
     out = dict(extra)
     if arch.guidance is not None:
         out.setdefault("guidance", arch.guidance)

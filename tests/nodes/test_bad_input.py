@@ -120,7 +120,7 @@ def test_every_nodes_ui_output_is_strict_json(erased, models_dir):
     erasure = out["result"][1]
     uis = [out["ui"],
            RECEDeriveEmbedding().derive(out["result"][0], clip, "nudity", 0.1)["ui"],
-           ApplyErasedWeights().apply(model, erasure, -0.5)["ui"],
+           ApplyErasedWeights().apply(out["result"][0], erasure, -1.0)["ui"],
            SaveErasedWeights().save(erasure, "e")["ui"],
            LoadErasedWeights().load("e_00001.safetensors")["ui"],
            ExportErasureAsLoRA().export(make_model(), erasure, "l", 0, "fp16")["ui"]]
@@ -312,7 +312,8 @@ def _message(call) -> str:
     except Exception as exc:  # noqa: BLE001 - the message is what is checked
         return f"{type(exc).__name__}: {exc}"
     result = out["result"] if isinstance(out, dict) else out
-    return "\n".join(str(x) for x in result if isinstance(x, str))
+    ui = [json.dumps(out["ui"], ensure_ascii=False)] if isinstance(out, dict) and "ui" in out else []
+    return "\n".join([str(x) for x in result if isinstance(x, str)] + ui)
 
 
 def _bad_file(models_dir, erasure, name, edit) -> str:
@@ -368,7 +369,7 @@ def readme_rows() -> list[tuple[str, list[str]]]:
     return rows
 
 
-def table_cases(models_dir, model, clip, erasure, erased_model):
+def table_cases(models_dir, model, clip, erasure, erased_model, lists):
     def load(name):
         return lambda: LoadErasedWeights().load(name)
 
@@ -394,7 +395,32 @@ def table_cases(models_dir, model, clip, erasure, erased_model):
     save_erasure(erasure, str(tmp_outside))
     os.symlink(link, models_dir / "rece" / "link.safetensors")
     loud, big = overflowing(erasure)
+    (lists / "bom.txt").write_bytes("\ufeffnudity\r\n".encode())
+    (lists / "big.txt").write_bytes(("ß" * (2 * 2**20 + 1)).encode())  # 2 Mi characters + 1: 4 MiB + 2 bytes
+
+    def twice():
+        SaveErasedWeights().save(erasure, "twice")
+        return SaveErasedWeights().save(erasure, "twice")
+
+    from dit_factory import DiTCLIP
+    from dit_factory import make_model as make_dit
+
     return {
+        "a literal special token of T5, UMT5, Qwen or Gemma in a prompt on a DiT family (`</s>`, `<pad>`, "
+        "`<unk>`, `<|im_end|>`, `<eos>`…)": lambda: erase(make_dit("flux"), DiTCLIP("flux"), concepts="cat </s> dog"),
+        "a concept list saved as UTF-8 with a byte-order mark (Windows Notepad)":
+            lambda: erase(concepts="", concept_list="bom.txt"),
+        "a concept list over 4 MiB (counted in bytes, not characters)": lambda: erase(concept_list="big.txt"),
+        "`concept_list` left out or `None` (an API caller)": lambda: erase(concept_list=None),
+        "a save prefix the OS cannot create (a NUL character, a 300-character name), in Save or Export as LoRA":
+            lambda: SaveErasedWeights().save(erasure, "n" * 300),
+        "two saves with the same prefix at the same time": twice,
+        "Apply at strength −t on a model that carries that erasure at t (−1 after 1)":
+            lambda: ApplyErasedWeights().apply(erased_model, erasure, -1.0),
+        "Apply at a negative strength that undoes nothing the model carries":
+            lambda: ApplyErasedWeights().apply(model, erasure, -1.0),
+        "file: factors all zero (`P − I = 0`, whatever rank its metadata says)":
+            load(_with_tensors(models_dir, erasure, "zeros.safetensors", torch.zeros_like(t.up), t.down)),
         "a model with none of the text readers the pack knows (e.g. a video VAE, an image-conditioned SVD)":
             lambda: erase(make_model(config="SVD_img2vid", cross_attention=False)),
         "a CLIP whose text width is not the model's": lambda: erase(clip=FakeCLIP("sd15")),
@@ -455,10 +481,17 @@ def table_cases(models_dir, model, clip, erasure, erased_model):
     }
 
 
-def test_readme_bad_input_table_matches_the_messages(models_dir, erased):
+def test_readme_bad_input_table_matches_the_messages(models_dir, erased, monkeypatch, tmp_path):
+    import folder_paths
+
+    from rece_comfyui.nodes import files
+
     model, clip, out = erased
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, files.LISTS, ([str(lists)], {".txt"}))
     rows = readme_rows()
-    cases = table_cases(models_dir, model, clip, out["result"][1], out["result"][0])
+    cases = table_cases(models_dir, model, clip, out["result"][1], out["result"][0], lists)
     assert [r for r, _ in rows if r not in cases] == [] and [c for c in cases if c not in dict(rows)] == []
     for row, fragments in rows:
         message = _message(cases[row])

@@ -116,7 +116,7 @@ def test_host_bypass_hook_runs_the_erasure_exactly():
 def test_quantized_weights_are_read_dequantized_and_patched_exactly():
     from comfy.quant_ops import QuantizedTensor
 
-    quant = make_model(storage=QuantizedTensor.quantize)
+    quant = make_model(storage=lambda w: QuantizedTensor.from_float(w, "TensorCoreFP8Layout"))
     plain = make_model()
     # what the quantized model really computes with: its dequantized weights
     for key in KEYS:
@@ -132,14 +132,14 @@ def test_quantized_weights_are_read_dequantized_and_patched_exactly():
 
 
 class _PackedStorage(torch.Tensor):
-    """Packed bytes whose torch shape is not the matrix's, like ComfyUI-GGUF's GGMLTensor."""
+    """Packed bytes with a GGUF type but no ComfyUI-GGUF to dequantize them (nor the gguf package here)."""
 
     tensor_type = "Q4_K"
     tensor_shape = None
 
 
 @pytest.mark.parametrize("storage, message", [
-    (lambda w: w.to(torch.uint8).as_subclass(_PackedStorage), "GGUF"),
+    (lambda w: w.to(torch.uint8).as_subclass(_PackedStorage), "GGUF Q4_K"),
     (lambda w: w.to(torch.int8), "torch.int8 storage"),
 ])
 def test_unreadable_storage_is_refused_by_name_before_anything_is_patched(storage, message):

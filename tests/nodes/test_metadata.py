@@ -10,7 +10,7 @@ pack = load_pack()
 NODES = sorted(pack.NODE_CLASS_MAPPINGS.items())
 
 
-def test_the_pack_registers_its_six_nodes():
+def test_the_pack_registers_its_nodes():
     assert len(NODES) >= 6 and set(pack.NODE_DISPLAY_NAME_MAPPINGS) == set(pack.NODE_CLASS_MAPPINGS)
 
 

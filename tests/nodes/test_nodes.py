@@ -42,6 +42,7 @@ def test_registered_with_stable_ids_and_display_names():
                                                "RECESaveErasedWeights": "Save Erased Weights",
                                                "RECELoadErasedWeights": "Load Erased Weights",
                                                "RECEExportErasureAsLoRA": "Export Erasure as LoRA"}.items()
+    assert pack.NODE_DISPLAY_NAME_MAPPINGS["ConceptPruneEraseConcept"] == "ConceptPrune Erase Concept"
     assert set(pack.NODE_CLASS_MAPPINGS) == set(pack.NODE_DISPLAY_NAME_MAPPINGS)
     assert pack.WEB_DIRECTORY == "./web"
 
@@ -118,10 +119,17 @@ def test_queueing_twice_gives_identical_patches():
 
 @pytest.mark.parametrize("arch", ["sd15", "sd21", "sdxl"])
 def test_real_text_widths(arch):
-    model, clip = make_model(arch), FakeCLIP(arch)
+    """Every attn2.to_k/to_v is found and patched; SDXL on 6 of its 70 blocks (its text width, its key
+    names, both output widths), which costs a tenth of the whole model."""
+    blocks = 6 if arch == "sdxl" else None
+    model, clip = make_model(arch, blocks=blocks), FakeCLIP(arch)
     (erased, erasure, report), _ = erase(model, clip, rounds=1)
     assert erasure.dim == {"sd15": 768, "sd21": 1024, "sdxl": 2048}[arch]
-    assert len(erased.patches) == len(layer_names(arch))
+    expected = [k for k in model.model.state_dict() if ".attn2.to_" in k]
+    assert sorted(erased.patches) == sorted(expected)
+    assert len(expected) == (12 if blocks else len(layer_names(arch)))
+    if blocks:
+        assert {model.model.state_dict()[k].shape[0] for k in expected} == {640, 1280}
 
 
 def test_no_text_cross_attention_is_refused_naming_the_model():
@@ -194,7 +202,10 @@ def test_derive_embedding_returns_usable_conditioning_and_reach_falls_with_round
 
 
 def test_derive_on_sdxl_carries_pooled_output():
-    model, clip = make_model("sdxl"), FakeCLIP("sdxl")
+    """SDXL's text path (CLIP-L + bigG, 2048 wide, pooled from bigG) on 4 of its 70 attention blocks: the
+    pooled output and the rows' width do not depend on how many blocks read them."""
+    model, clip = make_model("sdxl", blocks=4), FakeCLIP("sdxl")
+    assert len(model.patches) == 0 and sum(".attn2.to_" in k for k in model.model.state_dict()) == 8
     (erased, _, _), _ = erase(model, clip, rounds=1)
     cond, _, _ = RECEDeriveEmbedding().derive(erased, clip, "nudity", 0.1)["result"]
     assert cond[0][0].shape == (1, 77, 2048) and cond[0][1]["pooled_output"].shape == (1, 1280)
@@ -213,7 +224,7 @@ def test_apply_to_a_fine_tune_uses_its_own_weights():
         for p in tune.model.parameters():
             p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(3)))
     tuned_before = snapshot(tune)
-    for strength in (1.0, 0.0, -0.5):
+    for strength in (1.0, 0.0, 0.5):
         out, report = ApplyErasedWeights().apply(tune, erasure, strength)["result"]
         w0, w1 = effective_weights(tune, keys()), effective_weights(out, keys())
         expected = erasure.apply(w0, strength)
@@ -268,13 +279,24 @@ def test_batched_encoding_gives_each_prompt_its_own_rows(arch):
         assert rel(b.rows, one.rows) < 1e-6
 
 
-def test_many_concepts_erase_through_the_node_in_chunks():
+def test_many_concepts_erase_through_the_node_in_chunks(monkeypatch):
     """More concepts than fit a chunk: encoded in batches, streamed, every concept reported."""
+    from rece_comfyui.nodes.host import encoding
+
+    class Instant(encoding.EncoderCalls):
+        """An encoder that takes no time (the clock stands still): calls grow to whole chunks after the first."""
+
+        def __init__(self, **kw):
+            super().__init__(clock=lambda: 0.0, **kw)
+
+    monkeypatch.setattr(encoding, "EncoderCalls", Instant)
     model, clip = make_model(), FakeCLIP()
     concepts = "\n".join(f"concept number {i}" for i in range(150))
     (erased, erasure, report), ui = erase(model, clip, concepts=concepts, rounds=1)
     assert len(erasure.concepts) == 150 and len(ui["rece_report"][0]["rounds"][-1]["reach"]) == 150
-    assert clip.calls <= 4  # the first concept alone, then batches of 106 prompts
+    assert clip.prompts == 152  # every concept, '' and ' ' encoded once (kept for the report)
+    # 4 prompts first, the rest of the first chunk (106 concepts + 2), then the second chunk of 44
+    assert clip.calls == 3
     after, base = effective_weights(erased, keys()), effective_weights(model, keys())
     p = erasure.transform.dense().double()
     assert max(rel(after[k], base[k].double() @ p.to(base[k].device)) for k in keys()) < 1e-5

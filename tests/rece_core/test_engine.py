@@ -19,8 +19,23 @@ def sd15():
     return cross_attention_weights("sd15", seed=1), ToyTextEncoder(768, seed=1)
 
 
-def test_agrees_with_float64_literal_equations_on_sd15_shapes(sd15):
+# to_k and to_v of six of SD1.5's sixteen attention blocks, every output width (320/640/1280): the text width
+# is 768 and S = Σ WᵀW keeps full rank, while the literal per-matrix loops cost 12 solves a step, not 32
+PART = ("input_blocks.1.1", "input_blocks.4.1", "input_blocks.7.1", "middle_block.1", "output_blocks.3.1",
+        "output_blocks.11.1")
+
+
+@pytest.fixture(scope="module")
+def sd15_part(sd15):
     weights, enc = sd15
+    part = {k: w for k, w in weights.items() if any(f".{b}." in k for b in PART)}
+    assert len(part) == 12 and {w.shape[0] for w in part.values()} == {320, 640, 1280}
+    assert int(torch.linalg.matrix_rank(gram(part.values()))) == 768
+    return part, enc
+
+
+def test_agrees_with_float64_literal_equations_on_sd15_shapes(sd15_part):
+    weights, enc = sd15_part
     reg, kw = 1e-3, dict(lamb=0.1, erase_scale=1.0, preserve_scale=0.1)
     concept, guide = enc("Van Gogh"), enc("art")
     e, g = erase_rows(concept, guide)
@@ -33,8 +48,8 @@ def test_agrees_with_float64_literal_equations_on_sd15_shapes(sd15):
     assert worst < 1e-4  # relative to the edit itself, the strictest reading
 
 
-def test_public_functions_match_literal(sd15):
-    weights, enc = sd15
+def test_public_functions_match_literal(sd15_part):
+    weights, enc = sd15_part
     kw = dict(lamb=0.1, erase_scale=1.0, preserve_scale=0.1)
     c, g = erase_rows(enc("a castle"), enc(" "))
     ours = closed_form_edit(weights, [c], [g], [enc("").rows], **kw)

@@ -163,3 +163,40 @@ def test_progress_counts_every_chunk_and_step(tiny):
     total = seen[0][1]
     assert [d for d, _ in seen] == list(range(1, total + 1)) and all(t == total for _, t in seen)
     assert total == 4 + 3 + 4  # encode chunks (1 + 10 + 10 + 9 concepts), 3 steps, one report pass of 4 chunks
+
+
+class _MatmulWork(TorchDispatchMode):
+    """Multiply-adds of every matrix product, summed per stretch between two ``check()`` calls."""
+
+    MM = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stretches = [0]
+
+    def check(self) -> None:
+        self.stretches.append(0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.MM:
+            a, b = args[-2], args[-1]
+            self.stretches[-1] += a.shape[0] * a.shape[1] * b.shape[1]
+        return func(*args, **(kwargs or {}))
+
+
+def test_cancel_is_checked_within_every_few_products(tiny, monkeypatch):
+    """Between two Cancel checks there are at most a few ``[d, d] × [d, d]``-sized products (one part of a
+    step: a round's erase, or pulling the system back through it, 4–5 here): a chunk's sums and reports run
+    in blocks of ``BLOCK_ROWS`` rows, a step's parts are checked between them (before, one stretch held a
+    whole chunk's sums, 24 such products here, or a whole step, about 15)."""
+    from rece_core import streamed
+
+    weights, enc = tiny
+    d = 64
+    monkeypatch.setattr(streamed, "BLOCK_ROWS", d)  # a block's product costs d³, a chunk's (770 rows) 12 d³
+    s = gram(weights.values())
+    concepts = [f"concept number {i}" for i in range(40)]
+    with _MatmulWork() as work:
+        erasure = rece(s, enc, concepts, epochs=2, chunk_rows=770, check=lambda: work.check(), **KW)
+    assert len(erasure.rounds) == 3 and len(work.stretches) > 50
+    assert max(work.stretches) <= 6 * d ** 3, sorted(work.stretches)[-5:]

@@ -88,3 +88,35 @@ test("few-shot unlearning report: concept, parameters, loss per epoch, time", ()
   assert.equal(reportModel("RECESaveUnlearning", { saved: "rece/u_00001.safetensors" }).lines[0],
     "saved rece/u_00001.safetensors");
 });
+
+test("ConceptPrune report: concepts, share, settings, one bar per layer scaled to the largest share", () => {
+  const m = reportModel("ConceptPruneEraseConcept", {
+    concepts: ["Van Gogh"], kind: "artist", pruned: 1234, share: 0.02, model_share: 0.0015,
+    settings: { skill_ratio: 0.01, tau: 10, steps: 50, sampler: "euler", scheduler: "normal" },
+    layers: [{ key: "input_blocks.1.1.transformer_blocks.0.ff.net.2", pruned: 100, share: 0.04 },
+      { key: "middle_block.1.transformer_blocks.0.ff.net.2", pruned: 50, share: 0.01 }],
+    seconds: 3.21, forward_calls: 20,
+  });
+  assert.equal(m.title, "ConceptPrune");
+  assert.match(m.lines[0], /“Van Gogh” \(artist\)/);
+  assert.match(m.lines[1], /1,234 weights: 2\.000% of the feed-forward outputs, 0\.1500% of the model/);
+  assert.match(m.lines[2], /τ=10 of 50 steps/);
+  assert.equal(m.bars.length, 2);
+  assert.equal(m.bars[0].value, 1);
+  assert.equal(m.bars[1].value, 0.25);
+  assert.match(m.bars[1].text, /50 · 1\.00%/);
+});
+
+test("task-vector and Diverse Inversion reports: the α curve in α order, the top layers scaled to the first", () => {
+  const r = { concept: "nudity", alpha: 0.19, found: true, curve: [[0.5, -3], [0.25, 0.4], [0.19, -0.1]],
+    ranking: [["diffusion_model.a.weight", 4], ["diffusion_model.b.weight", 2]], layers: 12, edited: 12,
+    source: "fine-tune", embeddings: ["rece/di_00001"], diversity: 0.3 };
+  const m = reportModel("RECETaskVectorEraseConcept", r);
+  assert.deepEqual(m.bars.slice(0, 3).map((b) => b.value), [0, 0.4, 0]);
+  assert.equal(m.bars[3].label, "a.weight");
+  assert.equal(m.bars[4].value, 0.5);
+  assert.ok(m.lines.some((l) => l.includes("α = 0.190")) && m.warning === null);
+  const d = reportModel("RECEDiverseInversion", { ...r, found: false });
+  assert.ok(d.lines.includes("embedding:rece/di_00001") && d.warning);
+  assert.ok(renderHTML(d).includes("Diverse Inversion"));
+});

@@ -7,7 +7,8 @@ ignored ``tests/web/frontends/``; ``RECE_FRONTEND_ROOT=<package>/static`` picks 
 Debian's Chromium, driven by playwright-core (installed from npm into ``tests/web/browser/``, no
 browser download), runs ``browser/run.mjs`` on the classic canvas and on Nodes 2.0: it loads
 ``example_workflows/red_team_derive_embedding.json``, queues it, and reports what it saw. The
-screenshots go to ``out/web_<frontend>_<mode>*.png``.
+screenshots go to ``out/web_<frontend>_<mode>*.png``; the pinned frontend's classic-canvas one is copied to
+``docs/images/canvas_report.png``, the picture the README shows.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 BROWSER_DIR = ROOT / "tests" / "web" / "browser"
 FRONTENDS = ROOT / "tests" / "web" / "frontends"
 OUT = ROOT / "out"
+SCREENSHOT = ROOT / "docs" / "images" / "canvas_report.png"  # the README's picture: the pinned frontend, classic canvas
 pytestmark = pytest.mark.skipif(not COMFYUI or not shutil.which("node") or not os.path.exists(CHROMIUM),
                                 reason="real tier: needs COMFYUI_PATH, node and Debian's chromium")
 
@@ -140,6 +142,9 @@ def test_reports_presets_and_panel_as_a_user_sees_them(server, mode):
     for name in ("", "_panel", "_preset"):
         shot = OUT / f"web_{version}_{mode}{name}.png"
         assert name == "_panel" and result["panel"] is None or shot.stat().st_size > 10_000, shot
+    if frontend == "pinned" and mode == "classic":  # what a user of the ComfyUI release sees: the README shows it
+        SCREENSHOT.parent.mkdir(exist_ok=True)
+        shutil.copyfile(OUT / f"web_{version}_{mode}.png", SCREENSHOT)
 
     # the reports are drawn inside their nodes, and nodes only grew to fit them
     assert_within_nodes(result["bounds"], "after the run")

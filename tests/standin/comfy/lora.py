@@ -28,3 +28,39 @@ def calculate_weight(patches, weight, key, intermediate_dtype=torch.float32, ori
         if old_weight is not None:
             weight = old_weight
     return weight
+
+
+def model_lora_keys_unet(model, key_map={}):
+    """Generic names only: ``lora_unet_<key with _>`` and ``diffusion_model.<key>`` for every weight."""
+    for k in model.state_dict().keys():
+        if k.startswith("diffusion_model."):
+            if k.endswith(".weight"):
+                key_lora = k[len("diffusion_model."):-len(".weight")].replace(".", "_")
+                key_map["lora_unet_{}".format(key_lora)] = k
+                key_map["{}".format(k[:-len(".weight")])] = k
+            else:
+                key_map["{}".format(k)] = k
+    return key_map
+
+
+def load_lora(lora, to_load, log_missing=True):
+    """Weight adapters (and ``.diff`` full differences) of ``lora`` for the keys of ``to_load``."""
+    patch_dict = {}
+    loaded_keys = set()
+    for x in to_load:
+        alpha_name = "{}.alpha".format(x)
+        alpha = None
+        if alpha_name in lora.keys():
+            alpha = lora[alpha_name].item()
+            loaded_keys.add(alpha_name)
+        for adapter_cls in weight_adapter.adapters:
+            adapter = adapter_cls.load(x, lora, alpha, None, loaded_keys)
+            if adapter is not None:
+                patch_dict[to_load[x]] = adapter
+                loaded_keys.update(adapter.loaded_keys)
+                continue
+        diff_name = "{}.diff".format(x)
+        if lora.get(diff_name) is not None:
+            patch_dict[to_load[x]] = ("diff", (lora[diff_name],))
+            loaded_keys.add(diff_name)
+    return patch_dict

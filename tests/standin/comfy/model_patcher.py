@@ -1,5 +1,6 @@
 """Stand-in for ``comfy.model_patcher.ModelPatcher``: clone, weight patches, patching for use."""
 
+import collections
 import copy
 import uuid
 
@@ -114,7 +115,5 @@ class ModelPatcher:
         self.unpatch_model(self.offload_device, unpatch_weights=unpatch_all)
         return self.model
 
-
-import collections  # noqa: E402
 
 _Backup = collections.namedtuple("Dimension", ["weight", "inplace_update"])

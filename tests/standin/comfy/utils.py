@@ -1,6 +1,18 @@
 """Stand-in for ``comfy.utils``: attribute access and the progress bar."""
 
+import torch
+
 PROGRESS_BAR_HOOK = None
+
+
+def load_torch_file(ckpt, safe_load=False, device=None, return_metadata=False):
+    """safetensors files only (the stand-in never unpickles)."""
+    import safetensors.torch
+
+    if not ckpt.lower().endswith((".safetensors", ".sft")):
+        raise ValueError(f"stand-in load_torch_file reads safetensors only: {ckpt}")
+    sd = safetensors.torch.load_file(ckpt, device=(device or torch.device("cpu")).type)
+    return (sd, None) if return_metadata else sd
 
 
 def set_progress_bar_global_hook(function):
@@ -32,6 +44,16 @@ class ProgressBar:
 
     def update(self, value):
         self.update_absolute(self.current + value)
+
+
+def repeat_to_batch_size(tensor, batch_size, dim=0):
+    if tensor.shape[dim] > batch_size:
+        return tensor.narrow(dim, 0, batch_size)
+    if tensor.shape[dim] < batch_size:
+        reps = [1] * tensor.ndim
+        reps[dim] = -(-batch_size // tensor.shape[dim])
+        return tensor.repeat(reps).narrow(dim, 0, batch_size)
+    return tensor
 
 
 def set_attr(obj, attr: str, value):

@@ -13,6 +13,8 @@ _spec = importlib.util.spec_from_file_location(
 _old = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_old)
 calculate_weight = _old.calculate_weight
+model_lora_keys_unet = _old.model_lora_keys_unet
+load_lora = _old.load_lora
 
 ALIGN = 256
 

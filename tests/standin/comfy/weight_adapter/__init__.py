@@ -1,4 +1,5 @@
 from .base import WeightAdapterBase
+from .lora import LoRAAdapter
 
-adapters = []
-__all__ = ["WeightAdapterBase", "adapters"]
+adapters = [LoRAAdapter]
+__all__ = ["LoRAAdapter", "WeightAdapterBase", "adapters"]
