@@ -109,9 +109,7 @@ def test_export_lower_rank_states_the_error(models_dir, erased):
 
 @pytest.mark.skipif(not os.environ.get("COMFYUI_PATH"), reason="real tier: set COMFYUI_PATH")
 def test_comfyuis_own_lora_loader_matches_apply(models_dir):
-    import comfy.sd
     import nodes as comfy_nodes
-    from checkpoint import make_sd15_checkpoint  # noqa: F401  (real tier helpers)
 
     model, clip = make_model("sd15"), FakeCLIP("sd15")
     model.model.model_config = _sd15_config()
