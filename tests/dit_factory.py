@@ -200,8 +200,40 @@ class SeededEncoder:
         return x + 2 * torch.tanh(x[words].mean(0, keepdim=True) @ self.mix)
 
 
+def _pool(enc: SeededEncoder, ids: list[int]) -> torch.Tensor:
+    """CLIP's pooled vector ``[w]``: the end token's row, which (as in CLIP) carries the prompt's words."""
+    rows = enc.rows(ids)
+    words = [i for i, t in enumerate(ids) if t not in (49406, 49407, 0)]
+    return (rows[ids.index(49407)] + (rows[words].mean(0) if words else rows[ids.index(49407)])) / 2
+
+
+class StandinClipEncoder:
+    """Shaped like ComfyUI's ``SDClipModel`` (with ``ClipTokenWeightEncoder``): ``encode`` takes a batch of token
+    id lists and returns their rows ``[n, T, w]`` and pooled vectors ``[n, w']``; ``encode_token_weights`` encodes
+    every chunk in one batch through ``self.encode`` and returns the rows concatenated ``[1, n·T, w]`` and the
+    first chunk's pooled vector ``[1, w']`` only, as ComfyUI's does."""
+
+    def __init__(self, rows: SeededEncoder, pool: SeededEncoder) -> None:
+        self.rows_enc, self.pool_enc = rows, pool
+
+    def encode(self, tokens: list[list[int]]):
+        return (torch.stack([self.rows_enc.rows(ids) for ids in tokens]),
+                torch.stack([_pool(self.pool_enc, ids) for ids in tokens]))
+
+    def encode_token_weights(self, token_weight_pairs):
+        z, pooled = self.encode([[t[0] for t in chunk] for chunk in token_weight_pairs])
+        return z.reshape(1, -1, z.shape[-1]), pooled[0:1]
+
+
+class StandinTextEncoders(torch.nn.Module):
+    """``CLIP.cond_stage_model``: the family's sub-encoders as attributes ``clip_l`` / ``clip_g``."""
+
+
 class DiTCLIP:
-    """Duck-typed ``comfy.sd.CLIP`` whose output is shaped as the family's ComfyUI text encoder shapes it."""
+    """Duck-typed ``comfy.sd.CLIP`` whose output is shaped as the family's ComfyUI text encoder shapes it.
+
+    Its CLIP parts go through ``cond_stage_model.clip_l`` / ``clip_g`` (``StandinClipEncoder``), as ComfyUI's
+    family text encoders call their sub-encoders' ``encode_token_weights``."""
 
     def __init__(self, family: str, seed: int = 0, real_tokenizer: bool = REAL) -> None:
         self.family = family
@@ -209,6 +241,14 @@ class DiTCLIP:
         self.enc = SeededEncoder(D, seed, positions=family in ("qwen_image", "lumina2", "qwen_image21", "hunyuan_video"))
         width = POOLED.get(family, 32) // (2 if family == "sd3" else 1)  # SD3 pools CLIP-L and G side by side
         self.clip_l, self.clip_g = SeededEncoder(width, seed + 1), SeededEncoder(width, seed + 2)
+        if family == "stable_cascade":  # CLIP-G's rows (D wide) and its pooled vector
+            self.subs = {"clip_g": StandinClipEncoder(self.enc, self.clip_l)}
+        else:
+            self.subs = {"clip_l": StandinClipEncoder(self.clip_l, self.clip_l),
+                         "clip_g": StandinClipEncoder(self.clip_g, self.clip_g)}
+        self.cond_stage_model = StandinTextEncoders()  # exposes the sub-encoders (a test may hide them)
+        for name, sub in self.subs.items():
+            setattr(self.cond_stage_model, name, sub)
 
     def tokenize(self, text: str, return_word_ids=False, **kwargs):
         return self.tokenizer.tokenize_with_weights(text, return_word_ids, **kwargs)
@@ -217,29 +257,24 @@ class DiTCLIP:
     def _ids(tokens, key):
         return [t[0] for t in tokens[key][0]]
 
-    def _pool(self, enc, ids):
-        """CLIP's pooled vector: the end token's row, which (as in CLIP) carries the prompt's words."""
-        rows = enc.rows(ids)
-        words = [i for i, t in enumerate(ids) if t not in (49406, 49407, 0)]
-        pooled = (rows[ids.index(49407)] + (rows[words].mean(0) if words else rows[ids.index(49407)])) / 2
-        return pooled.unsqueeze(0)
-
     def encode_from_tokens(self, tokens, return_pooled=False, return_dict=False):
         extra = {}
         pooled = None
+        te = type("TE", (), self.subs)
         if self.family in ("flux", "chroma", "wan"):
             # ComfyUI's T5 (and Flux's CLIP-L + T5) encodes every chunk of a token list in one batch and
             # concatenates their rows; the pooled vector is the first chunk's
             key = "umt5xxl" if self.family == "wan" else "t5xxl"
             cond = torch.cat([self.enc.rows([t[0] for t in chunk]) for chunk in tokens[key]])
             if self.family == "flux":
-                pooled = self._pool(self.clip_l, self._ids(tokens, "l"))
+                pooled = te.clip_l.encode_token_weights(tokens["l"])[1]
         elif self.family == "sd3":
-            l_ids, g_ids = self._ids(tokens, "l"), self._ids(tokens, "g")
-            lg = torch.cat([self.clip_l.rows(l_ids), self.clip_g.rows(g_ids)], dim=-1)
+            (l_rows, l_pooled), (g_rows, g_pooled) = (te.clip_l.encode_token_weights(tokens["l"]),
+                                                      te.clip_g.encode_token_weights(tokens["g"]))
+            lg = torch.cat([l_rows[0], g_rows[0]], dim=-1)
             lg = torch.nn.functional.pad(lg, (0, D - lg.shape[-1]))
             cond = torch.cat([lg, self.enc.rows(self._ids(tokens, "t5xxl"))])
-            pooled = torch.cat([self._pool(self.clip_l, l_ids), self._pool(self.clip_g, g_ids)], dim=-1)
+            pooled = torch.cat([l_pooled, g_pooled], dim=-1)
         elif self.family == "qwen_image":
             ids = self._ids(tokens, "qwen25_7b")
             cond = self.enc.rows(ids)
@@ -247,11 +282,11 @@ class DiTCLIP:
             cut = starts[-1] + 3 if ids[starts[-1] + 1: starts[-1] + 3] == [872, 198] else starts[-1]
             cond = cond[cut:]
         elif self.family == "stable_cascade":  # CLIP-G's rows and its pooled vector
-            cond = self.enc.rows(self._ids(tokens, "g"))
-            pooled = self._pool(self.clip_l, self._ids(tokens, "g"))
+            cond, pooled = te.clip_g.encode_token_weights(tokens["g"])
+            cond = cond[0]
         elif self.family == "hunyuan_video":
             cond = self.enc.rows(self._ids(tokens, "llama"))
-            pooled = self._pool(self.clip_l, self._ids(tokens, "l"))
+            pooled = te.clip_l.encode_token_weights(tokens["l"])[1]
         else:  # lumina2 / Z-Image, Qwen-Image 2.1: the whole templated sequence
             cond = self.enc.rows(self._ids(tokens, next(iter(tokens))))
         cond = cond.unsqueeze(0)

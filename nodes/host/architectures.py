@@ -20,6 +20,10 @@ Each ``Architecture`` says:
   of that layer when it reads more (SDXL's ``label_emb`` reads the pooled bigG, then the size
   embeddings: only the first 1280 columns change); ``pooled_configs``: the config classes that have it
   (SD1.x/SD2.x have no pooled path, SD2.1 unCLIP's ``label_emb`` reads an image embedding);
+  ``pooled_encoders``: the keys of the tokens dict whose CLIP gives the pooled vector, in the order
+  ComfyUI concatenates them (Flux ``l``, SD3 ``l`` then ``g``, SDXL ``g``); ComfyUI's sub-encoder is the
+  text encoder's attribute ``clip_<key>``. Where it is given, the pooled vectors of many prompts come from
+  one encoder call (``encoding.pooled_many``); otherwise one prompt per call;
 - ``excludes``: substrings no key of the family has (key detection of look-alike families);
 - ``refused``: families whose text is read inside the diffusion model itself: refused with the reason;
 - ``batch_encode``: ComfyUI's text encoder for the family (T5 alone, or Flux's CLIP-L + T5) encodes the
@@ -73,6 +77,7 @@ class Architecture:
     pooled: str | None = None
     pooled_columns: int | None = None
     pooled_configs: tuple[str, ...] | None = None
+    pooled_encoders: tuple[str, ...] = ()
     excludes: tuple[str, ...] = ()
     refused: str = ""
     batch_encode: bool = False
@@ -118,7 +123,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture(
         "unet", "SD1.x / SD2.x / SDXL UNet (every cross-attention attn2.to_k / to_v)",
         readers=r"attn2\.to_[kv]\.weight$", signature=("attn2",), space="unet",
-        pooled=r"^label_emb\.0\.0\.weight$", pooled_columns=1280, pooled_configs=SDXL_CONFIGS,
+        pooled=r"^label_emb\.0\.0\.weight$", pooled_columns=1280, pooled_configs=SDXL_CONFIGS, pooled_encoders=("g",),
         ffn_out=r"\.ff\.net\.2\.weight$"),
     Architecture(
         "qwen_image", "Qwen-Image (txt_in after txt_norm, Qwen2.5-VL rows)",
@@ -136,7 +141,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         readers=r"^txt_in\.weight$", configs=("Flux", "FluxInpaint", "FluxSchnell"),
         signature=("txt_in.weight", "vector_in.in_layer.weight"), encoder="t5xxl",
         norm=FLUX_NORM, norm_optional=True,
-        pooled=r"^vector_in\.in_layer\.weight$", guidance=3.5, space="t5xxl", batch_encode=True,
+        pooled=r"^vector_in\.in_layer\.weight$", pooled_encoders=("l",), guidance=3.5, space="t5xxl", batch_encode=True,
         ffn_out=r"^(double_blocks\.\d+\.(img|txt)_mlp\.2|single_blocks\.\d+\.linear2)\.weight$",
         ffn_split=r"^single_blocks\.\d+\.linear2\.weight$"),
     Architecture(
@@ -157,7 +162,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture(
         "sd3", "SD3.x (context_embedder, CLIP-L+G rows then T5-XXL rows; pooled CLIP-L+G into y_embedder)",
         readers=r"^context_embedder\.weight$", configs=("SD3",), signature=("context_embedder.weight",),
-        encoder="l", pooled=r"^y_embedder\.mlp\.0\.weight$", space="sd3",
+        encoder="l", pooled=r"^y_embedder\.mlp\.0\.weight$", pooled_encoders=("l", "g"), space="sd3",
         note="rows are aligned on CLIP-L's tokens; the T5 rows follow the CLIP rows",
         ffn_out=r"^joint_blocks\.\d+\.(x_block|context_block)\.mlp\.fc2\.weight$"),
     Architecture(
@@ -191,7 +196,8 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         readers=r"^txt_in\.(input_embedder|c_embedder\.in_layer)\.weight$",
         configs=("HunyuanVideo", "HunyuanVideoI2V", "HunyuanVideoSkyreelsI2V"),
         signature=("txt_in.input_embedder.weight", "txt_in.c_embedder.in_layer.weight", "vector_in.in_layer.weight"),
-        encoder="llama", template_end=EOT, pooled=r"^vector_in\.in_layer\.weight$", space="hunyuan_video",
+        encoder="llama", template_end=EOT, pooled=r"^vector_in\.in_layer\.weight$", pooled_encoders=("l",),
+        space="hunyuan_video",
         note="txt_in.c_embedder reads the mean of the rows, linear in them, so W P is exact there too"),
     Architecture(
         "hunyuan_image", "HunyuanImage 2.1 / HunyuanVideo 1.5 (txt_in.input_embedder and txt_in.c_embedder.in_layer, "
@@ -252,7 +258,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         "clip_txt_pooled_mapper)",
         readers=r"^clip_txt_mapper\.weight$", configs=("Stable_Cascade_C",),
         signature=("clip_txt_mapper.weight", "clip_txt_pooled_mapper.weight"), encoder="g",
-        pooled=r"^clip_txt_pooled_mapper\.weight$", space="stable_cascade"),
+        pooled=r"^clip_txt_pooled_mapper\.weight$", pooled_encoders=("g",), space="stable_cascade"),
 )
 
 # Families whose text is read inside the diffusion model itself (no layer reads an encoder's rows).
