@@ -252,6 +252,10 @@ class RECEEraseConcept:
             report += "\n" + pooled_note
         if arch.note:
             report += f"\nnote ({arch.title}): {arch.note}"
+        left = arch.unedited(list(model.model.state_dict().keys()), keys,
+                             getattr(getattr(model.model, "model_config", None), "unet_config", None))
+        if left:
+            report += "\n" + left
         preset = PRESETS.get(concept_kind)
         if preset is not None and (preset.reg != reg or preset.epochs != rounds):
             report += (f"\nnote: the paper uses reg={preset.reg:g} and {preset.epochs} round(s) for "

@@ -28,7 +28,8 @@ D = 256  # text width of every tiny family
 # T5_ROWS, through ComfyUI's own tokenizer_data knob ("t5xxl_min_length"), instead of 256/512/77.
 T5_ROWS = 16
 # pooled CLIP widths: about the real ratio to the rows' width (CLIP-L's 768 next to T5's 4096)
-POOLED = {"flux": 48, "sd3": 64, "hunyuan_video": 48, "stable_cascade": 48}
+POOLED = {"flux": 48, "sd3": 64, "hunyuan_video": 48, "stable_cascade": 48, "hidream": 64}
+HIDREAM_LLAMA_LAYERS = 3  # conditioning_llama3: [1, layers, T, D]; caption_projection.0/1 read layers 0 and 2
 POOLED_FLUX, POOLED_SD3 = 48, 32
 QWEN_HEAD = [151644, 8948, 198, 74785, 279, 2168, 13, 151645, 198, 151644, 872, 198]  # system …, user\n
 QWEN_TAIL = [151645, 198, 151644, 77091, 198]  # <|im_end|>\n<|im_start|>assistant\n
@@ -88,6 +89,13 @@ FAMILIES = {
     # comfy/ldm/cascade/stage_c.py: clip_txt_mapper reads CLIP-G's rows, clip_txt_pooled_mapper its pooled vector
     "stable_cascade": Family("stable_cascade", "Stable_Cascade_C", {}, (1, 16, 8, 8), {"clip_txt_mapper.weight": (64, D)},
                              pooled="clip_txt_pooled_mapper.weight"),
+    # comfy/ldm/hidream/model.py: caption_projection[-1] reads T5's rows, caption_projection[i] the Llama-3 layer
+    # llama_layers[i] of conditioning_llama3 (left alone: other spaces), p_embedder's pooled_embedder.linear_1 the
+    # pooled CLIP-L+G (the stand-in's forward reads the T5 rows and the pooled vector)
+    "hidream": Family("hidream", "HiDream", {"llama_layers": [0, 2]}, (1, 16, 8, 8),
+                      {"caption_projection.2.linear.weight": (64, D)}, pooled="p_embedder.pooled_embedder.linear_1.weight",
+                      extra_keys={"caption_projection.0.linear.weight": (64, D),
+                                  "caption_projection.1.linear.weight": (64, D)}),
 }
 REAL_FAMILIES = ("flux", "sd3", "wan", "qwen_image", "hunyuan_video")
 
@@ -157,6 +165,9 @@ def standin_tokenizers(family: str) -> Tokenizers:
         "qwen_image21": lambda: Tokenizers({"qwen3vl_8b": ("qwen3vl_8b", StandinTokenizer(
             pad=151643, head=ZIMAGE_HEAD, tail=QWEN_TAIL))}),
         "stable_cascade": lambda: Tokenizers({"g": ("clip_g", _clip_standin())}),
+        "hidream": lambda: Tokenizers({"g": ("clip_g", StandinTokenizer(start=49406, end=49407, pad=0, max_length=77)),
+                                       "l": ("clip_l", _clip_standin()), "t5xxl": ("t5xxl", t5(T5_ROWS)),
+                                       "llama": ("llama", StandinTokenizer(start=128000, pad=128009, min_length=T5_ROWS))}),
         "hunyuan_video": lambda: Tokenizers({"l": ("clip_l", _clip_standin()), "llama": ("llama", StandinTokenizer(
             pad=128258, head=[128000], tail=[128009]))}),
     }[family]()
@@ -239,7 +250,7 @@ class DiTCLIP:
         self.family = family
         self.tokenizer = (real_tokenizers(family) if real_tokenizer else None) or standin_tokenizers(family)
         self.enc = SeededEncoder(D, seed, positions=family in ("qwen_image", "lumina2", "qwen_image21", "hunyuan_video"))
-        width = POOLED.get(family, 32) // (2 if family == "sd3" else 1)  # SD3 pools CLIP-L and G side by side
+        width = POOLED.get(family, 32) // (2 if family in ("sd3", "hidream") else 1)  # CLIP-L and G side by side
         self.clip_l, self.clip_g = SeededEncoder(width, seed + 1), SeededEncoder(width, seed + 2)
         if family == "stable_cascade":  # CLIP-G's rows (D wide) and its pooled vector
             self.subs = {"clip_g": StandinClipEncoder(self.enc, self.clip_l)}
@@ -284,6 +295,12 @@ class DiTCLIP:
         elif self.family == "stable_cascade":  # CLIP-G's rows and its pooled vector
             cond, pooled = te.clip_g.encode_token_weights(tokens["g"])
             cond = cond[0]
+        elif self.family == "hidream":  # T5's rows, pooled CLIP-L+G, every Llama-3 layer (its start token dropped)
+            cond = self.enc.rows(self._ids(tokens, "t5xxl"))
+            pooled = torch.cat([te.clip_l.encode_token_weights(tokens["l"])[1],
+                                te.clip_g.encode_token_weights(tokens["g"])[1]], dim=-1)
+            llama = self.enc.rows(self._ids(tokens, "llama"))[1:]
+            extra["conditioning_llama3"] = torch.stack([llama * (1 + k) for k in range(HIDREAM_LLAMA_LAYERS)])[None]
         elif self.family == "hunyuan_video":
             cond = self.enc.rows(self._ids(tokens, "llama"))
             pooled = te.clip_l.encode_token_weights(tokens["l"])[1]

@@ -31,6 +31,9 @@ Each ``Architecture`` says:
   in one call (as CLIP's); encoders that combine kinds of rows (SD3) or strip a template do not;
 - ``guidance``: a conditioning key the model reads (Flux's distilled guidance);
 - ``space``: erasures apply between families of the same space and width.
+- ``left_alone``: layers (regex) that read another text space this pack does not edit (the Erase report lists
+  those the model has, less the edited readers); ``left_alone_layers``: the model config's list of the encoder
+  layer each of them reads, in order (HiDream's ``llama_layers``);
 - ``ffn_out``: the feed-forward output layers (weight keys, ``diffusion_model.`` stripped) that
   ConceptPrune records and prunes (``""``: ConceptPrune refuses the family); ``ffn_split``: those
   among them whose input is the attention output then the MLP's (Flux's ``single_blocks.*.linear2``,
@@ -87,6 +90,8 @@ class Architecture:
     note: str = ""
     ffn_out: str = ""
     ffn_split: str = ""
+    left_alone: str = ""
+    left_alone_layers: str = ""
 
     def ffn_keys(self, keys: list[str]) -> list[str]:
         """The ``diffusion_model.*`` feed-forward output weight keys among a model's keys (sorted)."""
@@ -110,6 +115,25 @@ class Architecture:
         if self.last_reader_only and found:
             found = [max(found, key=lambda k: [int(x) for x in re.findall(r"\d+", k)])]
         return found
+
+    def unedited(self, keys: list[str], edited: list[str], config: dict | None = None) -> str:
+        """A report line naming the layers left alone that this model has (``""``: none), and, where the
+        config says, the encoder layers they read."""
+        if not self.left_alone:
+            return ""
+        pattern = re.compile(self.left_alone)
+        found = sorted((k.removeprefix("diffusion_model.") for k in keys if k.startswith("diffusion_model.")
+                        and k not in edited and pattern.search(k.removeprefix("diffusion_model."))),
+                       key=lambda k: [int(x) for x in re.findall(r"\d+", k)])
+        if not found:
+            return ""
+        named = found[0] if len(found) == 1 else f"{found[0]} … {found[-1]}"
+        line = f"not edited: {len(found)} layer(s) reading other text spaces ({named})"
+        layers = (config or {}).get(self.left_alone_layers) if self.left_alone_layers else None
+        if isinstance(layers, (list, tuple)) and layers:
+            line += (f", which read {len(set(layers))} encoder layer(s) ({self.left_alone_layers}: "
+                     f"{min(layers)} … {max(layers)}), each its own embedding space")
+        return line
 
     def pooled_keys(self, kind: str, keys: list[str]) -> list[str]:
         """The ``diffusion_model.*`` weight keys reading the pooled text vector (none where there is no pooled path)."""
@@ -173,12 +197,14 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         encoder="umt5xxl", space="umt5xxl", batch_encode=True,
         ffn_out=r"^blocks\.\d+\.ffn\.2\.weight$"),
     Architecture(
-        "hidream", "HiDream (caption_projection of the T5-XXL rows)",
+        "hidream", "HiDream (caption_projection of the T5-XXL rows; pooled CLIP-L+G into p_embedder)",
         readers=r"^caption_projection\.\d+\.linear\.weight$", configs=("HiDream",),
         signature=("caption_projection.0.linear.weight",), encoder="t5xxl", last_reader_only=True,
-        space="hidream_t5",
-        note="only the T5 path is edited: each other caption_projection reads a different Llama-3 layer "
-             "(conditioning_llama3), another embedding space"),
+        pooled=r"^p_embedder\.pooled_embedder\.linear_1\.weight$", pooled_encoders=("l", "g"), space="hidream_t5",
+        left_alone=r"^caption_projection\.\d+\.linear\.weight$", left_alone_layers="llama_layers",
+        note="the Llama-3 path is not edited: every caption_projection but the last reads one layer of the Llama-3 "
+             "encoder (conditioning_llama3), each layer its own embedding space, and the concept still reaches "
+             "the model through them (docs/families.md)"),
     Architecture(
         "lumina2", "Lumina 2 / Z-Image (cap_embedder.1 after its RMSNorm)",
         readers=r"^cap_embedder\.1\.weight$", configs=("Lumina2", "ZImage"),

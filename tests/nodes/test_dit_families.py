@@ -299,6 +299,27 @@ def test_hidream_edits_only_the_t5_projection():
     arch, found = architectures.detect("HiDream", keys + ["diffusion_model.x_embedder.proj.weight"])
     assert arch.name == "hidream" and found == ["diffusion_model.caption_projection.11.linear.weight"]
     assert "Llama" in arch.note
+    line = arch.unedited(keys, found, {"llama_layers": list(range(8)) + [7] * 3})
+    assert line == ("not edited: 11 layer(s) reading other text spaces (caption_projection.0.linear.weight … "
+                    "caption_projection.10.linear.weight), which read 8 encoder layer(s) (llama_layers: 0 … 7), "
+                    "each its own embedding space")
+
+
+def test_hidream_report_says_what_is_left_and_its_pooled_path_is_erased():
+    """The Erase report names the Llama-3 readers left alone; the T5 reader and the pooled CLIP-L+G reader
+    (p_embedder) are edited as W P; the Llama-3 readers are untouched."""
+    model, clip = make_model("hidream"), DiTCLIP("hidream")
+    out, erasure, report = erase(model, clip)
+    assert ("not edited: 2 layer(s) reading other text spaces (caption_projection.0.linear.weight … "
+            "caption_projection.1.linear.weight), which read 2 encoder layer(s) (llama_layers: 0 … 2)") in report
+    assert "pooled text (p_embedder.pooled_embedder.linear_1.weight)" in report
+    before, after = effective_weights(model), effective_weights(out)
+    for i in (0, 1):
+        key = f"diffusion_model.caption_projection.{i}.linear.weight"
+        assert torch.equal(after[key], before[key])
+    key = "diffusion_model.p_embedder.pooled_embedder.linear_1.weight"
+    p = erasure.spaces["pooled"].transform.dense().double()
+    assert rel(after[key], before[key].double() @ p) < 1e-5 and rel(after[key], before[key]) > 1e-3
 
 
 def test_cancel_between_dit_prompts():

@@ -20,7 +20,7 @@ from rece_comfyui.nodes.host import architectures, encoding  # noqa: E402
 from rece_comfyui.nodes.rece import RECEEraseConcept  # noqa: E402
 
 PROMPTS = ["nudity", "Van Gogh", "a photo of a cat", "", " ", "(nudity:1.3) on a beach", "a dog " * 50]
-POOLED = ["flux", "sd3", "hunyuan_video", "stable_cascade"]
+POOLED = ["flux", "sd3", "hunyuan_video", "stable_cascade", "hidream"]
 
 
 def counted(clip) -> list[dict]:
