@@ -363,7 +363,8 @@ def _pooled_batched(clip, texts: list[str], arch: Architecture, calls: EncoderCa
     model = getattr(clip, "cond_stage_model", None)
     subs = {k: getattr(model, f"clip_{k}", None) for k in arch.pooled_encoders}
     tokenized = [pooled_tokens(clip, t) for t in texts]
-    if any(s is None or not callable(getattr(s, "encode", None)) for s in subs.values()) or any(
+    if any(s is None or not callable(getattr(s, "encode", None)) or not hasattr(s, "__dict__")
+           for s in subs.values()) or any(
             k not in t for t in tokenized for k in subs):
         raise _Unbatchable  # not ComfyUI's CLIP layout (a custom text encoder): one prompt per call
     out: list[Tensor | None] = [None] * len(texts)

@@ -320,6 +320,9 @@ def test_hidream_report_says_what_is_left_and_its_pooled_path_is_erased():
     key = "diffusion_model.p_embedder.pooled_embedder.linear_1.weight"
     p = erasure.spaces["pooled"].transform.dense().double()
     assert rel(after[key], before[key].double() @ p) < 1e-5 and rel(after[key], before[key]) > 1e-3
+    applied = ApplyErasedWeights().apply(model, erasure, 1.0)["result"]
+    assert "and 1 that read the pooled text" in applied[1] and "not edited: 2 layer(s)" in applied[1]
+    assert torch.equal(effective_weights(applied[0])[key], after[key])
 
 
 def test_cancel_between_dit_prompts():
