@@ -391,8 +391,8 @@ class ApplyErasedWeights:
         elif weights.pooled_keys(model):
             report += ("\nnote: this erasure holds no transform of the pooled text (made before this pack erased it), "
                        "so the model's pooled text path is left as it was")
-        left = weights.architecture(model)[0].unedited(
-            list(model.model.state_dict().keys()), keys, getattr(getattr(model.model, "model_config", None), "unet_config", None))
+        config = getattr(getattr(model.model, "model_config", None), "unet_config", None)
+        left = weights.architecture(model)[0].unedited(list(model.model.state_dict().keys()), keys, config)
         if left:
             report += "\n" + left
         made_on = erasure.extra.get("fingerprint")

@@ -384,10 +384,12 @@ def _pooled_batched(clip, texts: list[str], arch: Architecture, calls: EncoderCa
             with _Spy(subs) as spy:
                 got = clip.encode_from_tokens(tokens, return_pooled=True, return_dict=True)
             pooled = got.get("pooled_output") if isinstance(got, dict) else got[1]
-            if pooled is None or any(len(v) != 1 or v[0] is None or v[0].shape[0] < len(part) for v in spy.seen.values()):
+            if pooled is None or any(len(v) != 1 or v[0] is None or v[0].shape[0] < len(part)
+                                     for v in spy.seen.values()):
                 raise _Unbatchable
             seen = torch.cat([spy.seen[k][0][: len(part)].float() for k in subs], dim=-1).to(pooled.device)
-            if seen.shape[-1] != pooled.reshape(1, -1).shape[-1] or not torch.equal(seen[:1], pooled.reshape(1, -1).float()):
+            first = pooled.reshape(1, -1).float()
+            if seen.shape[-1] != first.shape[-1] or not torch.equal(seen[:1], first):
                 raise _Unbatchable  # the CLIP forms its pooled vector otherwise than these sub-encoders give it
             if not checked and len(part) > 1:
                 calls.check()
