@@ -96,27 +96,18 @@ def pooled_erasure(model, clip, arch, names: list[str], guide: str, preserve: li
     if not keys:
         return None, [], ""
     width = weights.pooled_width(model, arch, keys)
-    vectors: dict[str, torch.Tensor] = {}
-
-    def vector(text: str) -> torch.Tensor:
-        if text not in vectors:
-            check()
-            tokens = clip.tokenize(text if text.strip() else "")
-            if "t5xxl" in tokens and "l" in tokens:  # Flux, SD3: the pooled vector is CLIP's; T5 gets one token
-                tokens["t5xxl"] = [tokens["t5xxl"][0][-1:]]
-            out = clip.encode_from_tokens(tokens, return_pooled=True, return_dict=True)
-            pooled = out.get("pooled_output") if isinstance(out, dict) else out[1]
-            if pooled is None or pooled.reshape(-1).shape[0] != width:
-                raise LookupError(f"the CLIP gives {'no' if pooled is None else pooled.reshape(-1).shape[0]}-wide "
-                                  f"pooled vector, the model's pooled path reads {width}")
-            vectors[text] = pooled.reshape(1, -1).to(device=device, dtype=torch.float64)
-        return vectors[text]
-
-    try:
-        concepts = torch.cat([vector(n) for n in names])
-    except LookupError as exc:
-        return None, [], f"note: the pooled text path is not erased: {exc}"
     guides = [guide.strip() or " "] * len(names)
+    texts = list(dict.fromkeys(names + guides + ["", " "] + preserve))
+    # several prompts per encoder call where ComfyUI's CLIP allows it; Cancel before each call
+    pooled = encoding.pooled_many(clip, texts, arch, encoding.EncoderCalls(check=check))
+    bad = next((p for p in pooled if p is None or p.reshape(-1).shape[0] != width), False)
+    if bad is not False:
+        gives = "no pooled vector" if bad is None else f"a {bad.reshape(-1).shape[0]}-wide pooled vector"
+        return None, [], (f"note: the pooled text path is not erased: the CLIP gives {gives}, the model's pooled "
+                          f"path reads {width} wide")
+    vectors = {t: p.reshape(1, -1).to(device=device, dtype=torch.float64) for t, p in zip(texts, pooled)}
+    vector = vectors.__getitem__
+    concepts = torch.cat([vector(n) for n in names])
     start = time.perf_counter()
     s = weights.pooled_gram(model, arch, keys, device, include_erasures=True)
     p, rounds = rece_vectors(s, concepts, torch.cat([vector(g) for g in guides]),
@@ -261,6 +252,10 @@ class RECEEraseConcept:
             report += "\n" + pooled_note
         if arch.note:
             report += f"\nnote ({arch.title}): {arch.note}"
+        left = arch.unedited(list(model.model.state_dict().keys()), keys,
+                             getattr(getattr(model.model, "model_config", None), "unet_config", None))
+        if left:
+            report += "\n" + left
         preset = PRESETS.get(concept_kind)
         if preset is not None and (preset.reg != reg or preset.epochs != rounds):
             report += (f"\nnote: the paper uses reg={preset.reg:g} and {preset.epochs} round(s) for "
@@ -396,6 +391,10 @@ class ApplyErasedWeights:
         elif weights.pooled_keys(model):
             report += ("\nnote: this erasure holds no transform of the pooled text (made before this pack erased it), "
                        "so the model's pooled text path is left as it was")
+        config = getattr(getattr(model.model, "model_config", None), "unet_config", None)
+        left = weights.architecture(model)[0].unedited(list(model.model.state_dict().keys()), keys, config)
+        if left:
+            report += "\n" + left
         made_on = erasure.extra.get("fingerprint")
         here = weights.base_fingerprint(model, keys)
         warning = None

@@ -28,7 +28,8 @@ D = 256  # text width of every tiny family
 # T5_ROWS, through ComfyUI's own tokenizer_data knob ("t5xxl_min_length"), instead of 256/512/77.
 T5_ROWS = 16
 # pooled CLIP widths: about the real ratio to the rows' width (CLIP-L's 768 next to T5's 4096)
-POOLED = {"flux": 48, "sd3": 64, "hunyuan_video": 48, "stable_cascade": 48}
+POOLED = {"flux": 48, "sd3": 64, "hunyuan_video": 48, "stable_cascade": 48, "hidream": 64}
+HIDREAM_LLAMA_LAYERS = 3  # conditioning_llama3: [1, layers, T, D]; caption_projection.0/1 read layers 0 and 2
 POOLED_FLUX, POOLED_SD3 = 48, 32
 QWEN_HEAD = [151644, 8948, 198, 74785, 279, 2168, 13, 151645, 198, 151644, 872, 198]  # system …, user\n
 QWEN_TAIL = [151645, 198, 151644, 77091, 198]  # <|im_end|>\n<|im_start|>assistant\n
@@ -88,6 +89,13 @@ FAMILIES = {
     # comfy/ldm/cascade/stage_c.py: clip_txt_mapper reads CLIP-G's rows, clip_txt_pooled_mapper its pooled vector
     "stable_cascade": Family("stable_cascade", "Stable_Cascade_C", {}, (1, 16, 8, 8), {"clip_txt_mapper.weight": (64, D)},
                              pooled="clip_txt_pooled_mapper.weight"),
+    # comfy/ldm/hidream/model.py: caption_projection[-1] reads T5's rows, caption_projection[i] the Llama-3 layer
+    # llama_layers[i] of conditioning_llama3 (left alone: other spaces), p_embedder's pooled_embedder.linear_1 the
+    # pooled CLIP-L+G (the stand-in's forward reads the T5 rows and the pooled vector)
+    "hidream": Family("hidream", "HiDream", {"llama_layers": [0, 2]}, (1, 16, 8, 8),
+                      {"caption_projection.2.linear.weight": (64, D)}, pooled="p_embedder.pooled_embedder.linear_1.weight",
+                      extra_keys={"caption_projection.0.linear.weight": (64, D),
+                                  "caption_projection.1.linear.weight": (64, D)}),
 }
 REAL_FAMILIES = ("flux", "sd3", "wan", "qwen_image", "hunyuan_video")
 
@@ -157,6 +165,9 @@ def standin_tokenizers(family: str) -> Tokenizers:
         "qwen_image21": lambda: Tokenizers({"qwen3vl_8b": ("qwen3vl_8b", StandinTokenizer(
             pad=151643, head=ZIMAGE_HEAD, tail=QWEN_TAIL))}),
         "stable_cascade": lambda: Tokenizers({"g": ("clip_g", _clip_standin())}),
+        "hidream": lambda: Tokenizers({"g": ("clip_g", StandinTokenizer(start=49406, end=49407, pad=0, max_length=77)),
+                                       "l": ("clip_l", _clip_standin()), "t5xxl": ("t5xxl", t5(T5_ROWS)),
+                                       "llama": ("llama", StandinTokenizer(start=128000, pad=128009, min_length=T5_ROWS))}),
         "hunyuan_video": lambda: Tokenizers({"l": ("clip_l", _clip_standin()), "llama": ("llama", StandinTokenizer(
             pad=128258, head=[128000], tail=[128009]))}),
     }[family]()
@@ -200,15 +211,55 @@ class SeededEncoder:
         return x + 2 * torch.tanh(x[words].mean(0, keepdim=True) @ self.mix)
 
 
+def _pool(enc: SeededEncoder, ids: list[int]) -> torch.Tensor:
+    """CLIP's pooled vector ``[w]``: the end token's row, which (as in CLIP) carries the prompt's words."""
+    rows = enc.rows(ids)
+    words = [i for i, t in enumerate(ids) if t not in (49406, 49407, 0)]
+    return (rows[ids.index(49407)] + (rows[words].mean(0) if words else rows[ids.index(49407)])) / 2
+
+
+class StandinClipEncoder:
+    """Shaped like ComfyUI's ``SDClipModel`` (with ``ClipTokenWeightEncoder``): ``encode`` takes a batch of token
+    id lists and returns their rows ``[n, T, w]`` and pooled vectors ``[n, w']``; ``encode_token_weights`` encodes
+    every chunk in one batch through ``self.encode`` and returns the rows concatenated ``[1, n·T, w]`` and the
+    first chunk's pooled vector ``[1, w']`` only, as ComfyUI's does."""
+
+    def __init__(self, rows: SeededEncoder, pool: SeededEncoder) -> None:
+        self.rows_enc, self.pool_enc = rows, pool
+
+    def encode(self, tokens: list[list[int]]):
+        return (torch.stack([self.rows_enc.rows(ids) for ids in tokens]),
+                torch.stack([_pool(self.pool_enc, ids) for ids in tokens]))
+
+    def encode_token_weights(self, token_weight_pairs):
+        z, pooled = self.encode([[t[0] for t in chunk] for chunk in token_weight_pairs])
+        return z.reshape(1, -1, z.shape[-1]), pooled[0:1]
+
+
+class StandinTextEncoders(torch.nn.Module):
+    """``CLIP.cond_stage_model``: the family's sub-encoders as attributes ``clip_l`` / ``clip_g``."""
+
+
 class DiTCLIP:
-    """Duck-typed ``comfy.sd.CLIP`` whose output is shaped as the family's ComfyUI text encoder shapes it."""
+    """Duck-typed ``comfy.sd.CLIP`` whose output is shaped as the family's ComfyUI text encoder shapes it.
+
+    Its CLIP parts go through ``cond_stage_model.clip_l`` / ``clip_g`` (``StandinClipEncoder``), as ComfyUI's
+    family text encoders call their sub-encoders' ``encode_token_weights``."""
 
     def __init__(self, family: str, seed: int = 0, real_tokenizer: bool = REAL) -> None:
         self.family = family
         self.tokenizer = (real_tokenizers(family) if real_tokenizer else None) or standin_tokenizers(family)
         self.enc = SeededEncoder(D, seed, positions=family in ("qwen_image", "lumina2", "qwen_image21", "hunyuan_video"))
-        width = POOLED.get(family, 32) // (2 if family == "sd3" else 1)  # SD3 pools CLIP-L and G side by side
+        width = POOLED.get(family, 32) // (2 if family in ("sd3", "hidream") else 1)  # CLIP-L and G side by side
         self.clip_l, self.clip_g = SeededEncoder(width, seed + 1), SeededEncoder(width, seed + 2)
+        if family == "stable_cascade":  # CLIP-G's rows (D wide) and its pooled vector
+            self.subs = {"clip_g": StandinClipEncoder(self.enc, self.clip_l)}
+        else:
+            self.subs = {"clip_l": StandinClipEncoder(self.clip_l, self.clip_l),
+                         "clip_g": StandinClipEncoder(self.clip_g, self.clip_g)}
+        self.cond_stage_model = StandinTextEncoders()  # exposes the sub-encoders (a test may hide them)
+        for name, sub in self.subs.items():
+            setattr(self.cond_stage_model, name, sub)
 
     def tokenize(self, text: str, return_word_ids=False, **kwargs):
         return self.tokenizer.tokenize_with_weights(text, return_word_ids, **kwargs)
@@ -217,29 +268,24 @@ class DiTCLIP:
     def _ids(tokens, key):
         return [t[0] for t in tokens[key][0]]
 
-    def _pool(self, enc, ids):
-        """CLIP's pooled vector: the end token's row, which (as in CLIP) carries the prompt's words."""
-        rows = enc.rows(ids)
-        words = [i for i, t in enumerate(ids) if t not in (49406, 49407, 0)]
-        pooled = (rows[ids.index(49407)] + (rows[words].mean(0) if words else rows[ids.index(49407)])) / 2
-        return pooled.unsqueeze(0)
-
     def encode_from_tokens(self, tokens, return_pooled=False, return_dict=False):
         extra = {}
         pooled = None
+        te = type("TE", (), self.subs)
         if self.family in ("flux", "chroma", "wan"):
             # ComfyUI's T5 (and Flux's CLIP-L + T5) encodes every chunk of a token list in one batch and
             # concatenates their rows; the pooled vector is the first chunk's
             key = "umt5xxl" if self.family == "wan" else "t5xxl"
             cond = torch.cat([self.enc.rows([t[0] for t in chunk]) for chunk in tokens[key]])
             if self.family == "flux":
-                pooled = self._pool(self.clip_l, self._ids(tokens, "l"))
+                pooled = te.clip_l.encode_token_weights(tokens["l"])[1]
         elif self.family == "sd3":
-            l_ids, g_ids = self._ids(tokens, "l"), self._ids(tokens, "g")
-            lg = torch.cat([self.clip_l.rows(l_ids), self.clip_g.rows(g_ids)], dim=-1)
+            (l_rows, l_pooled), (g_rows, g_pooled) = (te.clip_l.encode_token_weights(tokens["l"]),
+                                                      te.clip_g.encode_token_weights(tokens["g"]))
+            lg = torch.cat([l_rows[0], g_rows[0]], dim=-1)
             lg = torch.nn.functional.pad(lg, (0, D - lg.shape[-1]))
             cond = torch.cat([lg, self.enc.rows(self._ids(tokens, "t5xxl"))])
-            pooled = torch.cat([self._pool(self.clip_l, l_ids), self._pool(self.clip_g, g_ids)], dim=-1)
+            pooled = torch.cat([l_pooled, g_pooled], dim=-1)
         elif self.family == "qwen_image":
             ids = self._ids(tokens, "qwen25_7b")
             cond = self.enc.rows(ids)
@@ -247,11 +293,17 @@ class DiTCLIP:
             cut = starts[-1] + 3 if ids[starts[-1] + 1: starts[-1] + 3] == [872, 198] else starts[-1]
             cond = cond[cut:]
         elif self.family == "stable_cascade":  # CLIP-G's rows and its pooled vector
-            cond = self.enc.rows(self._ids(tokens, "g"))
-            pooled = self._pool(self.clip_l, self._ids(tokens, "g"))
+            cond, pooled = te.clip_g.encode_token_weights(tokens["g"])
+            cond = cond[0]
+        elif self.family == "hidream":  # T5's rows, pooled CLIP-L+G, every Llama-3 layer (its start token dropped)
+            cond = self.enc.rows(self._ids(tokens, "t5xxl"))
+            pooled = torch.cat([te.clip_l.encode_token_weights(tokens["l"])[1],
+                                te.clip_g.encode_token_weights(tokens["g"])[1]], dim=-1)
+            llama = self.enc.rows(self._ids(tokens, "llama"))[1:]
+            extra["conditioning_llama3"] = torch.stack([llama * (1 + k) for k in range(HIDREAM_LLAMA_LAYERS)])[None]
         elif self.family == "hunyuan_video":
             cond = self.enc.rows(self._ids(tokens, "llama"))
-            pooled = self._pool(self.clip_l, self._ids(tokens, "l"))
+            pooled = te.clip_l.encode_token_weights(tokens["l"])[1]
         else:  # lumina2 / Z-Image, Qwen-Image 2.1: the whole templated sequence
             cond = self.enc.rows(self._ids(tokens, next(iter(tokens))))
         cond = cond.unsqueeze(0)

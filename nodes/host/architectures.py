@@ -20,6 +20,10 @@ Each ``Architecture`` says:
   of that layer when it reads more (SDXL's ``label_emb`` reads the pooled bigG, then the size
   embeddings: only the first 1280 columns change); ``pooled_configs``: the config classes that have it
   (SD1.x/SD2.x have no pooled path, SD2.1 unCLIP's ``label_emb`` reads an image embedding);
+  ``pooled_encoders``: the keys of the tokens dict whose CLIP gives the pooled vector, in the order
+  ComfyUI concatenates them (Flux ``l``, SD3 ``l`` then ``g``, SDXL ``g``); ComfyUI's sub-encoder is the
+  text encoder's attribute ``clip_<key>``. Where it is given, the pooled vectors of many prompts come from
+  one encoder call (``encoding.pooled_many``); otherwise one prompt per call;
 - ``excludes``: substrings no key of the family has (key detection of look-alike families);
 - ``refused``: families whose text is read inside the diffusion model itself: refused with the reason;
 - ``batch_encode``: ComfyUI's text encoder for the family (T5 alone, or Flux's CLIP-L + T5) encodes the
@@ -27,6 +31,9 @@ Each ``Architecture`` says:
   in one call (as CLIP's); encoders that combine kinds of rows (SD3) or strip a template do not;
 - ``guidance``: a conditioning key the model reads (Flux's distilled guidance);
 - ``space``: erasures apply between families of the same space and width.
+- ``left_alone``: layers (regex) that read another text space this pack does not edit (the Erase report lists
+  those the model has, less the edited readers); ``left_alone_layers``: the model config's list of the encoder
+  layer each of them reads, in order (HiDream's ``llama_layers``);
 - ``ffn_out``: the feed-forward output layers (weight keys, ``diffusion_model.`` stripped) that
   ConceptPrune records and prunes (``""``: ConceptPrune refuses the family); ``ffn_split``: those
   among them whose input is the attention output then the MLP's (Flux's ``single_blocks.*.linear2``,
@@ -73,6 +80,7 @@ class Architecture:
     pooled: str | None = None
     pooled_columns: int | None = None
     pooled_configs: tuple[str, ...] | None = None
+    pooled_encoders: tuple[str, ...] = ()
     excludes: tuple[str, ...] = ()
     refused: str = ""
     batch_encode: bool = False
@@ -82,6 +90,8 @@ class Architecture:
     note: str = ""
     ffn_out: str = ""
     ffn_split: str = ""
+    left_alone: str = ""
+    left_alone_layers: str = ""
 
     def ffn_keys(self, keys: list[str]) -> list[str]:
         """The ``diffusion_model.*`` feed-forward output weight keys among a model's keys (sorted)."""
@@ -106,6 +116,25 @@ class Architecture:
             found = [max(found, key=lambda k: [int(x) for x in re.findall(r"\d+", k)])]
         return found
 
+    def unedited(self, keys: list[str], edited: list[str], config: dict | None = None) -> str:
+        """A report line naming the layers left alone that this model has (``""``: none), and, where the
+        config says, the encoder layers they read."""
+        if not self.left_alone:
+            return ""
+        pattern = re.compile(self.left_alone)
+        found = sorted((k.removeprefix("diffusion_model.") for k in keys if k.startswith("diffusion_model.")
+                        and k not in edited and pattern.search(k.removeprefix("diffusion_model."))),
+                       key=lambda k: [int(x) for x in re.findall(r"\d+", k)])
+        if not found:
+            return ""
+        named = found[0] if len(found) == 1 else f"{found[0]} … {found[-1]}"
+        line = f"not edited: {len(found)} layer(s) reading other text spaces ({named})"
+        layers = (config or {}).get(self.left_alone_layers) if self.left_alone_layers else None
+        if isinstance(layers, (list, tuple)) and layers:
+            line += (f", which read {len(set(layers))} encoder layer(s) ({self.left_alone_layers}: "
+                     f"{min(layers)} … {max(layers)}), each its own embedding space")
+        return line
+
     def pooled_keys(self, kind: str, keys: list[str]) -> list[str]:
         """The ``diffusion_model.*`` weight keys reading the pooled text vector (none where there is no pooled path)."""
         if self.pooled is None or (self.pooled_configs is not None and kind not in self.pooled_configs):
@@ -118,7 +147,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture(
         "unet", "SD1.x / SD2.x / SDXL UNet (every cross-attention attn2.to_k / to_v)",
         readers=r"attn2\.to_[kv]\.weight$", signature=("attn2",), space="unet",
-        pooled=r"^label_emb\.0\.0\.weight$", pooled_columns=1280, pooled_configs=SDXL_CONFIGS,
+        pooled=r"^label_emb\.0\.0\.weight$", pooled_columns=1280, pooled_configs=SDXL_CONFIGS, pooled_encoders=("g",),
         ffn_out=r"\.ff\.net\.2\.weight$"),
     Architecture(
         "qwen_image", "Qwen-Image (txt_in after txt_norm, Qwen2.5-VL rows)",
@@ -136,7 +165,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         readers=r"^txt_in\.weight$", configs=("Flux", "FluxInpaint", "FluxSchnell"),
         signature=("txt_in.weight", "vector_in.in_layer.weight"), encoder="t5xxl",
         norm=FLUX_NORM, norm_optional=True,
-        pooled=r"^vector_in\.in_layer\.weight$", guidance=3.5, space="t5xxl", batch_encode=True,
+        pooled=r"^vector_in\.in_layer\.weight$", pooled_encoders=("l",), guidance=3.5, space="t5xxl", batch_encode=True,
         ffn_out=r"^(double_blocks\.\d+\.(img|txt)_mlp\.2|single_blocks\.\d+\.linear2)\.weight$",
         ffn_split=r"^single_blocks\.\d+\.linear2\.weight$"),
     Architecture(
@@ -157,7 +186,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture(
         "sd3", "SD3.x (context_embedder, CLIP-L+G rows then T5-XXL rows; pooled CLIP-L+G into y_embedder)",
         readers=r"^context_embedder\.weight$", configs=("SD3",), signature=("context_embedder.weight",),
-        encoder="l", pooled=r"^y_embedder\.mlp\.0\.weight$", space="sd3",
+        encoder="l", pooled=r"^y_embedder\.mlp\.0\.weight$", pooled_encoders=("l", "g"), space="sd3",
         note="rows are aligned on CLIP-L's tokens; the T5 rows follow the CLIP rows",
         ffn_out=r"^joint_blocks\.\d+\.(x_block|context_block)\.mlp\.fc2\.weight$"),
     Architecture(
@@ -168,12 +197,14 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         encoder="umt5xxl", space="umt5xxl", batch_encode=True,
         ffn_out=r"^blocks\.\d+\.ffn\.2\.weight$"),
     Architecture(
-        "hidream", "HiDream (caption_projection of the T5-XXL rows)",
+        "hidream", "HiDream (caption_projection of the T5-XXL rows; pooled CLIP-L+G into p_embedder)",
         readers=r"^caption_projection\.\d+\.linear\.weight$", configs=("HiDream",),
         signature=("caption_projection.0.linear.weight",), encoder="t5xxl", last_reader_only=True,
-        space="hidream_t5",
-        note="only the T5 path is edited: each other caption_projection reads a different Llama-3 layer "
-             "(conditioning_llama3), another embedding space"),
+        pooled=r"^p_embedder\.pooled_embedder\.linear_1\.weight$", pooled_encoders=("l", "g"), space="hidream_t5",
+        left_alone=r"^caption_projection\.\d+\.linear\.weight$", left_alone_layers="llama_layers",
+        note="the Llama-3 path is not edited: every caption_projection but the last reads one layer of the Llama-3 "
+             "encoder (conditioning_llama3), each layer its own embedding space, and the concept still reaches "
+             "the model through them (docs/families.md)"),
     Architecture(
         "lumina2", "Lumina 2 / Z-Image (cap_embedder.1 after its RMSNorm)",
         readers=r"^cap_embedder\.1\.weight$", configs=("Lumina2", "ZImage"),
@@ -191,7 +222,8 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         readers=r"^txt_in\.(input_embedder|c_embedder\.in_layer)\.weight$",
         configs=("HunyuanVideo", "HunyuanVideoI2V", "HunyuanVideoSkyreelsI2V"),
         signature=("txt_in.input_embedder.weight", "txt_in.c_embedder.in_layer.weight", "vector_in.in_layer.weight"),
-        encoder="llama", template_end=EOT, pooled=r"^vector_in\.in_layer\.weight$", space="hunyuan_video",
+        encoder="llama", template_end=EOT, pooled=r"^vector_in\.in_layer\.weight$", pooled_encoders=("l",),
+        space="hunyuan_video",
         note="txt_in.c_embedder reads the mean of the rows, linear in them, so W P is exact there too"),
     Architecture(
         "hunyuan_image", "HunyuanImage 2.1 / HunyuanVideo 1.5 (txt_in.input_embedder and txt_in.c_embedder.in_layer, "
@@ -252,7 +284,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         "clip_txt_pooled_mapper)",
         readers=r"^clip_txt_mapper\.weight$", configs=("Stable_Cascade_C",),
         signature=("clip_txt_mapper.weight", "clip_txt_pooled_mapper.weight"), encoder="g",
-        pooled=r"^clip_txt_pooled_mapper\.weight$", space="stable_cascade"),
+        pooled=r"^clip_txt_pooled_mapper\.weight$", pooled_encoders=("g",), space="stable_cascade"),
 )
 
 # Families whose text is read inside the diffusion model itself (no layer reads an encoder's rows).

@@ -283,3 +283,141 @@ def conditioning(arch: Architecture, rows: Tensor, model, cond: Tensor, extra: d
         out.setdefault("guidance", arch.guidance)
     out.pop("attention_mask", None)  # the derived rows attend everywhere
     return [[rows.to(device=cond.device, dtype=cond.dtype).unsqueeze(0), out]]
+
+
+# ---------------------------------------------------------------- pooled vectors
+
+def pooled_tokens(clip, text: str) -> dict:
+    """``clip.tokenize(text)`` for a pooled vector: blank = the empty prompt; where CLIP and T5 are encoded
+    side by side (Flux, SD3) T5 gets one token, since the pooled vector is CLIP's and T5's rows are not used."""
+    tokens = clip.tokenize(text if text.strip() else "")
+    if "t5xxl" in tokens and "l" in tokens:
+        tokens["t5xxl"] = [tokens["t5xxl"][0][-1:]]
+    return tokens
+
+
+def encode_pooled(clip, text: str) -> Tensor | None:
+    """The pooled vector (``pooled_output``, ``[1, w]``) CLIPTextEncode gives for ``text``; ``None`` if none."""
+    out = clip.encode_from_tokens(pooled_tokens(clip, text), return_pooled=True, return_dict=True)
+    return out.get("pooled_output") if isinstance(out, dict) else out[1]
+
+
+def pooled_many(clip, texts: list[str], arch: Architecture, calls: EncoderCalls | None = None) -> list[Tensor | None]:
+    """The pooled vector of every prompt (``[1, w]`` each, ``None`` where the CLIP gives none), as
+    ``encode_pooled`` gives it one prompt at a time, but several prompts per encoder call where it can.
+
+    ComfyUI's CLIP encodes all chunks of a token list in one batch (its sub-encoder's ``encode``) and
+    returns the pooled vector of the first only (``ClipTokenWeightEncoder.encode_token_weights``). So
+    the first chunks of several prompts go in one ``clip.encode_from_tokens`` call, and the pooled vectors
+    of the whole batch are read from the output of the sub-encoders ``clip_<key>`` (``arch.pooled_encoders``)
+    on their way through. The call's own pooled vector must equal the batch's first (else: one prompt per
+    call), and the first batch of each CLIP is checked once against its last prompt encoded alone.
+    ``calls`` checks Cancel before each call and sizes the calls (default: all prompts in one).
+    """
+    calls = calls or EncoderCalls(seconds=math.inf, first=max(len(texts), 1))
+    if arch.pooled_encoders and _seen(_POOLED_ALIKE, clip) is not False:
+        try:
+            return _pooled_batched(clip, texts, arch, calls)
+        except _Unbatchable:
+            _note(_POOLED_ALIKE, clip, False)
+    out: list[Tensor | None] = [None] * len(texts)
+
+    def one(start: int, stop: int) -> None:
+        for i in range(start, stop):
+            calls.check()  # one prompt per call: Cancel between any two
+            out[i] = encode_pooled(clip, texts[i])
+
+    calls.run(len(texts), one)
+    return out
+
+
+class _Spy:
+    """Records the pooled vectors (``[n, w]``) each named sub-encoder's ``encode`` returns while in the block;
+    the sub-encoders' own ``encode`` is back afterwards (an instance attribute only shadows the method)."""
+
+    def __init__(self, subs: dict) -> None:
+        self.subs, self.seen = subs, {k: [] for k in subs}
+        self.before = {k: vars(sub).get("encode") for k, sub in subs.items()}
+
+    def __enter__(self) -> "_Spy":
+        for key, sub in self.subs.items():
+            original = sub.encode
+
+            def encode(tokens, _original=original, _key=key):
+                o = _original(tokens)
+                self.seen[_key].append(o[1])
+                return o
+
+            vars(sub)["encode"] = encode
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for key, sub in self.subs.items():
+            if self.before[key] is None:
+                vars(sub).pop("encode", None)
+            else:
+                vars(sub)["encode"] = self.before[key]
+
+
+def _pooled_batched(clip, texts: list[str], arch: Architecture, calls: EncoderCalls) -> list[Tensor | None]:
+    model = getattr(clip, "cond_stage_model", None)
+    subs = {k: getattr(model, f"clip_{k}", None) for k in arch.pooled_encoders}
+    tokenized = [pooled_tokens(clip, t) for t in texts]
+    if any(s is None or not callable(getattr(s, "encode", None)) or not hasattr(s, "__dict__")
+           for s in subs.values()) or any(
+            k not in t for t in tokenized for k in subs):
+        raise _Unbatchable  # not ComfyUI's CLIP layout (a custom text encoder): one prompt per call
+    out: list[Tensor | None] = [None] * len(texts)
+    checked = bool(_seen(_POOLED_ALIKE, clip))
+    groups: dict[tuple, list[int]] = {}
+    for i, tokens in enumerate(tokenized):
+        groups.setdefault(tuple(len(tokens[k][0]) for k in subs), []).append(i)
+    for members in groups.values():
+
+        def batch(start: int, stop: int) -> None:
+            nonlocal checked
+            part = members[start:stop]
+            # the pooled encoders get every prompt's first chunk (the pooled vector is the first chunk's);
+            # the other encoders the first prompt's tokens, whose output is not used
+            tokens = {k: ([tokenized[i][k][0] for i in part] if k in subs else v)
+                      for k, v in tokenized[part[0]].items()}
+            with _Spy(subs) as spy:
+                got = clip.encode_from_tokens(tokens, return_pooled=True, return_dict=True)
+            pooled = got.get("pooled_output") if isinstance(got, dict) else got[1]
+            if pooled is None or any(len(v) != 1 or v[0] is None or v[0].shape[0] < len(part)
+                                     for v in spy.seen.values()):
+                raise _Unbatchable
+            seen = torch.cat([spy.seen[k][0][: len(part)].float() for k in subs], dim=-1).to(pooled.device)
+            first = pooled.reshape(1, -1).float()
+            if seen.shape[-1] != first.shape[-1] or not torch.equal(seen[:1], first):
+                raise _Unbatchable  # the CLIP forms its pooled vector otherwise than these sub-encoders give it
+            if not checked and len(part) > 1:
+                calls.check()
+                alone = encode_pooled(clip, texts[part[-1]])
+                if alone is None or not torch.allclose(alone.reshape(1, -1).float().to(seen), seen[-1:], rtol=1e-3,
+                                                       atol=1e-4 * float(alone.float().abs().max())):
+                    raise _Unbatchable
+                checked = True
+                _note(_POOLED_ALIKE, clip, True)
+            for j, i in enumerate(part):
+                out[i] = seen[j: j + 1].to(pooled.dtype)
+
+        calls.run(len(members), batch)
+    return out
+
+
+def _seen(memo: "weakref.WeakKeyDictionary", clip) -> bool | None:
+    try:
+        return memo.get(clip)
+    except TypeError:  # not weak-referenceable
+        return None
+
+
+def _note(memo: "weakref.WeakKeyDictionary", clip, alike: bool) -> None:
+    try:
+        memo[clip] = alike
+    except TypeError:
+        pass
+
+
+_POOLED_ALIKE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # CLIP → its pooled batches were checked

@@ -299,6 +299,30 @@ def test_hidream_edits_only_the_t5_projection():
     arch, found = architectures.detect("HiDream", keys + ["diffusion_model.x_embedder.proj.weight"])
     assert arch.name == "hidream" and found == ["diffusion_model.caption_projection.11.linear.weight"]
     assert "Llama" in arch.note
+    line = arch.unedited(keys, found, {"llama_layers": list(range(8)) + [7] * 3})
+    assert line == ("not edited: 11 layer(s) reading other text spaces (caption_projection.0.linear.weight … "
+                    "caption_projection.10.linear.weight), which read 8 encoder layer(s) (llama_layers: 0 … 7), "
+                    "each its own embedding space")
+
+
+def test_hidream_report_says_what_is_left_and_its_pooled_path_is_erased():
+    """The Erase report names the Llama-3 readers left alone; the T5 reader and the pooled CLIP-L+G reader
+    (p_embedder) are edited as W P; the Llama-3 readers are untouched."""
+    model, clip = make_model("hidream"), DiTCLIP("hidream")
+    out, erasure, report = erase(model, clip)
+    assert ("not edited: 2 layer(s) reading other text spaces (caption_projection.0.linear.weight … "
+            "caption_projection.1.linear.weight), which read 2 encoder layer(s) (llama_layers: 0 … 2)") in report
+    assert "pooled text (p_embedder.pooled_embedder.linear_1.weight)" in report
+    before, after = effective_weights(model), effective_weights(out)
+    for i in (0, 1):
+        key = f"diffusion_model.caption_projection.{i}.linear.weight"
+        assert torch.equal(after[key], before[key])
+    key = "diffusion_model.p_embedder.pooled_embedder.linear_1.weight"
+    p = erasure.spaces["pooled"].transform.dense().double()
+    assert rel(after[key], before[key].double() @ p) < 1e-5 and rel(after[key], before[key]) > 1e-3
+    applied = ApplyErasedWeights().apply(model, erasure, 1.0)["result"]
+    assert "and 1 that read the pooled text" in applied[1] and "not edited: 2 layer(s)" in applied[1]
+    assert torch.equal(effective_weights(applied[0])[key], after[key])
 
 
 def test_cancel_between_dit_prompts():
@@ -388,8 +412,8 @@ def test_files_written_before_pooled_spaces_still_load_and_apply(models_dir):
 
 @pytest.mark.parametrize("family", ["flux", "sd3"])
 def test_pooled_vectors_are_encoded_with_t5_cut_to_one_token(family):
-    """The pooled vector is CLIP's: encoding it does not run T5 over the whole padded prompt again, and it
-    equals the pooled vector of the full encoding."""
+    """The pooled vector is CLIP's: encoding it does not run T5 over the whole padded prompt again, the prompts'
+    pooled vectors share encoder calls, and each equals the pooled vector of the prompt's full encoding."""
     from rece_comfyui.nodes.host import encoding
 
     model, clip, t5_lengths = make_model(family), DiTCLIP(family), []
@@ -397,10 +421,13 @@ def test_pooled_vectors_are_encoded_with_t5_cut_to_one_token(family):
     clip.encode_from_tokens = lambda tokens, *a, **kw: t5_lengths.append(len(tokens["t5xxl"][0])) or encode(tokens, *a, **kw)
     out, erasure, _ = erase(model, clip, concepts="nudity\nVan Gogh", rounds=1)
     pooled_calls = [n for n in t5_lengths if n == 1]
-    assert len(pooled_calls) == 4  # nudity, Van Gogh, ' ' and '', once each
-    arch = architectures.by_name(family)
-    full = encoding.encode(clip, "Van Gogh", torch.device("cpu"), arch, model)[2]["pooled_output"]
+    # nudity, Van Gogh, ' ' and '' in one call, and the last of them once alone (the CLIP's first batch is checked)
+    assert len(pooled_calls) == 2
     clip.encode_from_tokens = encode
-    tokens = clip.tokenize("Van Gogh")
-    tokens["t5xxl"] = [tokens["t5xxl"][0][-1:]]
-    assert torch.equal(encode(tokens, return_pooled=True, return_dict=True)["pooled_output"], full)
+    arch = architectures.by_name(family)
+    for text in ("nudity", "Van Gogh"):
+        full = encoding.encode(clip, text, torch.device("cpu"), arch, model)[2]["pooled_output"]
+        assert torch.equal(encoding.encode_pooled(clip, text), full)
+        assert torch.allclose(encoding.pooled_many(clip, ["a cat", text], arch)[1], full, rtol=1e-5, atol=1e-6)
+
+
