@@ -31,7 +31,7 @@ from ..rece_core.prune_files import load_prune, save_prune
 from ..rece_core.prune_presets import PRUNE_PRESETS, prompt_pairs
 from . import files
 from .checks import check_widgets, ui_report
-from .host import architectures, run, weights
+from .host import architectures, encoding, run, weights
 
 PRUNE = "CONCEPTPRUNE"
 NAME = "conceptprune"
@@ -131,13 +131,8 @@ def require_prune(result, node: str, model=None) -> list[str]:
 
 def _encode(clip, text: str, arch) -> tuple[Tensor, dict]:
     """``(cond [1, rows, d], extra)`` as CLIPTextEncode gives them."""
-    out = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True, return_dict=True)
-    if isinstance(out, dict):
-        extra = dict(out)
-        cond = extra.pop("cond")
-    else:
-        cond, pooled = out
-        extra = {"pooled_output": pooled}
+    cond, extra = encoding.split_conditioning(clip.encode_from_tokens(clip.tokenize(text), return_pooled=True,
+                                                                      return_dict=True))
     extra = {k: v for k, v in extra.items() if v is not None}
     if arch.guidance is not None:
         extra.setdefault("guidance", arch.guidance)
