@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Callable
 
@@ -22,7 +21,6 @@ import comfy.model_management
 import comfy.sample
 import comfy.samplers
 import comfy.utils
-import folder_paths
 from comfy.weight_adapter.base import WeightAdapterBase
 
 from ..rece_core import __version__
@@ -460,9 +458,7 @@ class SaveConceptPrune:
 
     def save(self, prune, filename_prefix):
         require_prune(prune, "Save ConceptPrune")
-        path = files.new_path(files.FOLDER, filename_prefix)
-        files.write_new(path, lambda p: save_prune(prune, p, pack_version=__version__))
-        rel = os.path.relpath(path, folder_paths.get_folder_paths(files.FOLDER)[0])
+        rel = files.save_new(files.FOLDER, filename_prefix, lambda p: save_prune(prune, p, pack_version=__version__))
         return {"ui": ui_report({"saved": rel, "concepts": list(prune.concepts), "pruned": prune.pruned_count}),
                 "result": ()}
 
@@ -528,10 +524,8 @@ class ExportConceptPruneAsLoRA:
             flat = prune.indices[key]
             diff.view(-1)[flat] = -w.reshape(-1)[flat]
             out[f"{key.removesuffix('.weight')}.diff"] = diff.to(dtype).contiguous()
-        path = files.new_path("loras", filename_prefix)
         meta = {"conceptprune_concepts": ", ".join(prune.concepts)}
-        files.write_new(path, lambda p: save_file(out, p, metadata=meta))
-        rel = os.path.relpath(path, folder_paths.get_folder_paths("loras")[0])
+        rel = files.save_new("loras", filename_prefix, lambda p: save_file(out, p, metadata=meta))
         report = (f"exported {len(out)} layers ({prune.pruned_count:,} pruned weights) to loras/{rel} as full-weight "
                   f"differences ({precision}); apply with LoraLoader at strength_model 1")
         return {"ui": ui_report({"exported": rel, "layers": len(out)}), "result": (report,)}
