@@ -86,8 +86,7 @@ def save_erasure(erasure: Erasure, path: str, *, pack_version: str = "") -> None
         "concepts": list(erasure.concepts), "guides": list(erasure.guides), "preserve": list(erasure.preserve),
         "lamb": erasure.lamb, "erase_scale": erasure.erase_scale, "preserve_scale": erasure.preserve_scale,
         "reg": erasure.reg, "epochs": erasure.epochs,
-        "rounds": [{"step": r.step, "guide_gap": list(r.guide_gap), "reach": list(r.reach), "drift": r.drift}
-                   for r in erasure.rounds],
+        "rounds": _rounds(erasure.rounds),
         "dim": erasure.dim, "rank": erasure.rank, "fingerprint": erasure.extra.get("fingerprint", ""),
         "architecture": erasure.extra.get("architecture", "unet"),
         "pack_version": pack_version, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -192,6 +191,13 @@ def read_tensors(path: str, name: str) -> dict[str, Tensor]:
         raise ValueError(f"{name}: corrupt tensor data ({str(exc)[:200]})") from None
 
 
+def metadata_extra(info: dict, name: str) -> dict[str, str]:
+    """The metadata's ``extra`` object (absent: empty) as strings; ``ValueError`` naming the file if not an object."""
+    extra = info.get("extra") or {}
+    if not isinstance(extra, dict):
+        raise ValueError(f"{name}: metadata field 'extra' is not a JSON object")
+    return {str(k): str(v) for k, v in extra.items()}
+
 def _number(info: dict, field: str, name: str) -> float:
     value = info.get(field, 0.0)
     try:
@@ -262,10 +268,7 @@ def load_erasure(path: str) -> Erasure:
 
     rounds = read_rounds(info["rounds"])
     space_rounds = {space: read_rounds(entry.get("rounds", [])) for space, entry in spaces.items()}
-    extra = info.get("extra") or {}
-    if not isinstance(extra, dict):
-        raise ValueError(f"{name}: metadata field 'extra' is not a JSON object")
-    extra = {str(k): str(v) for k, v in extra.items()}
+    extra = metadata_extra(info, name)
     seconds = _number(info, "seconds", name)
     tensors = read_tensors(path, name)
     for key, value in tensors.items():

@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 
 import torch
 
-from .files import _strings, metadata_object, read_header, read_tensors, write_file
+from .files import _strings, metadata_extra, metadata_object, read_header, read_tensors, write_file
 from .prune import PruneResult
 
 __all__ = ["PRUNE_FORMAT", "PRUNE_FORMAT_VERSION", "load_prune", "save_prune"]
@@ -85,9 +85,6 @@ def load_prune(path: str) -> PruneResult:
         indices[layer] = idx
     settings = {str(k): v for k, v in info["settings"].items() if isinstance(v, (int, float, str))
                 and not (isinstance(v, float) and not math.isfinite(v))}
-    extra = info.get("extra") or {}
-    if not isinstance(extra, dict):
-        raise ValueError(f"{name}: metadata field 'extra' is not a JSON object")
-    extra = {str(k): str(v) for k, v in extra.items()} | {"file": name}
+    extra = metadata_extra(info, name) | {"file": name}
     return PruneResult(indices, shapes, concepts, architecture=info["architecture"], kind=info["kind"][:40],
                        settings=settings, extra=extra)
