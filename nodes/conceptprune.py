@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Callable
 
@@ -22,7 +21,6 @@ import comfy.model_management
 import comfy.sample
 import comfy.samplers
 import comfy.utils
-import folder_paths
 from comfy.weight_adapter.base import WeightAdapterBase
 
 from ..rece_core import __version__
@@ -31,7 +29,7 @@ from ..rece_core.prune_files import load_prune, save_prune
 from ..rece_core.prune_presets import PRUNE_PRESETS, prompt_pairs
 from . import files
 from .checks import check_widgets, ui_report
-from .host import architectures, run, weights
+from .host import architectures, encoding, run, weights
 
 PRUNE = "CONCEPTPRUNE"
 NAME = "conceptprune"
@@ -131,13 +129,8 @@ def require_prune(result, node: str, model=None) -> list[str]:
 
 def _encode(clip, text: str, arch) -> tuple[Tensor, dict]:
     """``(cond [1, rows, d], extra)`` as CLIPTextEncode gives them."""
-    out = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True, return_dict=True)
-    if isinstance(out, dict):
-        extra = dict(out)
-        cond = extra.pop("cond")
-    else:
-        cond, pooled = out
-        extra = {"pooled_output": pooled}
+    cond, extra = encoding.split_conditioning(clip.encode_from_tokens(clip.tokenize(text), return_pooled=True,
+                                                                      return_dict=True))
     extra = {k: v for k, v in extra.items() if v is not None}
     if arch.guidance is not None:
         extra.setdefault("guidance", arch.guidance)
@@ -465,9 +458,7 @@ class SaveConceptPrune:
 
     def save(self, prune, filename_prefix):
         require_prune(prune, "Save ConceptPrune")
-        path = files.new_path(files.FOLDER, filename_prefix)
-        files.write_new(path, lambda p: save_prune(prune, p, pack_version=__version__))
-        rel = os.path.relpath(path, folder_paths.get_folder_paths(files.FOLDER)[0])
+        rel = files.save_new(files.FOLDER, filename_prefix, lambda p: save_prune(prune, p, pack_version=__version__))
         return {"ui": ui_report({"saved": rel, "concepts": list(prune.concepts), "pruned": prune.pruned_count}),
                 "result": ()}
 
@@ -533,10 +524,8 @@ class ExportConceptPruneAsLoRA:
             flat = prune.indices[key]
             diff.view(-1)[flat] = -w.reshape(-1)[flat]
             out[f"{key.removesuffix('.weight')}.diff"] = diff.to(dtype).contiguous()
-        path = files.new_path("loras", filename_prefix)
         meta = {"conceptprune_concepts": ", ".join(prune.concepts)}
-        files.write_new(path, lambda p: save_file(out, p, metadata=meta))
-        rel = os.path.relpath(path, folder_paths.get_folder_paths("loras")[0])
+        rel = files.save_new("loras", filename_prefix, lambda p: save_file(out, p, metadata=meta))
         report = (f"exported {len(out)} layers ({prune.pruned_count:,} pruned weights) to loras/{rel} as full-weight "
                   f"differences ({precision}); apply with LoraLoader at strength_model 1")
         return {"ui": ui_report({"exported": rel, "layers": len(out)}), "result": (report,)}

@@ -12,7 +12,6 @@ through are copied for the run (``autograd_safe``), never written.
 
 from __future__ import annotations
 
-import os
 import re
 import time
 
@@ -20,7 +19,6 @@ import torch
 from safetensors.torch import save_file
 
 import comfy.model_management
-import folder_paths
 
 from ..rece_core import __version__
 from ..rece_core.fewshot import (CONCEPT_TYPES, PARAMETER_SETS, Denoiser, Unlearning, load_unlearning, prepare_images,
@@ -319,9 +317,7 @@ class SaveUnlearning:
 
     def save(self, unlearning, filename_prefix):
         u = require_unlearning(unlearning, "Save Unlearning")
-        path = files.new_path(files.FOLDER, filename_prefix)
-        save_unlearning(u, path, pack_version=__version__)
-        rel = os.path.relpath(path, folder_paths.get_folder_paths(files.FOLDER)[0])
+        rel = files.save_new(files.FOLDER, filename_prefix, lambda p: save_unlearning(u, p, pack_version=__version__))
         return {"ui": ui_report({"saved": rel, "concept": u.concept}), "result": ()}
 
 
@@ -386,9 +382,8 @@ class ExportUnlearningAsLoRA:
         for k, d in u.deltas.items():
             name, kind = lora_te_key(k, u.family)
             out[f"{name}.{kind}"] = d.to(dtype).contiguous()
-        path = files.new_path("loras", filename_prefix)
-        save_file(out, path, metadata={"rece_unlearning_concept": u.concept, "rece_unlearning_family": u.family})
-        rel = os.path.relpath(path, folder_paths.get_folder_paths("loras")[0])
+        meta = {"rece_unlearning_concept": u.concept, "rece_unlearning_family": u.family}
+        rel = files.save_new("loras", filename_prefix, lambda p: save_file(out, p, metadata=meta))
         report = (f"exported {len(out)} text-encoder tensors ({u.n_parameters:,} parameters) to loras/{rel} "
                   f"({precision}{', exact' if precision == 'fp32' else ''}); apply with Load LoRA, strength_clip 1")
         return {"ui": ui_report({"exported": rel}), "result": (report,)}

@@ -155,6 +155,13 @@ def write_new(path: str, write: Callable[[str], None]) -> None:
         raise
 
 
+def save_new(folder: str, prefix: str, write: Callable[[str], None]) -> str:
+    """``write`` the next new file of ``prefix`` in ``folder`` (``new_path``, ``write_new``); its path relative to
+    the folder's first directory, as the nodes report it."""
+    path = new_path(folder, prefix)
+    write_new(path, write)
+    return os.path.relpath(path, folder_paths.get_folder_paths(folder)[0])
+
 class SaveErasedWeights:
     """Write an erasure to models/rece as a small .safetensors file."""
 
@@ -174,9 +181,7 @@ class SaveErasedWeights:
 
     def save(self, erasure, filename_prefix):
         weights.require_erasure(erasure, "Save Erased Weights")
-        path = new_path(FOLDER, filename_prefix)
-        write_new(path, lambda p: save_erasure(erasure, p, pack_version=__version__))
-        rel = os.path.relpath(path, folder_paths.get_folder_paths(FOLDER)[0])
+        rel = save_new(FOLDER, filename_prefix, lambda p: save_erasure(erasure, p, pack_version=__version__))
         return {"ui": ui_report({"saved": rel, "concepts": list(erasure.concepts)}), "result": ()}
 
 
@@ -256,10 +261,8 @@ class ExportErasureAsLoRA:
             out[f"{name}.lora_down.weight"] = down.clone()  # one copy per layer in the file
             out[f"{name}.alpha"] = torch.tensor(float(up.shape[1]), dtype=dtype)  # rank ≥ 1: never 0
             worst = max(worst, err)
-        path = new_path("loras", filename_prefix)
-        write_new(path, lambda p: save_file(out, p, metadata={"rece_concepts": ", ".join(erasure.concepts),
-                                                              "ss_network_module": "networks.lora"}))
-        rel = os.path.relpath(path, folder_paths.get_folder_paths("loras")[0])
+        rel = save_new("loras", filename_prefix, lambda p: save_file(out, p, metadata={
+            "rece_concepts": ", ".join(erasure.concepts), "ss_network_module": "networks.lora"}))
         report = (f"exported {len(keys) + len(pooled)} layers to loras/{rel} at rank "
                   f"{rank if 0 < rank < erasure.rank else erasure.rank} ({precision}); "
                   + ("exact" if worst <= EXACT else f"largest relative error of a layer's delta {worst:.2e} "

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import math
-import os
 import time
 
 import torch
@@ -28,7 +27,7 @@ import folder_paths
 from ..rece_core import task_vector as tv
 from ..rece_core.diverse_inversion import Inversion, alpha_for_set, diverse_inversion, make_probe
 from .checks import check_widgets, ui_report
-from .files import new_path, resolve
+from .files import resolve, save_new
 from .host import run
 from .host.diffusion import Denoiser, TokenEncoder
 
@@ -222,12 +221,11 @@ def write_embeddings(inv: Inversion, enc: TokenEncoder, prefix: str) -> list[str
     """One file per embedding in models/embeddings, ``{<embedding_key>: [1, d]}``: ComfyUI's ``embedding:``
     syntax loads each (``embedding:<prefix>_00001`` ...)."""
     names = []
-    base = folder_paths.get_folder_paths("embeddings")[0]
     for v in inv.embeddings:
-        path = new_path("embeddings", prefix)
-        save_file({enc.embedding_key: v.detach().float().cpu().reshape(1, -1).contiguous()}, path,
-                  metadata={"rece_method": "diverse_inversion"})
-        names.append(os.path.relpath(path, base).removesuffix(".safetensors"))
+        tensors = {enc.embedding_key: v.detach().float().cpu().reshape(1, -1).contiguous()}
+        rel = save_new("embeddings", prefix,
+                       lambda p: save_file(tensors, p, metadata={"rece_method": "diverse_inversion"}))
+        names.append(rel.removesuffix(".safetensors"))
     return names
 
 

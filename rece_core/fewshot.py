@@ -220,45 +220,28 @@ class Unlearning:
 
 def save_unlearning(u: Unlearning, path: str, *, pack_version: str = "") -> None:
     """Write ``u`` as safetensors: tensors ``delta.<key>`` (float32) and JSON metadata."""
-    import json
-
-    from safetensors.torch import save_file
+    from .files import write_file
 
     if not u.deltas:
         raise ValueError("this unlearning holds no weights: nothing to save")
     tensors = {f"delta.{k}": v.detach().to("cpu", torch.float32).contiguous() for k, v in u.deltas.items()}
-    save_file(tensors, path, metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION),
-                                       "unlearning": json.dumps({**u.info(), "pack_version": pack_version},
-                                                                allow_nan=False)})
+    write_file(tensors, path, format=FORMAT, version=str(FORMAT_VERSION), field="unlearning",
+               info={**u.info(), "pack_version": pack_version})
 
 
 def load_unlearning(path: str) -> Unlearning:
     """Read and validate an unlearning file; ``ValueError`` naming the file and the problem otherwise."""
-    import os
+    from .files import metadata_object, read_header, read_tensors
 
-    from safetensors.torch import load_file
-
-    from .files import _header, _json
-
-    name = os.path.basename(path)
-    if not name.endswith(".safetensors"):
-        raise ValueError(f"{name}: only .safetensors unlearning files are read")
-    header = _header(path)
-    meta = header.pop("__metadata__", None) or {}
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{name}: not a few-shot unlearning file (metadata format={str(meta.get('format'))[:40]!r})")
-    if meta.get("format_version") != str(FORMAT_VERSION):
-        raise ValueError(f"{name}: unknown unlearning format version {str(meta.get('format_version'))[:40]!r} "
-                         f"(this pack reads version {FORMAT_VERSION}); update the pack")
+    name, header, meta = read_header(path, format=FORMAT, versions=(str(FORMAT_VERSION),), kind="unlearning",
+                                     title="few-shot unlearning", versioned="unlearning")
     if not header or not all(k.startswith("delta.") and _LAYER.match(k[len("delta."):]) for k in header):
         bad = next((k for k in header if not (k.startswith("delta.") and _LAYER.match(k[len("delta."):]))), "")
         raise ValueError(f"{name}: holds no text-encoder deltas" + (f" (unexpected tensor {bad[:60]!r})" if bad else ""))
     for k, entry in header.items():
         if entry["dtype"] != "F32":
             raise ValueError(f"{name}: tensor {k[:60]} must be float32, found {entry['dtype'][:20]}")
-    info = _json(meta.get("unlearning", ""), name, "the 'unlearning' metadata is not valid JSON")
-    if not isinstance(info, dict):
-        raise ValueError(f"{name}: the 'unlearning' metadata is not a JSON object")
+    info = metadata_object(meta, "unlearning", name)
     fields = {"concept": str, "concept_type": str, "parameters": str, "epochs": int, "learning_rate": (int, float),
               "seed": int, "batch_size": int, "images": int, "zero_shot": bool, "resolution": int, "family": str,
               "parameterisation": str, "epoch_losses": list, "seconds": (int, float), "device": str}
@@ -270,10 +253,7 @@ def load_unlearning(path: str) -> Unlearning:
         raise ValueError(f"{name}: unknown concept type or parameter set in its metadata")
     if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in info["epoch_losses"]):
         raise ValueError(f"{name}: metadata field 'epoch_losses' is malformed")
-    try:
-        tensors = load_file(path)
-    except Exception as exc:  # safetensors' own consistency checks (offsets, sizes)
-        raise ValueError(f"{name}: corrupt tensor data ({str(exc)[:200]})") from None
+    tensors = read_tensors(path, name)
     for k, v in tensors.items():
         if not bool(torch.isfinite(v).all()):
             raise ValueError(f"{name}: tensor {k[:60]} contains NaN or Inf")

@@ -86,8 +86,7 @@ def save_erasure(erasure: Erasure, path: str, *, pack_version: str = "") -> None
         "concepts": list(erasure.concepts), "guides": list(erasure.guides), "preserve": list(erasure.preserve),
         "lamb": erasure.lamb, "erase_scale": erasure.erase_scale, "preserve_scale": erasure.preserve_scale,
         "reg": erasure.reg, "epochs": erasure.epochs,
-        "rounds": [{"step": r.step, "guide_gap": list(r.guide_gap), "reach": list(r.reach), "drift": r.drift}
-                   for r in erasure.rounds],
+        "rounds": _rounds(erasure.rounds),
         "dim": erasure.dim, "rank": erasure.rank, "fingerprint": erasure.extra.get("fingerprint", ""),
         "architecture": erasure.extra.get("architecture", "unet"),
         "pack_version": pack_version, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -100,8 +99,7 @@ def save_erasure(erasure: Erasure, path: str, *, pack_version: str = "") -> None
         for name, e in spaces.items():
             tensors[f"{name}.up"] = e.transform.up.detach().to("cpu", torch.float32).contiguous()
             tensors[f"{name}.down"] = e.transform.down.detach().to("cpu", torch.float32).contiguous()
-    save_file(tensors, path, metadata={"format": FORMAT, "format_version": "2" if spaces else "1",
-                                       "rece": json.dumps(meta, allow_nan=False)})
+    write_file(tensors, path, format=FORMAT, version="2" if spaces else "1", field="rece", info=meta)
 
 
 def _reject_constant(value: str):
@@ -149,6 +147,57 @@ def _header(path: str) -> dict:
     return header
 
 
+def write_file(tensors: Mapping[str, Tensor], path: str, *, format: str, version: str, field: str,
+               info: Mapping) -> None:
+    """Save ``tensors`` with metadata ``format``, ``format_version`` and ``field`` = ``info`` as strict JSON."""
+    save_file(dict(tensors), path, metadata={"format": format, "format_version": version,
+                                             field: json.dumps(info, allow_nan=False)})
+
+
+def read_header(path: str, *, format: str, versions: tuple[str, ...], kind: str, title: str,
+                versioned: str) -> tuple[str, dict, dict]:
+    """``(file name, checked header without __metadata__, __metadata__)`` of a ``.safetensors`` file of ``format``.
+
+    Refuses (``ValueError`` naming the file) another extension ("only .safetensors <kind> files are
+    read"), a malformed header, another format ("not a <title> file") or a version not in ``versions``
+    ("unknown <versioned> format version")."""
+    name = os.path.basename(path)
+    if not name.endswith(".safetensors"):
+        raise ValueError(f"{name}: only .safetensors {kind} files are read")
+    header = _header(path)
+    meta = header.pop("__metadata__", None) or {}
+    if meta.get("format") != format:
+        raise ValueError(f"{name}: not a {title} file (metadata format={str(meta.get('format'))[:40]!r})")
+    if meta.get("format_version") not in versions:
+        plural = "versions" if len(versions) > 1 else "version"
+        raise ValueError(f"{name}: unknown {versioned} format version {str(meta.get('format_version'))[:40]!r} "
+                         f"(this pack reads {plural} {', '.join(versions)}); update the pack")
+    return name, header, meta
+
+
+def metadata_object(meta: Mapping[str, str], field: str, name: str) -> dict:
+    """The JSON object in metadata ``field``; ``ValueError`` "<file>: the '<field>' metadata is not ..." otherwise."""
+    info = _json(meta.get(field, ""), name, f"the {field!r} metadata is not valid JSON")
+    if not isinstance(info, dict):
+        raise ValueError(f"{name}: the {field!r} metadata is not a JSON object")
+    return info
+
+
+def read_tensors(path: str, name: str) -> dict[str, Tensor]:
+    """``load_file(path)``, its own consistency errors (offsets, sizes) as ``ValueError`` naming the file."""
+    try:
+        return load_file(path)
+    except Exception as exc:  # safetensors' own consistency checks (offsets, sizes)
+        raise ValueError(f"{name}: corrupt tensor data ({str(exc)[:200]})") from None
+
+
+def metadata_extra(info: dict, name: str) -> dict[str, str]:
+    """The metadata's ``extra`` object (absent: empty) as strings; ``ValueError`` naming the file if not an object."""
+    extra = info.get("extra") or {}
+    if not isinstance(extra, dict):
+        raise ValueError(f"{name}: metadata field 'extra' is not a JSON object")
+    return {str(k): str(v) for k, v in extra.items()}
+
 def _number(info: dict, field: str, name: str) -> float:
     value = info.get(field, 0.0)
     try:
@@ -173,19 +222,9 @@ def load_erasure(path: str) -> Erasure:
     Besides the format, refuses a rank-0 erasure or all-zero factors (nothing to apply) and factors that are not finite
     or give ``‖P − I‖`` beyond ``validation.MAX_TRANSFORM_NORM``.
     """
-    name = os.path.basename(path)
-    if not name.endswith(".safetensors"):
-        raise ValueError(f"{name}: only .safetensors erasure files are read")
-    header = _header(path)
-    meta = header.pop("__metadata__", None) or {}
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{name}: not a RECE erasure file (metadata format={str(meta.get('format'))[:40]!r})")
-    if meta.get("format_version") not in READS:
-        raise ValueError(f"{name}: unknown erasure format version {str(meta.get('format_version'))[:40]!r} "
-                         f"(this pack reads versions {', '.join(READS)}); update the pack")
-    info = _json(meta.get("rece", ""), name, "the 'rece' metadata is not valid JSON")
-    if not isinstance(info, dict):
-        raise ValueError(f"{name}: the 'rece' metadata is not a JSON object")
+    name, header, meta = read_header(path, format=FORMAT, versions=READS, kind="erasure", title="RECE erasure",
+                                     versioned="erasure")
+    info = metadata_object(meta, "rece", name)
     spaces = info.get("spaces", {}) if meta["format_version"] == "2" else {}
     if not isinstance(spaces, dict) or not all(k in SPACES and isinstance(v, dict) for k, v in spaces.items()):
         raise ValueError(f"{name}: metadata field 'spaces' must map text spaces ({', '.join(SPACES)}) to objects")
@@ -229,15 +268,9 @@ def load_erasure(path: str) -> Erasure:
 
     rounds = read_rounds(info["rounds"])
     space_rounds = {space: read_rounds(entry.get("rounds", [])) for space, entry in spaces.items()}
-    extra = info.get("extra") or {}
-    if not isinstance(extra, dict):
-        raise ValueError(f"{name}: metadata field 'extra' is not a JSON object")
-    extra = {str(k): str(v) for k, v in extra.items()}
+    extra = metadata_extra(info, name)
     seconds = _number(info, "seconds", name)
-    try:
-        tensors = load_file(path)
-    except Exception as exc:  # safetensors' own consistency checks (offsets, sizes)
-        raise ValueError(f"{name}: corrupt tensor data ({str(exc)[:200]})") from None
+    tensors = read_tensors(path, name)
     for key, value in tensors.items():
         if not bool(torch.isfinite(value).all()):
             raise ValueError(f"{name}: tensor {key} contains NaN or Inf")

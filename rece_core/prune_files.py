@@ -14,15 +14,12 @@ any tensor is read, every bad file refused with a ``ValueError`` naming it.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from datetime import datetime, timezone
 
 import torch
-from safetensors.torch import load_file, save_file
 
-from .files import _header, _json, _strings
+from .files import _strings, metadata_extra, metadata_object, read_header, read_tensors, write_file
 from .prune import PruneResult
 
 __all__ = ["PRUNE_FORMAT", "PRUNE_FORMAT_VERSION", "load_prune", "save_prune"]
@@ -43,25 +40,15 @@ def save_prune(result: PruneResult, path: str, *, pack_version: str = "") -> Non
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     tensors = {PREFIX + k: v.detach().to("cpu", torch.int64).contiguous() for k, v in result.indices.items()
                if v.numel()}
-    save_file(tensors, path, metadata={"format": PRUNE_FORMAT, "format_version": str(PRUNE_FORMAT_VERSION),
-                                       "conceptprune": json.dumps(meta, allow_nan=False)})
+    write_file(tensors, path, format=PRUNE_FORMAT, version=str(PRUNE_FORMAT_VERSION), field="conceptprune",
+               info=meta)
 
 
 def load_prune(path: str) -> PruneResult:
     """Read and validate a prune file; ``ValueError`` naming the file and the problem otherwise."""
-    name = os.path.basename(path)
-    if not name.endswith(".safetensors"):
-        raise ValueError(f"{name}: only .safetensors prune files are read")
-    header = _header(path)
-    meta = header.pop("__metadata__", None) or {}
-    if meta.get("format") != PRUNE_FORMAT:
-        raise ValueError(f"{name}: not a ConceptPrune file (metadata format={str(meta.get('format'))[:40]!r})")
-    if meta.get("format_version") != str(PRUNE_FORMAT_VERSION):
-        raise ValueError(f"{name}: unknown ConceptPrune format version {str(meta.get('format_version'))[:40]!r} "
-                         f"(this pack reads version {PRUNE_FORMAT_VERSION}); update the pack")
-    info = _json(meta.get("conceptprune", ""), name, "the 'conceptprune' metadata is not valid JSON")
-    if not isinstance(info, dict):
-        raise ValueError(f"{name}: the 'conceptprune' metadata is not a JSON object")
+    name, header, meta = read_header(path, format=PRUNE_FORMAT, versions=(str(PRUNE_FORMAT_VERSION),),
+                                     kind="prune", title="ConceptPrune", versioned="ConceptPrune")
+    info = metadata_object(meta, "conceptprune", name)
     for field_name, kind in {"concepts": list, "kind": str, "architecture": str, "shapes": dict,
                              "settings": dict}.items():
         if not isinstance(info.get(field_name), kind):
@@ -88,10 +75,7 @@ def load_prune(path: str) -> PruneResult:
             raise ValueError(f"{name}: tensor {key[:80]} lists more indices than its layer has weights")
     if not header:
         raise ValueError(f"{name}: prunes no weight")
-    try:
-        tensors = load_file(path)
-    except Exception as exc:  # safetensors' own consistency checks (offsets, sizes)
-        raise ValueError(f"{name}: corrupt tensor data ({str(exc)[:200]})") from None
+    tensors = read_tensors(path, name)
     indices = {}
     for layer in shapes:
         idx = tensors.get(PREFIX + layer, torch.zeros(0, dtype=torch.int64))
@@ -101,9 +85,6 @@ def load_prune(path: str) -> PruneResult:
         indices[layer] = idx
     settings = {str(k): v for k, v in info["settings"].items() if isinstance(v, (int, float, str))
                 and not (isinstance(v, float) and not math.isfinite(v))}
-    extra = info.get("extra") or {}
-    if not isinstance(extra, dict):
-        raise ValueError(f"{name}: metadata field 'extra' is not a JSON object")
-    extra = {str(k): str(v) for k, v in extra.items()} | {"file": name}
+    extra = metadata_extra(info, name) | {"file": name}
     return PruneResult(indices, shapes, concepts, architecture=info["architecture"], kind=info["kind"][:40],
                        settings=settings, extra=extra)

@@ -119,6 +119,20 @@ def _embedding(rows: Tensor, last: int, n_ids: int, arch: Architecture, model,
     return TextEmbedding(rows, min(max(last - offset, 0), rows.shape[0] - 1))
 
 
+def split_conditioning(out) -> tuple[Tensor, dict]:
+    """``(cond [B, rows, d], extra)`` of what ``encode_from_tokens(..., return_pooled=True, return_dict=True)``
+    returned (a dict, or the ``(cond, pooled)`` pair of older hosts); a ``None`` ``pooled_output`` dropped."""
+    if isinstance(out, dict):
+        extra = dict(out)
+        cond = extra.pop("cond")
+    else:
+        cond, pooled = out
+        extra = {"pooled_output": pooled}
+    if extra.get("pooled_output") is None:
+        extra.pop("pooled_output", None)
+    return cond, extra
+
+
 def encode(clip, text: str, device: torch.device, arch: Architecture | None = None,
            model=None) -> tuple[TextEmbedding, Tensor, dict]:
     """Encode ``text`` as CLIPTextEncode does; return the rows the model's readers see, the raw
@@ -129,15 +143,7 @@ def encode(clip, text: str, device: torch.device, arch: Architecture | None = No
     """
     arch = arch or architectures.by_name("unet")
     tokens, last, n_ids = tokenize(clip, text, arch)
-    out = clip.encode_from_tokens(tokens, return_pooled=True, return_dict=True)
-    if isinstance(out, dict):
-        extra = dict(out)
-        cond = extra.pop("cond")
-    else:
-        cond, pooled = out
-        extra = {"pooled_output": pooled}
-    if extra.get("pooled_output") is None:
-        extra.pop("pooled_output", None)
+    cond, extra = split_conditioning(clip.encode_from_tokens(tokens, return_pooled=True, return_dict=True))
     return _embedding(cond[0], last, n_ids, arch, model, device), cond, extra
 
 

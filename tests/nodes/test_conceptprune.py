@@ -7,7 +7,6 @@ own SD1 CLIP, sampled by ``comfy.sample.sample`` / ComfyUI's KSampler.
 
 from __future__ import annotations
 
-import hashlib
 import os
 
 import pytest
@@ -24,7 +23,7 @@ pack = load_pack()
 from rece_comfyui.nodes import conceptprune as cp  # noqa: E402
 from rece_comfyui.nodes.rece import RECEEraseConcept  # noqa: E402
 from rece_comfyui.rece_core.prune import ColumnStats, build_result, pruned, union_mask  # noqa: E402
-from measure import rel  # noqa: E402
+from measure import rel, state_hash as fingerprint  # noqa: E402
 
 REAL = bool(os.environ.get("COMFYUI_PATH"))
 BASE = "a photo of a cat\na photo of a dog\na photo of a house"
@@ -52,14 +51,6 @@ def run(model, clip, **kw):
 
 def ffn_keys(model):
     return cp.ffn_layers(model, "test")[1]
-
-
-def fingerprint(model) -> str:
-    h = hashlib.sha256()
-    for k, v in sorted(model.model.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def sample(model, clip, prompt: str, steps: int = 4) -> torch.Tensor:

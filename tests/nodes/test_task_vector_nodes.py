@@ -49,6 +49,16 @@ def weights(model):
     return effective_weights(model, [k for k in model.model.state_dict() if k.startswith("diffusion_model.")])
 
 
+def concept_losses(model, clip, vae, image, deltas: dict, signs) -> list[float]:
+    """The neutral-prompt denoising loss of the concept images (16 probes, 3 seeded) with ``θ + s·Δ`` for each
+    sign ``s`` (0: the model itself)."""
+    with torch.inference_mode(False):
+        den = Denoiser(model, torch.device("cpu"))
+        probe = make_probe(model.model.process_latent_in(vae.encode(image)), 16, 3)
+        neutral = clip.encode_from_tokens(clip.tokenize("")).detach()
+        return [neutral_loss(neutral, den.loss({k: den.weight(k) + s * d for k, d in deltas.items()} if s else None),
+                             probe) for s in signs]
+
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     import folder_paths
@@ -128,13 +138,7 @@ def test_the_fine_tune_is_the_task_vector_and_the_model_computes_theta_minus_alp
         assert rel(after[k], base[k].double() - alpha * deltas[k].double()) < 1e-5
     assert all(torch.equal(after[k], base[k]) for k in base if k not in layers)
     # τ is a move toward the concept: θ + τ denoises the concept latents better than θ, θ − τ worse
-    with torch.inference_mode(False):
-        den = Denoiser(model, torch.device("cpu"))
-        probe = make_probe(model.model.process_latent_in(vae.encode(image)), 16, 3)
-        neutral = clip.encode_from_tokens(clip.tokenize("")).detach()
-        plain = neutral_loss(neutral, den.loss(), probe)
-        plus = neutral_loss(neutral, den.loss({k: den.weight(k) + d for k, d in deltas.items()}), probe)
-        minus = neutral_loss(neutral, den.loss({k: den.weight(k) - d for k, d in deltas.items()}), probe)
+    plain, plus, minus = concept_losses(model, clip, vae, image, deltas, (0, 1, -1))
     assert plus < plain < minus
 
 
@@ -151,12 +155,7 @@ def test_a_full_weight_fine_tune_is_a_diff_task_vector(sd):
     assert set(deltas) == {k for k in base if "transformer_blocks" in k and k.endswith(".weight")}
     for k, d in deltas.items():
         assert rel(after[k], base[k].double() - 0.5 * d.double()) < 1e-6
-    with torch.inference_mode(False):
-        den = Denoiser(model, torch.device("cpu"))
-        probe = make_probe(model.model.process_latent_in(vae.encode(image)), 16, 3)
-        neutral = clip.encode_from_tokens(clip.tokenize("")).detach()
-        plain = neutral_loss(neutral, den.loss(), probe)
-        plus = neutral_loss(neutral, den.loss({k: den.weight(k) + d for k, d in deltas.items()}), probe)
+    plain, plus = concept_losses(model, clip, vae, image, deltas, (0, 1))
     assert plus < plain
 
 

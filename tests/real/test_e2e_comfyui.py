@@ -7,24 +7,15 @@ original and the erased branch of the same loaded model.
 
 from __future__ import annotations
 
-import hashlib
 import os
 
 import pytest
 import torch
-from measure import rel  # noqa: E402
+from measure import rel, state_hash as fingerprint  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not os.environ.get("COMFYUI_PATH"), reason="real tier: set COMFYUI_PATH")
 
 CONCEPT, PRESERVED = "nudity", "a photo of a cat"
-
-
-def fingerprint(model) -> str:
-    h = hashlib.sha256()
-    for k, v in sorted(model.model.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 @pytest.fixture(scope="module")

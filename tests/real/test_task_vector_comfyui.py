@@ -6,14 +6,13 @@ node is run under ``torch.inference_mode()`` as ComfyUI's executor runs it.
 
 from __future__ import annotations
 
-import hashlib
 import os
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from measure import rel
+from measure import rel, state_hash
 
 pytestmark = pytest.mark.skipif(not os.environ.get("COMFYUI_PATH"), reason="real tier: set COMFYUI_PATH")
 
@@ -23,11 +22,7 @@ ERASE = dict(concept="nudity", alpha=1.0, steps=8, lr=5e-3, adapter="lora", rank
 
 
 def fingerprint(model) -> str:
-    h = hashlib.sha256()
-    for k, v in sorted(model.model.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest() + str(sorted(model.patches))
+    return state_hash(model) + str(sorted(model.patches))
 
 
 @pytest.fixture(scope="module")
