@@ -99,18 +99,36 @@ def test_loaded_clip_and_model_bit_identical(trained):
     assert [v.requires_grad for v in model.model.parameters()] == before["model_grad"]
 
 
-def test_concept_conditioning_moved(trained):
-    """The concept prompt's conditioning moved (and only through the output CLIP).
+def prompt_rows(clip, text: str) -> torch.Tensor:
+    """The rows of ``text``'s conditioning that differ between prompts: its word tokens up to and including
+    the end token (not the start row, the same for every prompt under causal attention, nor the padding)."""
+    ids = [t[0] for t in next(iter(clip.tokenize(text).values()))[0]]
+    end = next(i for i in range(1, len(ids)) if ids[i] == ids[-1])
+    return encode(clip, text)[0, 1:end + 1]
 
-    Not asserted: that it moved more than an unrelated prompt's. On seeded random tiny encoders it does
-    not (measured 0.10 vs 0.10 relative change, both tiers; docs/fewshot.md): the update is
-    ``Σ g hᵀ`` over all 77 rows of the captions, dominated by the padding rows every prompt shares,
-    and a random encoder gives different prompts nearly the same hidden states there.
+
+def test_concept_conditioning_moved(trained):
+    """The concept prompt's conditioning moved (and only through the output CLIP), on its own word rows too.
+
+    Not asserted: that it moved *more* than an unrelated prompt's. On seeded random tiny encoders no
+    measure we tried shows that robustly (docs/fewshot.md, "Specificity"): over the whole 77 rows the
+    padding every prompt shares dominates (0.97 vs 0.96 here); over the prompt's own word rows the
+    concept prompt moved more on 4/4 seeds in the CI tier but 2/4 in the real tier (lr 1e-4: ratios
+    0.90 to 1.52); the images' denoising loss rises as much under an unrelated caption (×1.236 vs
+    ×1.227). What holds in both tiers, and is asserted: the concept prompt's word rows moved by at
+    least 0.8× what an unrelated prompt's did (seed 0 here: 0.83 vs 0.75 CI, 0.83 vs 0.66 real).
     """
     clip, model, vae, imgs, before, out, unlearning, report = trained
     moved = float((encode(out, f"a photo of a {CONCEPT}") - before["concept"]).norm() / before["concept"].norm())
     assert moved > 1e-2, moved
     assert torch.equal(encode(clip, f"a photo of a {CONCEPT}"), before["concept"])
+
+    def rows_moved(text: str) -> float:
+        a, b = prompt_rows(out, text), prompt_rows(clip, text)
+        return float((a - b).norm() / b.norm())
+
+    concept, unrelated = rows_moved(f"a photo of a {CONCEPT}"), rows_moved(UNRELATED)
+    assert concept > 1e-2 and concept > 0.8 * unrelated, (concept, unrelated)
 
 
 def test_trained_keys_are_the_paper_default(trained):
