@@ -409,3 +409,33 @@ def test_gradient_checkpointing_gives_the_same_result(monkeypatch):
     assert not any("forward" in vars(mod) for mod in model.model.modules())
     with pytest.raises(ValueError, match="gradient_checkpointing must be true or false"):
         run(clip, model, vae, imgs, epochs=1, gradient_checkpointing="yes")
+
+
+def test_bf16_autocast_runs_close_to_float32_with_float32_masters(monkeypatch):
+    """precision=bf16: the models run under bfloat16 autocast, the trained masters stay float32, the concept
+    loss still goes up and the change stays close to the float32 run's."""
+    m = load_pack().nodes.fewshot
+    seen = []
+    real_unlearn = m.unlearn
+
+    def spy(*args, **kwargs):
+        result = real_unlearn(*args, **kwargs)
+        seen.append((kwargs["autocast_dtype"], {v.dtype for v in result.trained.values()}))
+        return result
+
+    monkeypatch.setattr(m, "unlearn", spy)
+    clip, model, vae = ff.make(seed=5)
+    imgs = ff.images(2, 64)
+    before = concept_loss(clip, model, vae, imgs)
+    _, f32, _ = run(clip, model, vae, imgs, epochs=2)
+    out, bf16, report = run(clip, model, vae, imgs, epochs=2, precision="bf16")
+    assert seen == [(None, {torch.float32}), (torch.bfloat16, {torch.float32})]
+    assert "precision: bf16" in report and all(d.dtype == torch.float32 for d in bf16.deltas.values())
+    assert concept_loss(out, model, vae, imgs) > before * 1.01
+    a = torch.cat([f32.deltas[k].flatten() for k in f32.deltas])
+    b = torch.cat([bf16.deltas[k].flatten() for k in f32.deltas])
+    cos = float(a @ b / (a.norm() * b.norm()))
+    assert cos > 0.9 and 0.8 < float(b.norm() / a.norm()) < 1.25, (cos, float(b.norm() / a.norm()))
+    assert bf16.epoch_losses == pytest.approx(f32.epoch_losses, rel=0.05)
+    with pytest.raises(ValueError, match="precision must be one of float32, bf16"):
+        run(clip, model, vae, imgs, epochs=1, precision="fp8")
