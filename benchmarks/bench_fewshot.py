@@ -120,7 +120,8 @@ def main() -> None:
         (_, u1, _), t1, mem1 = peak_of(lambda: node.unlearn(clip, model, epochs=1, **kw)["result"])
         (_, u2, _), t2, mem2 = peak_of(lambda: node.unlearn(clip, model, epochs=1 + args.steps, **kw)["result"])
     per_step = (t2 - t1) / args.steps
-    print(f"node: gradient checkpointing {args.checkpointing}; {u1.n_parameters / 1e6:.1f} M trained parameters ({args.parameters}); 1 epoch (1 step) {t1:.2f} s, "
+    print(f"node: gradient checkpointing {args.checkpointing}; "
+          f"{u1.n_parameters / 1e6:.1f} M trained parameters ({args.parameters}); 1 epoch (1 step) {t1:.2f} s, "
           f"{1 + args.steps} steps {t2:.2f} s", flush=True)
     print(f"seconds per step {per_step:.2f} s = {per_step / t_base:.1f}x the baseline; setup {t1 - per_step:.2f} s; "
           f"paper's 4 images x 5 epochs at batch 2 = 10 steps: {t1 - per_step + 10 * per_step:.1f} s; "

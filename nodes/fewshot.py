@@ -276,8 +276,9 @@ class FewShotUnlearnConcept:
             zero_shot=bool(zero_shot), resolution=resolution, family=family, parameterisation=kind,
             epoch_losses=list(result.epoch_losses), seconds=time.perf_counter() - start, device=str(device))
         out = apply_unlearning(clip, unlearning, 1.0, TITLE)
-        report = unlearning.summary() + f"\nprecision: {precision}" + (f"\ngradient checkpointing: {n_checkpointed} blocks of the model"
-                                         if gradient_checkpointing else "\ngradient checkpointing: off")
+        report = (unlearning.summary() + f"\nprecision: {precision}"
+                  + (f"\ngradient checkpointing: {n_checkpointed} blocks of the model" if gradient_checkpointing
+                     else "\ngradient checkpointing: off"))
         return {"ui": ui_report({"concept": unlearning.concept, "epoch_losses": unlearning.epoch_losses,
                                  "seconds": round(unlearning.seconds, 3), "parameters": result.parameters,
                                  "parameter_set": parameters, "device": str(device)}),

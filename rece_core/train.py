@@ -58,7 +58,8 @@ from torch import Tensor
 
 __all__ = [
     "PARAMETERISATIONS", "AdamSettings", "Progress", "Step", "TrainResult", "TrainingOutOfMemory",
-    "autograd_safe", "checkpointed", "denoising_mse", "saved_copies", "model_output", "noise_latents", "output_target", "sample_sigmas", "train",
+    "autograd_safe", "checkpointed", "denoising_mse", "saved_copies", "model_output", "noise_latents",
+    "output_target", "sample_sigmas", "train",
 ]
 
 PARAMETERISATIONS = ("eps", "v", "flow")
