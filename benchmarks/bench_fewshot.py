@@ -1,6 +1,6 @@
 """Seconds per training step and peak memory of Few-shot Unlearn Concept, SD1.5-shaped (real ComfyUI).
 
-    COMFYUI_PATH=/path/to/ComfyUI python benchmarks/bench_fewshot.py [--resolution 512] [--steps 3]
+    COMFYUI_PATH=/path/to/ComfyUI python benchmarks/bench_fewshot.py [--resolution 512] [--steps 3] [--checkpointing off]
 
 The model is a seeded real-format SD1.5 checkpoint (full-size UNet and CLIP-L) loaded by ComfyUI
 itself, built and run under ``torch.inference_mode()`` as ComfyUI's executor does. The node runs the
@@ -52,6 +52,9 @@ def main() -> None:
     parser.add_argument("--parameters", default="mlp-final-attn")
     parser.add_argument("--channels", type=int, default=320,
                         help="UNet model_channels (SD1.5: 320; less for a machine without ~10 GiB free on CPU)")
+    parser.add_argument("--checkpointing", choices=("on", "off"), default="on",
+                        help="the node's gradient_checkpointing (run once each, in separate processes, to compare "
+                             "peak memory: the allocator keeps freed memory within a process)")
     args = parser.parse_args()
     if not os.environ.get("COMFYUI_PATH"):
         sys.exit("set COMFYUI_PATH: this benchmark runs ComfyUI's own SD1.5 classes")
@@ -112,11 +115,13 @@ def main() -> None:
 
         node = FewShotUnlearnConcept()
         kw = dict(concept="Eiffel Tower", concept_type="object", learning_rate=1e-5, seed=0,
-                  parameters=args.parameters, zero_shot=True, resolution=args.resolution, batch_size=2)
+                  parameters=args.parameters, zero_shot=True, resolution=args.resolution, batch_size=2,
+                  gradient_checkpointing=args.checkpointing == "on")
         (_, u1, _), t1, mem1 = peak_of(lambda: node.unlearn(clip, model, epochs=1, **kw)["result"])
         (_, u2, _), t2, mem2 = peak_of(lambda: node.unlearn(clip, model, epochs=1 + args.steps, **kw)["result"])
     per_step = (t2 - t1) / args.steps
-    print(f"node: {u1.n_parameters / 1e6:.1f} M trained parameters ({args.parameters}); 1 epoch (1 step) {t1:.2f} s, "
+    print(f"node: gradient checkpointing {args.checkpointing}; "
+          f"{u1.n_parameters / 1e6:.1f} M trained parameters ({args.parameters}); 1 epoch (1 step) {t1:.2f} s, "
           f"{1 + args.steps} steps {t2:.2f} s", flush=True)
     print(f"seconds per step {per_step:.2f} s = {per_step / t_base:.1f}x the baseline; setup {t1 - per_step:.2f} s; "
           f"paper's 4 images x 5 epochs at batch 2 = 10 steps: {t1 - per_step + 10 * per_step:.1f} s; "
