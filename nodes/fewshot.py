@@ -26,7 +26,7 @@ from ..rece_core.fewshot import (CONCEPT_TYPES, PARAMETER_SETS, Denoiser, Unlear
 from ..rece_core.train import AdamSettings, autograd_safe, checkpointed, saved_copies
 from . import files
 from .checks import check_widgets, ui_report
-from .host import run, weights
+from .host import architectures, run, weights
 
 CATEGORY = "model_patches/rece"
 UNLEARNING = "RECE_UNLEARNING"
@@ -39,7 +39,7 @@ ENCODERS = {"SD1.x": 1, "SD2.x": 1, "SDXL": 2}
 PRECISIONS = {"float32": None, "bf16": torch.bfloat16}
 """What the models compute in while training: float32, or bfloat16 autocast (float32 master weights, gradients
 and Adam state either way)."""
-CHECKPOINT_BLOCKS = ("ResBlock", "SpatialTransformer")
+CHECKPOINT_BLOCKS = architectures.by_name("unet").checkpoint_blocks  # ComfyUI's ResBlock, SpatialTransformer
 """Classes of ComfyUI's UNet (``comfy.ldm.modules``) whose forwards are checkpointed with gradient_checkpointing:
 every residual block and every cross-attention transformer (SD1.x, SD2.x, SDXL)."""
 NOT_YET = ("SD3/Flux (CLIP with T5) and the DiT families (LLM encoders) are not supported yet")

@@ -92,6 +92,7 @@ class Architecture:
     ffn_split: str = ""
     left_alone: str = ""
     left_alone_layers: str = ""
+    checkpoint_blocks: tuple[str, ...] = ()  # module classes recomputed in backward when training through the model
 
     def ffn_keys(self, keys: list[str]) -> list[str]:
         """The ``diffusion_model.*`` feed-forward output weight keys among a model's keys (sorted)."""
@@ -148,7 +149,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         "unet", "SD1.x / SD2.x / SDXL UNet (every cross-attention attn2.to_k / to_v)",
         readers=r"attn2\.to_[kv]\.weight$", signature=("attn2",), space="unet",
         pooled=r"^label_emb\.0\.0\.weight$", pooled_columns=1280, pooled_configs=SDXL_CONFIGS, pooled_encoders=("g",),
-        ffn_out=r"\.ff\.net\.2\.weight$"),
+        ffn_out=r"\.ff\.net\.2\.weight$", checkpoint_blocks=("ResBlock", "SpatialTransformer")),
     Architecture(
         "qwen_image", "Qwen-Image (txt_in after txt_norm, Qwen2.5-VL rows)",
         readers=r"^txt_in\.weight$", configs=("QwenImage",), signature=("txt_norm.weight", "txt_in.weight"),
