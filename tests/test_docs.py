@@ -103,3 +103,19 @@ def test_supported_models_names_every_family_the_pack_knows():
     pooled = [a.title.split(" (")[0] for a in architectures.ARCHITECTURES if a.pooled]
     rows = [line for line in section.splitlines() if line.startswith("| ") and not line.endswith("| — |")]
     assert all(any(name in row for row in rows) for name in pooled)  # a pooled path is stated for each
+
+
+def test_other_methods_bad_input_rows_are_asserted_by_their_tests():
+    """Each row of "Bad input in the other methods" quotes a message the node code raises and that the
+    named test asserts (in a ``pytest.raises(..., match=...)``), so the README cannot promise a refusal
+    nobody checks."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text.split("### Bad input in the other methods", 1)[1].split("\n#", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith(("| input", "| ---"))]
+    assert len(rows) >= 10
+    sources = "".join(p.read_text(encoding="utf-8") for d in ("nodes", "rece_core") for p in (ROOT / d).rglob("*.py"))
+    for row in rows:
+        fragment, test = re.findall(r"`([^`]+)`", row)[-2:]
+        assert fragment in sources, f"{fragment!r}: no such message in the code"
+        matches = re.findall(r"match=(?:f?[\"'])(.+?)[\"']", (ROOT / test).read_text(encoding="utf-8"))
+        assert any(fragment in m for m in matches), f"{fragment!r}: {test} asserts no such message"
