@@ -26,7 +26,7 @@ from ..rece_core.fewshot import (CONCEPT_TYPES, PARAMETER_SETS, Denoiser, Unlear
 from ..rece_core.train import AdamSettings, autograd_safe, checkpointed, saved_copies
 from . import files
 from .checks import check_widgets, ui_report
-from .host import architectures, run, weights
+from .host import architectures, diffusion, run, weights
 
 CATEGORY = "model_patches/rece"
 UNLEARNING = "RECE_UNLEARNING"
@@ -48,15 +48,11 @@ NOT_YET = ("SD3/Flux (CLIP with T5) and the DiT families (LLM encoders) are not 
 def parameterisation(model) -> tuple[str, float]:
     """``eps`` / ``v`` / ``flow`` and sigma_data of the model's sampling (object patches respected)."""
     ms = model.get_model_object("model_sampling")
-    names = [c.__name__ for c in type(ms).__mro__]
-    for refused in ("EDM", "X0", "IMG_TO_IMG", "COSMOS_RFLOW"):
-        if refused in names:
-            raise ValueError(f"{TITLE}: this model predicts with {refused} sampling, which the loss does not "
-                             "cover yet (eps, v and flow are)")
-    for name, kind in (("V_PREDICTION", "v"), ("CONST", "flow"), ("EPS", "eps")):
-        if name in names:
-            return kind, float(getattr(ms, "sigma_data", 1.0))
-    raise ValueError(f"{TITLE}: unknown model sampling {type(ms).__name__}")
+    try:
+        kind = diffusion.parameterisation(ms)
+    except ValueError as exc:
+        raise ValueError(f"{TITLE}: {exc}") from None
+    return kind, float(getattr(ms, "sigma_data", 1.0))
 
 
 class _Call(torch.nn.Module):

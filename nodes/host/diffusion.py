@@ -45,14 +45,23 @@ class _Call(nn.Module):
         return self.fn(self.m, *args)
 
 
+REFUSED_SAMPLING = ("EDM", "X0", "IMG_TO_IMG", "COSMOS_RFLOW")
+"""ComfyUI sampling classes that subclass EPS / V_PREDICTION / CONST but predict something else."""
+
+
 def parameterisation(model_sampling) -> str:
-    """``eps``, ``v`` or ``flow`` from ComfyUI's model-sampling classes, or a clear error."""
+    """``eps``, ``v`` or ``flow`` from ComfyUI's model-sampling classes, or a clear error (every training
+    method computes its denoising loss in one of these three)."""
     names = [c.__name__ for c in type(model_sampling).__mro__]
+    for refused in REFUSED_SAMPLING:
+        if refused in names:
+            raise ValueError(f"this model predicts with {refused} sampling, which the training loss does not "
+                             "cover yet (eps, v and flow are)")
     for name, kind in (("V_PREDICTION", "v"), ("CONST", "flow"), ("EPS", "eps")):
         if name in names:
             return kind
     raise ValueError(f"this model's sampling ({type(model_sampling).__name__}) is not ε, v or flow prediction; "
-                     "the task-vector nodes cannot compute its denoising loss")
+                     "the training methods cannot compute its denoising loss")
 
 
 class Denoiser:

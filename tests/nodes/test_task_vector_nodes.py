@@ -283,3 +283,20 @@ def test_diverse_inversion_refuses_a_clip_with_several_encoders(sd):
 
     with pytest.raises(ValueError, match="single CLIP text encoder"), torch.inference_mode():
         tvn.DiverseInversion().invert(model, TwoEncoders(), vae=vae, image=image, **INVERT)
+
+
+def test_sampling_that_only_subclasses_eps_v_or_flow_is_refused_not_mistaken():
+    """ComfyUI's EDM subclasses V_PREDICTION and X0 subclasses EPS, yet neither's target is v or ε: every
+    training method (task vectors, few-shot) refuses them by name instead of computing the wrong loss."""
+    from rece_comfyui.nodes.host.diffusion import parameterisation
+
+    class EPS: ...
+    class V_PREDICTION(EPS): ...
+    class CONST: ...
+    class EDM(V_PREDICTION): ...
+    class X0(EPS): ...
+
+    assert [parameterisation(c()) for c in (EPS, V_PREDICTION, CONST)] == ["eps", "v", "flow"]
+    for cls in (EDM, X0):
+        with pytest.raises(ValueError, match=f"predicts with {cls.__name__} sampling"):
+            parameterisation(cls())
