@@ -206,27 +206,13 @@ def encode_many(clip, texts: list[str], arch: Architecture | None = None, model=
         one_calls.run(len(texts), one)
         return out
 
-    if arch.name != "unet" and (not arch.batch_encode or _alike_in_batches(clip) is False):
+    if arch.name != "unet" and (not arch.batch_encode or _seen(_BATCHES_ALIKE, clip) is False):
         return one_by_one()
     try:
         return _encode_batched(clip, texts, arch, model, calls)
     except _Unbatchable:  # this encoder does not give each prompt its own rows in a batch: one at a time
-        _remember(clip, False)
+        _note(_BATCHES_ALIKE, clip, False)
         return one_by_one()
-
-
-def _alike_in_batches(clip) -> bool | None:
-    try:
-        return _BATCHES_ALIKE.get(clip)
-    except TypeError:  # not weak-referenceable
-        return None
-
-
-def _remember(clip, alike: bool) -> None:
-    try:
-        _BATCHES_ALIKE[clip] = alike
-    except TypeError:
-        pass
 
 
 class _Unbatchable(Exception):
@@ -242,7 +228,7 @@ def _encode_batched(clip, texts: list[str], arch: Architecture, model, calls: En
         groups.setdefault(tuple((k, len(v[0])) for k, v in tokens.items()), []).append(i)
     out: list[TextEmbedding | None] = [None] * len(texts)
     # DiT encoders (T5): the first batch of each CLIP is checked once against one-at-a-time encoding
-    checked = arch.name == "unet" or bool(_alike_in_batches(clip))
+    checked = arch.name == "unet" or bool(_seen(_BATCHES_ALIKE, clip))
     for shape, members in groups.items():
 
         def batch(start: int, stop: int) -> None:
@@ -256,7 +242,7 @@ def _encode_batched(clip, texts: list[str], arch: Architecture, model, calls: En
                                                                         atol=1e-4 * float(alone.float().abs().max())):
                     raise _Unbatchable
                 checked = True
-                _remember(clip, True)
+                _note(_BATCHES_ALIKE, clip, True)
             for i, r in zip(part, rows):
                 out[i] = _embedding(r, tokenized[i][1], tokenized[i][2], arch, model, None)
 
