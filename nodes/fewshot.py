@@ -2,12 +2,11 @@
 model's denoising loss on a few images of a concept, and hands back the CLIP with the change as a
 weight patch (``rece_core.fewshot``, the loop in ``rece_core.train``).
 
-Host facts used (ComfyUI 0.3.64 to current): ``CLIP.clone/add_patches/tokenize/cond_stage_model``
-(``encode_token_weights`` after ``reset_clip_options`` and the clip-skip layer, as
-``encode_from_tokens`` does), ``ModelPatcher.model.apply_model(x, σ, c_crossattn=...)`` with the
-model's ``model_sampling`` (EPS / V_PREDICTION / CONST), ``process_latent_in``, ``VAE.encode``.
-ComfyUI builds its models under ``torch.inference_mode()``; the weights the graph is differentiated
-through are copied for the run (``autograd_safe``), never written.
+Host facts used (ComfyUI 0.3.64 to current): ``CLIP.clone/add_patches/tokenize``, ``process_latent_in``,
+``VAE.encode``; the text encoder and the diffusion model are called through ``host.diffusion``
+(``TextEncoder``: ``encode_token_weights`` as ``encode_from_tokens`` runs it; ``Denoiser``: ``apply_model``
+with the model's ``model_sampling``, SDXL's ``encode_adm``), on copies of their weights as the CLIP and MODEL
+use them: the loaded ones are never written, and need not be loaded.
 """
 
 from __future__ import annotations
@@ -23,10 +22,10 @@ import comfy.model_management
 from ..rece_core import __version__
 from ..rece_core.fewshot import (CONCEPT_TYPES, PARAMETER_SETS, Denoiser, Unlearning, load_unlearning, prepare_images,
                                  save_unlearning, trainable_keys, unlearn, zero_shot_latents)
-from ..rece_core.train import AdamSettings, autograd_safe, checkpointed, saved_copies
+from ..rece_core.train import AdamSettings
 from . import files
 from .checks import check_widgets, ui_report
-from .host import architectures, diffusion, run, weights
+from .host import diffusion, run, weights
 
 CATEGORY = "model_patches/rece"
 UNLEARNING = "RECE_UNLEARNING"
@@ -39,9 +38,9 @@ ENCODERS = {"SD1.x": 1, "SD2.x": 1, "SDXL": 2}
 PRECISIONS = {"float32": None, "bf16": torch.bfloat16}
 """What the models compute in while training: float32, or bfloat16 autocast (float32 master weights, gradients
 and Adam state either way)."""
-CHECKPOINT_BLOCKS = architectures.by_name("unet").checkpoint_blocks  # ComfyUI's ResBlock, SpatialTransformer
-"""Classes of ComfyUI's UNet (``comfy.ldm.modules``) whose forwards are checkpointed with gradient_checkpointing:
-every residual block and every cross-attention transformer (SD1.x, SD2.x, SDXL)."""
+LOW_VRAM = ("auto", "on", "off")
+"""Where the frozen model's weights live while training: ``on`` = CPU memory, each block moved to the GPU when it
+runs (``diffusion.Denoiser`` offload); ``auto`` = on when the copies would not fit in half the free GPU memory."""
 NOT_YET = ("SD3/Flux (CLIP with T5) and the DiT families (LLM encoders) are not supported yet")
 
 
@@ -53,36 +52,6 @@ def parameterisation(model) -> tuple[str, float]:
     except ValueError as exc:
         raise ValueError(f"{TITLE}: {exc}") from None
     return kind, float(getattr(ms, "sigma_data", 1.0))
-
-
-class _Call(torch.nn.Module):
-    """Lets ``torch.func.functional_call`` run ``fn`` with ``inner``'s parameters replaced."""
-
-    def __init__(self, inner: torch.nn.Module, fn) -> None:
-        super().__init__()
-        self.inner = inner
-        self.fn = fn
-
-    def forward(self, *args):
-        return self.fn(*args)
-
-
-def _encode_tokens(clip, tokens) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """What ``CLIP.encode_from_tokens`` does once the model is loaded: cond [1, 77·chunks, d], pooled.
-
-    Current ComfyUI also passes the execution device as a clip option and encodes inside
-    ``cuda_device_context`` (0.3.64 ignores the option and has no such context)."""
-    m = clip.cond_stage_model
-    m.reset_clip_options()
-    if clip.layer_idx is not None:
-        m.set_clip_options({"layer": clip.layer_idx})
-    device = clip.patcher.load_device
-    m.set_clip_options({"execution_device": device})
-    context = getattr(comfy.model_management, "cuda_device_context", None)
-    if context is None:
-        return tuple(m.encode_token_weights(tokens)[:2])
-    with context(device):
-        return tuple(m.encode_token_weights(tokens)[:2])
 
 
 def check_inputs(clip, model) -> tuple[str, list[str]]:
@@ -166,12 +135,17 @@ class FewShotUnlearnConcept:
                                                                   "backward pass instead of keeping them: much less "
                                                                   "memory, about a third more time per step; same "
                                                                   "result."}),
+                "low_vram": (list(LOW_VRAM), {"default": "auto",
+                                              "tooltip": "on: the frozen model's weights stay in CPU memory and "
+                                                         "each block is moved to the GPU when it runs (slower, "
+                                                         "for models that do not fit twice); auto: on when "
+                                                         "needed; same result."}),
             },
         }
 
     def unlearn(self, clip, model, concept, concept_type, epochs, learning_rate, seed, parameters,
                 vae=None, images=None, zero_shot=False, resolution=512, batch_size=2, text_encoders="all",
-                gradient_checkpointing=True, precision="float32"):
+                gradient_checkpointing=True, precision="float32", low_vram="auto"):
         check_widgets(type(self), TITLE, epochs=epochs, learning_rate=learning_rate, seed=seed)
         if concept_type not in CONCEPT_TYPES:
             raise ValueError(f"{TITLE}: concept_type must be one of {', '.join(CONCEPT_TYPES)}, got {concept_type!r}")
@@ -182,6 +156,8 @@ class FewShotUnlearnConcept:
                 raise ValueError(f"{TITLE}: {name} must be a whole number from {lo} to {hi}, got {value!r}")
         if precision not in PRECISIONS:
             raise ValueError(f"{TITLE}: precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        if low_vram not in LOW_VRAM:
+            raise ValueError(f"{TITLE}: low_vram must be one of {', '.join(LOW_VRAM)}, got {low_vram!r}")
         if not isinstance(gradient_checkpointing, bool):
             raise ValueError(f"{TITLE}: gradient_checkpointing must be true or false, got {gradient_checkpointing!r}")
         if resolution % 8:
@@ -220,45 +196,26 @@ class FewShotUnlearnConcept:
             if width != int(context_dim):
                 raise ValueError(f"{TITLE}: this CLIP gives {width}-wide text but this {family} model reads "
                                  f"{context_dim}-wide text; connect the CLIP that belongs to the model")
-        comfy.model_management.load_models_gpu([model, clip.patcher])
-        device = getattr(model, "load_device", None) or run.compute_device()
-        encoder = clip.cond_stage_model
-        with torch.inference_mode(False):
-            frozen_te = autograd_safe(dict(encoder.named_parameters()))
-            frozen_unet = autograd_safe(dict(base.diffusion_model.named_parameters()))
-        initial = {k: frozen_te[k] for k in keys}
-        unet_params = {f"inner.diffusion_model.{k}": v for k, v in frozen_unet.items()}
-        te_call = _Call(encoder, lambda tokens: _encode_tokens(clip, tokens))
-        size = {"width": resolution, "height": resolution, "crop_w": 0, "crop_h": 0,
-                "target_width": resolution, "target_height": resolution}
-
-        def apply(x, s, c):
-            cond, pooled = c
-            if family != "SDXL":
-                return base.apply_model(x, s, c_crossattn=cond)
-            # SDXL: bigG's pooled text and the size embedding enter as y (ComfyUI's encode_adm)
-            return base.apply_model(x, s, c_crossattn=cond, y=base.encode_adm(pooled_output=pooled, **size))
-
-        unet_call = _Call(base, apply)
-        sigmas = model.get_model_object("model_sampling").sigmas.detach().float().cpu()
+        device = run.compute_device()
+        # the frozen model and text encoder as differentiable copies (patches applied, any storage ComfyUI or
+        # ComfyUI-GGUF loads); the loaded MODEL and CLIP are only read, and need not be on the GPU
+        den = diffusion.Denoiser(model, device, offload=None if low_vram == "auto" else low_vram == "on")
+        te = diffusion.TextEncoder(clip, device)
+        initial = {k: te.params[k] for k in keys}
 
         def encode(w, captions):
-            params = {f"inner.{k}": v for k, v in frozen_te.items()}
-            for k, v in w.items():
-                params[f"inner.{k}"] = v.to(frozen_te[k].device, frozen_te[k].dtype)
-            with saved_copies():  # ComfyUI's CLIP layers add in place (x += ...)
-                rows = [torch.func.functional_call(te_call, params, (clip.tokenize(c),)) for c in captions]
+            rows = [te.encode(clip.tokenize(c), w) for c in captions]
             comfy.model_management.throw_exception_if_processing_interrupted()
             pooled = None if rows[0][1] is None else torch.cat([r[1] for r in rows]).to(device)
             return torch.cat([r[0] for r in rows]).to(device), pooled
 
         def denoise(x, sigma, context):
-            return torch.func.functional_call(unet_call, unet_params, (x, sigma, context))
+            rows, pooled = context
+            return den.denoised(x, sigma, rows, pooled=pooled if den.pooled else None)
 
+        sigmas = den.sigmas.detach().float().cpu()
         progress = run.Progress(epochs * -(-latents.shape[0] // batch_size))
-        blocks = [m for m in base.diffusion_model.modules() if type(m).__name__ in CHECKPOINT_BLOCKS] \
-            if gradient_checkpointing else []
-        with checkpointed(blocks) as n_checkpointed:
+        with den.checkpointing(gradient_checkpointing) as n_checkpointed:
             result = unlearn(initial, encode, Denoiser(denoise, sigmas, kind, sigma_data), latents, concept.strip(),
                              concept_type, epochs=epochs, batch_size=batch_size, adam=AdamSettings(lr=learning_rate),
                              seed=seed, device=device, autocast_dtype=PRECISIONS[precision],
@@ -271,8 +228,10 @@ class FewShotUnlearnConcept:
             epoch_losses=list(result.epoch_losses), seconds=time.perf_counter() - start, device=str(device))
         out = apply_unlearning(clip, unlearning, 1.0, TITLE)
         report = (unlearning.summary() + f"\nprecision: {precision}"
-                  + (f"\ngradient checkpointing: {n_checkpointed} blocks of the model" if gradient_checkpointing
-                     else "\ngradient checkpointing: off"))
+                  + (f"\ngradient checkpointing: {n_checkpointed} blocks of the model" if n_checkpointed
+                     else "\ngradient checkpointing: off")
+                  + ("\nlow VRAM: the model's blocks were held in CPU memory and moved to the GPU one at a time"
+                     if den.offload else ""))
         return {"ui": ui_report({"concept": unlearning.concept, "epoch_losses": unlearning.epoch_losses,
                                  "seconds": round(unlearning.seconds, 3), "parameters": result.parameters,
                                  "parameter_set": parameters, "device": str(device)}),

@@ -29,7 +29,7 @@ from ..rece_core.diverse_inversion import Inversion, alpha_for_set, diverse_inve
 from .checks import check_widgets, ui_report
 from .files import resolve, save_new
 from .host import run
-from .host.diffusion import Denoiser, TokenEncoder
+from .host.diffusion import Denoiser, TokenEncoder, require_text_rows_unet
 
 CATEGORY = "model_patches/rece"
 FINETUNE = "(fine-tune on the concept)"
@@ -241,6 +241,9 @@ def ranking_text(ranking: list[tuple[str, float]], top: int = 20) -> str:
     return "\n".join(f"{k.removeprefix('diffusion_model.')}\t{s:.4g}" for k, s in ranking[:top])
 
 
+TRAINS = "the task-vector fine-tune and Diverse Inversion call"
+
+
 class TaskVectorEraseConcept:
     """Erase a concept with a task vector: ``θ − α·τ`` for a fine-tune (or LoRA) τ of the concept."""
 
@@ -328,6 +331,7 @@ class TaskVectorEraseConcept:
         lines = []
         latents, den = None, None
         if need_latents:  # a given LoRA at a given α needs neither images nor the model's weights
+            require_text_rows_unet(model, TRAINS)
             den = Denoiser(model, device)
             latents, source = concept_latents(model, clip, vae, image, concept, images, image_size, sample_steps,
                                               seed, progress)
@@ -442,6 +446,7 @@ class DiverseInversion:
         _interrupted()
         device = run.compute_device()
         enc = TokenEncoder(clip, concept, device)
+        require_text_rows_unet(model, TRAINS)
         den = Denoiser(model, device)
         latents, source = concept_latents(model, clip, vae, image, concept, images, image_size, sample_steps, seed,
                                           progress)

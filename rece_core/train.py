@@ -145,7 +145,7 @@ def saved_copies():
     return torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t)
 
 
-def checkpointed(modules: list[torch.nn.Module]):
+def checkpointed(modules: list[torch.nn.Module], device: torch.device | None = None):
     """Context: each of ``modules`` runs under ``torch.utils.checkpoint`` (non-reentrant): its forward keeps
     no activations for backward and is run again during backward, block by block. Peak memory of the
     backward through a frozen network drops from all its activations to one block's plus the blocks'
@@ -154,7 +154,11 @@ def checkpointed(modules: list[torch.nn.Module]):
     The tensors each module holds *when it is called* (e.g. those ``torch.func.functional_call`` put in
     place) are the ones the recompute uses, so it works inside ``functional_call``. The modules are left
     as they were on exit (an instance ``forward`` is set for the context's duration only). Modules
-    called inside another checkpointed module are not checkpointed again."""
+    called inside another checkpointed module are not checkpointed again.
+
+    ``device``: the modules' tensors are held elsewhere (CPU memory) and moved to ``device`` for each call
+    and each recompute, then dropped: only the running module's weights are on ``device`` (low-VRAM
+    training). Without gradients the modules still run on moved tensors, not checkpointed."""
     import contextlib
 
     @contextlib.contextmanager
@@ -165,7 +169,7 @@ def checkpointed(modules: list[torch.nn.Module]):
             for module in modules:
                 if "forward" in vars(module):
                     raise ValueError(f"{type(module).__name__} already has an instance forward; not checkpointed")
-                module.forward = _checkpointed_forward(module, depth)
+                module.forward = _checkpointed_forward(module, depth, device)
                 patched.append(module)
             yield len(patched)
         finally:
@@ -175,7 +179,7 @@ def checkpointed(modules: list[torch.nn.Module]):
     return context()
 
 
-def _checkpointed_forward(module: torch.nn.Module, depth: list[int]):
+def _checkpointed_forward(module: torch.nn.Module, depth: list[int], device: torch.device | None = None):
     forward = type(module).forward.__get__(module)  # the class's own forward, not the instance attribute
     names = [n for n, _ in module.named_parameters()] + [n for n, _ in module.named_buffers()]
 
@@ -201,13 +205,16 @@ def _checkpointed_forward(module: torch.nn.Module, depth: list[int]):
     run = _Run()
 
     def wrapped(*args, **kwargs):
-        if depth[0] or not torch.is_grad_enabled():
+        if depth[0] or (device is None and not torch.is_grad_enabled()):
             return forward(*args, **kwargs)
         params = {f"inner.{k}": v for k, v in current().items()}  # as they are now (functional_call's)
 
         def fn(*a):
-            return torch.func.functional_call(run, params, (a, kwargs))
+            moved = params if device is None else {k: v.to(device, non_blocking=True) for k, v in params.items()}
+            return torch.func.functional_call(run, moved, (a, kwargs))
 
+        if not torch.is_grad_enabled():
+            return fn(*args)
         return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
 
     return wrapped

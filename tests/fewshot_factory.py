@@ -309,8 +309,8 @@ TINY_CLIP = {"architectures": ["CLIPTextModel"], "attention_dropout": 0.0, "bos_
              "vocab_size": 49408}
 
 
-def real_clip(seed: int = 0):
-    """ComfyUI's SD1 ``CLIP`` (CLIP-L classes and tokenizer) with a small seeded text model."""
+def real_clip(seed: int = 0, width: int = WIDTH):
+    """ComfyUI's SD1 ``CLIP`` (CLIP-L classes and tokenizer) with a small seeded text model (3 layers, ``width``)."""
     import functools
 
     import comfy.sd
@@ -319,7 +319,8 @@ def real_clip(seed: int = 0):
     class TinyClipL(comfy.sd1_clip.SDClipModel):  # SD1CheckpointClipModel with a small config
         def __init__(self, device="cpu", dtype=None, model_options={}):
             super().__init__(device=device, return_projected_pooled=False, dtype=dtype, model_options=model_options,
-                             textmodel_json_config=dict(TINY_CLIP))
+                             textmodel_json_config=dict(TINY_CLIP, hidden_size=width, intermediate_size=4 * width,
+                                                        projection_dim=width))
 
     class Target:
         clip = functools.partial(comfy.sd1_clip.SD1ClipModel, clip_model=TinyClipL)

@@ -133,16 +133,22 @@ dequantize_functions = {QType("BF16"): None, QType("Q8_0"): None}  # the types d
 
 
 class GGMLLinear(nn.Module):
-    """A Linear layer whose weight is a GGMLTensor (ComfyUI-GGUF's ``GGMLOps.Linear``)."""
+    """A Linear layer whose weight is a GGMLTensor (ComfyUI-GGUF's ``GGMLOps.Linear``): ComfyUI's cast-op
+    contract (``comfy_cast_weights`` true on the class, ``weight_function``/``bias_function`` lists) decides
+    between its dequantizing forward and the plain ``F.linear`` one, as ComfyUI's ``manual_cast.Linear.forward``."""
 
     dequant_dtype = None
     patch_dtype = None
+    comfy_cast_weights = True
+    weight_function: list = []
+    bias_function: list = []
 
     def __init__(self, weight: GGMLTensor, largest: bool = False) -> None:
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.bias = None
         self.largest_layer = largest
+        self.out_features, self.in_features = (int(n) for n in weight.tensor_shape)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         if not is_quantized(self.weight):
@@ -161,7 +167,9 @@ class GGMLLinear(nn.Module):
         return comfy.lora.calculate_weight(patches, w, key) if patches else w
 
     def forward(self, x):
-        return torch.nn.functional.linear(x, self.get_weight(self.weight, x.dtype))
+        if self.comfy_cast_weights or self.weight_function or self.bias_function:
+            return torch.nn.functional.linear(x, self.get_weight(self.weight, x.dtype))
+        return torch.nn.functional.linear(x, self.weight, self.bias)
 
 
 def make_gguf_model(types: dict[str, str] | str, arch: str = "tiny", seed: int = 0, config: str = "SD15"):

@@ -15,16 +15,18 @@ trained tensors (LoRA factors, embeddings) and the loaded MODEL and CLIP are nev
 from __future__ import annotations
 
 import copy
+import types
 from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ...rece_core.train import saved_copies
+from ...rece_core.train import checkpointed, saved_copies
 
 import comfy.model_management
 
+from . import architectures
 from . import weights as host_weights
 
 
@@ -64,51 +66,152 @@ def parameterisation(model_sampling) -> str:
                      "the training methods cannot compute its denoising loss")
 
 
-class Denoiser:
-    """The model's ``apply_model`` with weights from ``params`` (float32 copies on ``device``).
+_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+               "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
 
-    ``params``: ``diffusion_model.*`` weights as the model uses them (patches applied), plus every other
-    parameter and buffer of ``model.model`` (copied), so the loaded module is only read.
+
+def _linear(module: nn.Module, x: Tensor, *args, **kwargs) -> Tensor:
+    """A ComfyUI linear layer's forward on the tensors it holds, as plain torch (AWQ input scale kept)."""
+    scale = getattr(module, "pre_quant_scale", None)
+    if scale is not None:
+        x = x * scale.to(x.device, x.dtype)
+    return torch.nn.functional.linear(x, module.weight, module.bias)
+
+
+def shadow(module: nn.Module) -> nn.Module:
+    """A module tree of ``module``'s own classes and configuration that shares none of its tensor slots.
+
+    Each module is a shallow copy with its own ``_parameters`` / ``_buffers`` / ``_modules`` dicts (still
+    pointing at the loaded tensors until the caller puts others in) and its own hook dicts. ComfyUI's
+    per-layer loading state is switched off on the copies: ``comfy_cast_weights`` false, no
+    ``weight_function``/``bias_function`` (the patches of a partial load, which would be applied a second
+    time on weights we already patched), and linear layers compute ``F.linear`` on the tensors they hold
+    (current ComfyUI's quantized and dynamic-VRAM layers otherwise read their own resident copies). So the
+    copy computes plain torch on the tensors we give it, and nothing is ever set on the loaded module.
+    """
+    new = copy.copy(module)
+    d = vars(new)
+    d["_parameters"] = dict(module._parameters)
+    d["_buffers"] = dict(module._buffers)
+    d["_modules"] = {n: None if c is None else shadow(c) for n, c in module._modules.items()}
+    for name in _HOOK_DICTS:
+        if isinstance(d.get(name), dict):
+            d[name] = type(d[name])(d[name])
+    if hasattr(module, "comfy_cast_weights"):  # one of ComfyUI's (or ComfyUI-GGUF's) cast-aware layers
+        d["comfy_cast_weights"] = False
+        d["weight_function"], d["bias_function"] = [], []
+        if hasattr(module, "in_features") and hasattr(module, "out_features") and "weight" in module._parameters:
+            d["forward"] = types.MethodType(_linear, new)
+    return new
+
+
+def _module_of(root: nn.Module, name: str) -> tuple[nn.Module, str]:
+    owner, _, leaf = name.rpartition(".")
+    return (root.get_submodule(owner) if owner else root), leaf
+
+
+def _block_classes(diffusion_model: nn.Module) -> tuple[str, ...]:
+    """The checkpoint-block class names (``architectures``) of the family this diffusion model's modules are."""
+    names = {type(m).__name__ for m in diffusion_model.modules()}
+    return next((a.checkpoint_blocks for a in architectures.ARCHITECTURES
+                 if a.checkpoint_blocks and names.intersection(a.checkpoint_blocks)), ())
+
+
+class Denoiser:
+    """The model's ``apply_model`` with weights from ``params`` (copies), on a :func:`shadow` of the model.
+
+    ``params``: ``m.diffusion_model.*`` weights as the model uses them (patches applied, GGUF / quantized
+    weights dequantized: ``weights.key_weights``), plus every other parameter and buffer of ``model.model``
+    (copied); the ``model_sampling`` is the MODEL's own (object patches respected). The loaded module is only
+    read, and it need not be loaded: a model ComfyUI holds partially on the GPU, or not at all, is read
+    where it is.
+
+    ``offload``: the weights of the family's checkpoint blocks (``architectures.checkpoint_blocks``) stay in
+    CPU memory and each block's are moved to ``device`` when it runs (again when it is recomputed in the
+    backward pass, see :meth:`checkpointing`), so the GPU holds one block's weights at a time, as ComfyUI's
+    low-VRAM mode does; ``None`` chooses it when the copies would not fit in half of the device's free memory.
     """
 
-    def __init__(self, model, device: torch.device, tick: Callable[[], None] | None = None) -> None:
-        self.module = model.model
-        arch, readers = host_weights.architecture(model)  # refuses GGUF / NF4 weights, models without text
-        if arch.name != "unet" or getattr(self.module.diffusion_model, "num_classes", None) is not None:
-            raise ValueError(f"training on this {host_weights.model_type(model)} model is not supported yet: the task-"
-                             "vector fine-tune and Diverse Inversion call SD1.x / SD2.x UNets (text rows only); "
-                             "SDXL also needs pooled-text and size conditioning, the DiT families their own inputs. "
-                             "A LoRA at a given alpha works on any model")
+    def __init__(self, model, device: torch.device, tick: Callable[[], None] | None = None, *,
+                 offload: bool | None = None) -> None:
+        self.model = model
+        self.module = shadow(model.model)
+        self.family = host_weights.model_type(model)
         self.device = device
-        self.sampling = self.module.model_sampling
+        sampling = model.get_model_object("model_sampling") if hasattr(model, "get_model_object") \
+            else model.model.model_sampling
+        self.module.model_sampling = self.sampling = shadow(sampling)  # the MODEL's own (object patches)
         self.kind = parameterisation(self.sampling)
-        keys = [k for k, v in self.module.state_dict().items() if k.startswith("diffusion_model.")]
+        self.pooled = bool(getattr(model.model, "adm_channels", 0)) and hasattr(model.model, "encode_adm")
+        block_classes = _block_classes(self.module.diffusion_model)
+        self.blocks = [m for m in self.module.diffusion_model.modules() if type(m).__name__ in block_classes]
+        in_blocks = {".".join(filter(None, ("m.diffusion_model", n, p)))
+                     for n, m in self.module.diffusion_model.named_modules()
+                     if type(m).__name__ in block_classes for p, _ in m.named_parameters()}
         # A half-precision model on a GPU computes in its own dtype (ComfyUI casts the inputs to it): the
         # copies are kept in that dtype and every call runs under autocast; float32 otherwise.
-        dtype = getattr(self.module, "manual_cast_dtype", None) or (
-            self.module.get_dtype() if hasattr(self.module, "get_dtype") else torch.float32)
+        dtype = getattr(model.model, "manual_cast_dtype", None) or (
+            model.model.get_dtype() if hasattr(model.model, "get_dtype") else torch.float32)
         self.autocast = dtype if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) else None
         store = self.autocast or torch.float32
+        keys = [f"diffusion_model.{n}" for n, _ in model.model.diffusion_model.named_parameters()]
+        if offload is None:
+            size = sum(host_weights.logical_shape(host_weights.stored_weight(model, k)[0]).numel() for k in keys)
+            free = comfy.model_management.get_free_memory(device) if device.type != "cpu" else float("inf")
+            offload = bool(in_blocks) and size * torch.finfo(store).bits // 8 > free / 2
+        self.offload = bool(offload) and bool(in_blocks)
+        self.params: dict[str, Tensor] = {}
         with torch.inference_mode(False), torch.no_grad():  # copies: no graph back to the loaded weights
-            self.params = {f"m.{k}": w.detach().to(store) for k, w in host_weights.key_weights(
-                model, keys, device, include_erasures=True, tick=tick)}
-            for name, t in list(self.module.named_parameters()) + list(self.module.named_buffers()):
-                if not name.startswith("diffusion_model.") and f"m.{name}" not in self.params:
+            for k, w in host_weights.key_weights(model, keys, device if not self.offload else torch.device("cpu"),
+                                                 include_erasures=True, tick=tick):
+                name = f"m.{k}"
+                on = torch.device("cpu") if self.offload and name in in_blocks else device
+                self.params[name] = w.detach().to(device=on, dtype=store)
+                if on.type == "cpu" and device.type == "cuda":
+                    self.params[name] = self.params[name].pin_memory()
+            # the MODEL's own sampling first (object patches), then every other tensor of model.model
+            copies = [(f"model_sampling.{n}", t) for n, t in self.sampling.named_buffers()] + \
+                list(model.model.named_parameters()) + list(model.model.named_buffers())
+            for name, t in copies:
+                if f"m.{name}" not in self.params:
                     self.params[f"m.{name}"] = t.detach().to(device=device, dtype=torch.float32 if t.is_floating_point()
                                                              else t.dtype, copy=True)
+        for name, t in self.params.items():  # the shadow holds the copies: nothing points at the loaded tensors
+            owner, leaf = _module_of(self.module, name.removeprefix("m."))
+            (owner._parameters if leaf in owner._parameters else owner._buffers)[leaf] = t
         self.sigmas = self.params.get("m.model_sampling.sigmas", self.sampling.sigmas.detach().float().to(device))
-        self.call = _Call(self.module, lambda m, x, s, c: m.apply_model(x, s, c_crossattn=c))
+        self.call = _Call(self.module, self._apply)
+
+    def _apply(self, m: nn.Module, x: Tensor, sigma: Tensor, cond: Tensor, pooled: Tensor | None) -> Tensor:
+        if not self.pooled:
+            return m.apply_model(x, sigma, c_crossattn=cond)
+        if pooled is None:
+            raise ValueError(f"this {self.family} model also reads the pooled text (SDXL's y); none was given")
+        h, w = x.shape[-2] * 8, x.shape[-1] * 8  # the image size, as the conditioning of a plain generation
+        y = m.encode_adm(pooled_output=pooled, width=w, height=h, crop_w=0, crop_h=0, target_width=w,
+                         target_height=h)
+        return m.apply_model(x, sigma, c_crossattn=cond, y=y)
+
+    def checkpointing(self, enabled: bool = True):
+        """Context: the family's blocks run under gradient checkpointing (``rece_core.train.checkpointed``),
+        their weights moved to the device per call when offloaded; yields how many blocks. Off and not
+        offloaded: a no-op."""
+        blocks = self.blocks if enabled or self.offload else []
+        return checkpointed(blocks, device=self.device if self.offload else None)
 
     def weight(self, key: str) -> Tensor:
-        """``diffusion_model.*`` weight as the model uses it (the copy), float32."""
-        return self.params[f"m.{key}"].float()
+        """``diffusion_model.*`` weight as the model uses it (the copy), float32, on the device."""
+        return self.params[f"m.{key}"].to(self.device, torch.float32)
 
-    def denoised(self, x: Tensor, sigma: Tensor, cond: Tensor, override: dict[str, Tensor] | None = None) -> Tensor:
+    def denoised(self, x: Tensor, sigma: Tensor, cond: Tensor, override: dict[str, Tensor] | None = None,
+                 pooled: Tensor | None = None) -> Tensor:
+        """``D(x, σ)`` ``[B, C, h, w]`` under the text rows ``cond`` ``[B, T, d]`` (and SDXL's pooled text
+        ``[B, d_pooled]``), with ``override`` (``diffusion_model.*`` → tensor) in place of those weights."""
         params = self.params if not override else {**self.params, **{f"m.{k}": v for k, v in override.items()}}
         if self.autocast is None:
-            return functional_call(self.call, params, (x, sigma, cond), strict=False)
+            return functional_call(self.call, params, (x, sigma, cond, pooled), strict=False)
         with torch.autocast(self.device.type, dtype=self.autocast):
-            return functional_call(self.call, params, (x, sigma, cond), strict=False).float()
+            return functional_call(self.call, params, (x, sigma, cond, pooled), strict=False).float()
 
     def loss(self, override: dict[str, Tensor] | None = None,
              overrides: Callable[[], dict[str, Tensor]] | None = None) -> Callable[..., Tensor]:
@@ -130,6 +233,61 @@ class Denoiser:
             return ((d.float() - x0).pow(2) * w).flatten(1).mean(1)
 
         return fn
+
+
+class TextEncoder:
+    """A CLIP's ``encode_token_weights`` (what ``CLIP.encode_from_tokens`` runs) on a :func:`shadow` of its
+    ``cond_stage_model`` whose weights are float32 copies on ``device`` as the CLIP uses them (its patches
+    applied: a LoRA, an earlier unlearning); ``encode(tokens, override)`` puts ``override`` (state-dict key
+    → tensor, e.g. trained weights) in their place. Gradients reach ``override``; the loaded CLIP is only read.
+    """
+
+    def __init__(self, clip, device: torch.device) -> None:
+        self.clip, self.device = clip, device
+        loaded = clip.cond_stage_model
+        self.module = shadow(loaded)
+        keys = [n for n, _ in loaded.named_parameters()]
+        with torch.inference_mode(False), torch.no_grad():
+            self.params = {k: w.detach() for k, w in host_weights.key_weights(clip.patcher, keys, device,
+                                                                               include_erasures=True)}
+            for n, t in loaded.named_buffers():
+                self.params.setdefault(n, t.detach().to(device=device, copy=True))
+        for name, t in self.params.items():
+            owner, leaf = _module_of(self.module, name)
+            (owner._parameters if leaf in owner._parameters else owner._buffers)[leaf] = t
+        self.call = _Call(self.module, self._encode)
+
+    def _encode(self, m: nn.Module, tokens) -> tuple[Tensor, Tensor | None]:
+        """As ``CLIP.encode_from_tokens`` once loaded: clip options reset, the clip-skip layer, the execution
+        device (current ComfyUI also encodes inside ``cuda_device_context``; 0.3.64 has neither)."""
+        m.reset_clip_options()
+        if getattr(self.clip, "layer_idx", None) is not None:
+            m.set_clip_options({"layer": self.clip.layer_idx})
+        m.set_clip_options({"execution_device": self.device})
+        context = getattr(comfy.model_management, "cuda_device_context", None)
+        if context is None:
+            out = m.encode_token_weights(tokens)
+        else:
+            with context(self.device):
+                out = m.encode_token_weights(tokens)
+        return out[0], out[1]
+
+    def encode(self, tokens, override: dict[str, Tensor] | None = None) -> tuple[Tensor, Tensor | None]:
+        """``(rows [1, T, d], pooled [1, d_p] or None)`` of one tokenized prompt."""
+        params = self.params if not override else {**self.params, **override}
+        # ComfyUI's CLIP adds its residuals in place (x += ...): tensors saved for backward are copies
+        with saved_copies():
+            return functional_call(self.call, {f"m.{k}": v for k, v in params.items()}, (tokens,), strict=False)
+
+
+def require_text_rows_unet(model, what: str) -> None:
+    """Refuse, for methods that condition on the text rows alone, models that also need pooled text or
+    more (SDXL's y) and the DiT families."""
+    arch, _ = host_weights.architecture(model)  # refuses unreadable weights, models without text
+    if arch.name != "unet" or getattr(model.model.diffusion_model, "num_classes", None) is not None:
+        raise ValueError(f"training on this {host_weights.model_type(model)} model is not supported yet: {what} "
+                         "SD1.x / SD2.x UNets (text rows only); SDXL also needs pooled-text and size conditioning, "
+                         "the DiT families their own inputs. A LoRA at a given alpha works on any model")
 
 
 def _clip_part(clip):

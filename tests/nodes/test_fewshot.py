@@ -286,32 +286,24 @@ def test_exported_lora_through_comfyuis_loader_equals_the_patch(trained, models_
 @pytest.mark.skipif(not ff.REAL, reason="real tier: ComfyUI's own CLIP classes")
 def test_gradient_through_comfyuis_clip_matches_finite_differences():
     """ComfyUI's CLIP layers add in place; under ``saved_copies`` the gradient is still the true one."""
-    from rece_core.train import autograd_safe, saved_copies
-
     clip = ff.real_clip(0)
-    clip.load_model()
-    m = load_pack().nodes.fewshot
+    te = load_pack().nodes.host.diffusion.TextEncoder(clip, torch.device("cpu"))
     key = "clip_l.transformer.text_model.encoder.layers.1.mlp.fc1.weight"
-    enc = clip.cond_stage_model
-    call = m._Call(enc, lambda tokens: m._encode_tokens(clip, tokens)[0])
     tokens = clip.tokenize(f"a photo of a {CONCEPT}")
     with torch.inference_mode(False):
-        frozen = autograd_safe(dict(enc.named_parameters()))
-        w = frozen[key].clone().requires_grad_(True)
+        w = te.params[key].clone().requires_grad_(True)
         direction = torch.randn(w.shape, generator=torch.Generator().manual_seed(0))
         probe = torch.randn(1, 77, ff.WIDTH, generator=torch.Generator().manual_seed(1))  # (a norm is ~constant)
 
         def f(weight):
-            params = {f"inner.{k}": v for k, v in frozen.items()} | {f"inner.{key}": weight}
-            return (torch.func.functional_call(call, params, (tokens,)) * probe).sum()
+            return (te.encode(tokens, {key: weight})[0] * probe).sum()
 
-        with saved_copies():
-            value = f(w)
+        value = f(w)
         value.backward()
         eps = 1e-2
         with torch.no_grad():
             fd = (f(w + eps * direction) - f(w - eps * direction)) / (2 * eps)
-    assert torch.equal(value.detach(), f(frozen[key]).detach())  # the same forward as ComfyUI's encode
+    assert torch.equal(value.detach(), f(te.params[key]).detach())  # the same forward as ComfyUI's encode
     assert torch.equal(value.detach(), (clip.encode_from_tokens(tokens) * probe).sum())
     assert float((w.grad * direction).sum()) == pytest.approx(float(fd), rel=2e-2)
 
@@ -395,9 +387,8 @@ def test_gradient_checkpointing_gives_the_same_result(monkeypatch):
     """With and without checkpointing the model's blocks, the trained change is bit-identical; the blocks
     really were checkpointed (real tier: ComfyUI's ResBlocks and SpatialTransformers; CI tier: the
     stand-in UNet as one block), and the loaded model is left without instance forwards."""
-    m = load_pack().nodes.fewshot
-    if not ff.REAL:
-        monkeypatch.setattr(m, "CHECKPOINT_BLOCKS", ("ToyUNet",))
+    if not ff.REAL:  # the stand-in UNet as one block
+        monkeypatch.setattr(load_pack().nodes.host.diffusion, "_block_classes", lambda _: ("ToyUNet",))
     clip, model, vae = ff.make(seed=3)
     imgs = ff.images(2, 64)
     _, off, report_off = run(clip, model, vae, imgs, epochs=1, gradient_checkpointing=False)
@@ -439,3 +430,138 @@ def test_bf16_autocast_runs_close_to_float32_with_float32_masters(monkeypatch):
     assert bf16.epoch_losses == pytest.approx(f32.epoch_losses, rel=0.05)
     with pytest.raises(ValueError, match="precision must be one of float32, bf16"):
         run(clip, model, vae, imgs, epochs=1, precision="fp8")
+
+
+def test_low_vram_keeps_the_models_blocks_in_cpu_memory_and_gives_the_same_result(monkeypatch):
+    """low_vram=on: the frozen model's checkpoint blocks are held in CPU memory and moved to the compute device
+    block by block (recomputed in the backward pass, so on even with gradient_checkpointing off); the trained
+    change is bit-identical to the run that holds every weight on the device."""
+    diffusion = load_pack().nodes.host.diffusion
+    if not ff.REAL:  # the stand-in UNet as one block
+        monkeypatch.setattr(diffusion, "_block_classes", lambda _: ("ToyUNet",))
+    clip, model, vae = ff.make(seed=4)
+    imgs = ff.images(2, 64)
+    moved = []
+    real_checkpointed = diffusion.checkpointed
+
+    def spy(blocks, device=None):
+        moved.append((len(blocks), device))
+        return real_checkpointed(blocks, device=device)
+
+    monkeypatch.setattr(diffusion, "checkpointed", spy)
+    _, held, report_held = run(clip, model, vae, imgs, epochs=1, gradient_checkpointing=False, low_vram="off")
+    _, streamed, report = run(clip, model, vae, imgs, epochs=1, gradient_checkpointing=False, low_vram="on")
+    assert moved[0] == (0, None) and moved[1][0] >= (8 if ff.REAL else 1) and moved[1][1] is not None
+    assert "low VRAM" in report and "low VRAM" not in report_held
+    assert streamed.epoch_losses == held.epoch_losses
+    assert all(torch.equal(held.deltas[k], streamed.deltas[k]) for k in held.deltas)
+    den = diffusion.Denoiser(model, torch.device("cpu"), offload=True)
+    in_blocks = {".".join(filter(None, ("m.diffusion_model", n, p)))
+                 for n, m in den.module.diffusion_model.named_modules()
+                 if any(m is b for b in den.blocks) for p, _ in m.named_parameters()}
+    assert in_blocks and all(den.params[k].device.type == "cpu" for k in in_blocks)
+    with pytest.raises(ValueError, match="low_vram must be one of auto, on, off"):
+        run(clip, model, vae, imgs, epochs=1, low_vram="yes")
+
+
+def _merged(model, key: str, delta: torch.Tensor):
+    """A fresh copy of ``model``'s module whose ``key`` weight has ``delta`` added, in a new patcher."""
+    import copy
+
+    import comfy.model_patcher
+    import comfy.utils
+
+    module = copy.deepcopy(model.model)
+    with torch.no_grad():
+        comfy.utils.get_attr(module, key).add_(delta)
+    return comfy.model_patcher.ModelPatcher(module, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+
+
+def test_trains_against_the_model_as_patched_whether_or_not_it_is_loaded():
+    """A LoRA-like patch on the MODEL (not loaded, so not in its weights) is seen by the loss exactly as if it
+    were merged into the weights; the loaded model stays bit-identical and unpatched."""
+    clip, model, vae = ff.make(seed=6)
+    imgs = ff.images(2, 64)
+    key = next(k for k, v in model.model.state_dict().items()
+               if k.startswith("diffusion_model.") and k.endswith("weight") and v.ndim == 2 and "to_v" in k)
+    w = model.model.state_dict()[key]
+    delta = 0.5 * torch.randn(w.shape, generator=torch.Generator().manual_seed(9)) * w.std()
+    patched = model.clone()
+    patched.add_patches({key: ("diff", (delta,))}, 1.0)
+    before = {k: v.clone() for k, v in model.model.state_dict().items()}
+    _, on_patch, _ = run(clip, patched, vae, imgs, epochs=1)
+    _, on_merged, _ = run(clip, _merged(model, key, delta), vae, imgs, epochs=1)
+    _, on_plain, _ = run(clip, model, vae, imgs, epochs=1)
+    assert on_patch.epoch_losses == pytest.approx(on_merged.epoch_losses, rel=1e-5)
+    assert on_patch.epoch_losses != pytest.approx(on_plain.epoch_losses, rel=1e-3)  # the patch matters
+    for k in on_patch.deltas:
+        torch.testing.assert_close(on_patch.deltas[k], on_merged.deltas[k], rtol=1e-4, atol=1e-9)
+    assert all(torch.equal(before[k], v) for k, v in model.model.state_dict().items())
+
+
+@pytest.mark.skipif(ff.REAL, reason="CI tier: the GGUF stand-in's layers on the stand-in UNet; the real tier loads "
+                                    "a GGUF file with ComfyUI-GGUF (tests/real/test_gguf_comfyui.py)")
+def test_trains_through_a_gguf_quantized_unet():
+    """The UNet's text readers as ComfyUI-GGUF's Q8_0 layers: the run equals the run on a float model holding
+    the dequantized weights, and the GGUF weights are left as they were."""
+    import copy
+
+    import comfy.model_patcher
+    from gguf_standin import GGMLLinear, dequantize_tensor, gguf_tensor
+
+    clip, model, vae = ff.make(seed=7)
+    imgs = ff.images(2, 64)
+    plain = copy.deepcopy(model.model)
+    quantized = copy.deepcopy(model.model)
+    for name in ("to_k", "to_v"):  # the text readers ([16, 32]: Q8_0 blocks are 32 wide)
+        w = getattr(model.model.diffusion_model, name).weight.detach()
+        t = gguf_tensor(w, "Q8_0")
+        setattr(quantized.diffusion_model, name, GGMLLinear(t))
+        with torch.no_grad():
+            getattr(plain.diffusion_model, name).weight.copy_(dequantize_tensor(t, torch.float32).as_subclass(torch.Tensor))
+    patcher = lambda m: comfy.model_patcher.ModelPatcher(m, load_device=torch.device("cpu"),  # noqa: E731
+                                                         offload_device=torch.device("cpu"))
+    stored = {n: p.as_subclass(torch.Tensor).clone() for n, p in quantized.named_parameters()}
+    _, on_gguf, _ = run(clip, patcher(quantized), vae, imgs, epochs=1)
+    _, on_float, _ = run(clip, patcher(plain), vae, imgs, epochs=1)
+    assert on_gguf.epoch_losses == pytest.approx(on_float.epoch_losses, rel=1e-6)
+    for k in on_gguf.deltas:
+        torch.testing.assert_close(on_gguf.deltas[k], on_float.deltas[k], rtol=1e-5, atol=1e-10)
+    assert all(torch.equal(stored[n], p.as_subclass(torch.Tensor)) for n, p in quantized.named_parameters())
+
+
+@pytest.mark.skipif(not ff.REAL, reason="real tier: ComfyUI's own partial (low-VRAM) load of a patched model")
+def test_a_partially_loaded_patched_model_is_read_with_its_patch_once():
+    """ComfyUI's low-VRAM load leaves a patched weight unmerged and applies the patch in the layer's forward
+    (``weight_function``). The training copy must compute with the patch once, as ComfyUI samples: the same
+    denoised output as from the model not loaded at all, and as ComfyUI's own partially loaded forward."""
+    diffusion = load_pack().nodes.host.diffusion
+    _, model, _ = ff.make(seed=2)
+    key = next(k for k in model.model.state_dict() if k.endswith("attn2.to_v.weight"))
+    w = model.model.state_dict()[key]
+    delta = torch.randn(w.shape, generator=torch.Generator().manual_seed(5)) * w.std()
+    patched = model.clone()
+    patched.add_patches({key: ("diff", (delta,))}, 1.0)
+    g = torch.Generator().manual_seed(0)
+    x, cond = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, ff.WIDTH, generator=g)
+    sigma = torch.tensor([2.0])
+    with torch.inference_mode():
+        reference = diffusion.Denoiser(patched, torch.device("cpu")).denoised(x, sigma, cond)
+    patched.load(torch.device("cpu"), lowvram_model_memory=1)  # ComfyUI's partial load: nothing fits
+    try:
+        layer = comfy_layer(patched, key)
+        assert layer.weight_function and layer.comfy_cast_weights  # the patch lives in the forward now
+        with torch.inference_mode():
+            comfy_out = patched.model.apply_model(x, sigma, c_crossattn=cond)
+            ours = diffusion.Denoiser(patched, torch.device("cpu")).denoised(x, sigma, cond)
+        torch.testing.assert_close(ours, reference, rtol=0, atol=0)
+        torch.testing.assert_close(ours, comfy_out.float(), rtol=1e-5, atol=1e-6)
+        assert layer.weight_function and layer.comfy_cast_weights  # and the loaded layer was left as it was
+    finally:
+        patched.unpatch_model()
+
+
+def comfy_layer(model, key: str):
+    import comfy.utils
+
+    return comfy.utils.get_attr(model.model, key.rsplit(".", 1)[0])

@@ -233,3 +233,30 @@ def test_derive_apply_save_load_export_on_gguf(unet_state, folder, models_dir):
     report = ExportErasureAsLoRA().export(model, erasure, "rece/gguf_lora", 0, "fp32")["result"][0]
     assert "exact" in report
     assert all(torch.equal(before[n], v) for n, v in stored(model).items())
+
+
+def test_fewshot_unlearning_trains_through_a_gguf_unet_as_through_its_dequantized_weights(unet_state, folder):
+    """Few-shot unlearning with the frozen model a Q8_0 GGUF file loaded by ComfyUI-GGUF: the same training as on
+    the file's weights dequantized into a float model (up to float32 arithmetic), the GGUF weights untouched."""
+    sys.path.insert(0, str(Path(__file__).parents[1]))
+    import fewshot_factory as ff
+    from conftest import load_pack
+
+    path = write_gguf(folder / "tiny_fewshot_q8.gguf", unet_state, "Q8_0", "Q8_0")
+    model = load_gguf(folder, path.name)
+    assert any(type(p).__name__ == "GGMLTensor" and str(p.tensor_type.name) == "Q8_0"
+               for p in model.model.parameters())
+    before = stored(model)
+    node = load_pack().nodes.fewshot.FewShotUnlearnConcept()
+    args = dict(concept="zorblat", concept_type="object", epochs=1, learning_rate=1e-4, seed=0,
+                parameters="mlp-final-attn", resolution=64, batch_size=2)
+    imgs = ff.images(2, 64)
+    with torch.inference_mode():
+        _, on_gguf, _ = node.unlearn(ff.real_clip(0, width=768), model, vae=ff.ToyVAE(0), images=imgs, **args)["result"]
+        _, on_float, _ = node.unlearn(ff.real_clip(0, width=768), dequantized_float_model(path), vae=ff.ToyVAE(0), images=imgs,
+                                      **args)["result"]
+    assert on_gguf.epoch_losses == pytest.approx(on_float.epoch_losses, rel=1e-4)
+    a = torch.cat([on_gguf.deltas[k].flatten() for k in sorted(on_gguf.deltas)])
+    b = torch.cat([on_float.deltas[k].flatten() for k in sorted(on_gguf.deltas)])
+    assert float((a - b).norm() / b.norm()) < 1e-3 and float(b.norm()) > 0
+    assert all(torch.equal(before[n], v) for n, v in stored(model).items())
