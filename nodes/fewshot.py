@@ -30,18 +30,21 @@ from .host import diffusion, run, weights
 CATEGORY = "model_patches/rece"
 UNLEARNING = "RECE_UNLEARNING"
 TITLE = "Few-shot Unlearn Concept"
-SUPPORTED = {"SD15": "SD1.x", "SD20": "SD2.x", "SDXL": "SDXL"}
+SUPPORTED = {"SD15": "SD1.x", "SD20": "SD2.x", "SDXL": "SDXL", "Flux": "Flux", "FluxSchnell": "Flux", "SD3": "SD3"}
 """Model families trained through: SD1.x/SD2.x (one CLIP encoder read by cross-attention only: the paper's
-case and CLIP-H) and SDXL (CLIP-L and bigG, both trained; bigG's pooled output also enters through the
-size conditioning ``y``). Others are refused with the reason (see docs/fewshot.md)."""
-ENCODERS = {"SD1.x": 1, "SD2.x": 1, "SDXL": 2}
+case and CLIP-H), SDXL (CLIP-L and bigG; bigG's pooled output also enters through the size conditioning
+``y``), Flux (T5-XXL's rows into ``txt_in``, CLIP-L's pooled vector into ``vector_in``) and SD3 (CLIP-L+G and
+T5 rows, pooled CLIP-L+G into ``y``). Others are refused with the reason (see docs/fewshot.md)."""
+ENCODERS = {"SD1.x": 1, "SD2.x": 1, "SDXL": 2, "Flux": 2, "SD3": 3}
+TEXT_ENCODERS = ("all", "clip_l", "clip_g", "t5xxl")
+"""Which of the CLIP's encoders are trained: all of them, or one (its state-dict prefix)."""
 PRECISIONS = {"float32": None, "bf16": torch.bfloat16}
 """What the models compute in while training: float32, or bfloat16 autocast (float32 master weights, gradients
 and Adam state either way)."""
 LOW_VRAM = ("auto", "on", "off")
 """Where the frozen model's weights live while training: ``on`` = CPU memory, each block moved to the GPU when it
 runs (``diffusion.Denoiser`` offload); ``auto`` = on when the copies would not fit in half the free GPU memory."""
-NOT_YET = ("SD3/Flux (CLIP with T5) and the DiT families (LLM encoders) are not supported yet")
+NOT_YET = "the DiT families with LLM text encoders (Qwen, Llama, Mistral, Gemma, UMT5 ...) are not supported yet"
 
 
 def parameterisation(model) -> tuple[str, float]:
@@ -61,9 +64,9 @@ def check_inputs(clip, model) -> tuple[str, list[str]]:
                          "checkpoint has no text encoder)")
     family = weights.model_type(model)
     if family not in SUPPORTED:
-        raise ValueError(f"{TITLE}: this {family} model is not supported: it trains through SD1.x, SD2.x and SDXL "
-                         f"models; {NOT_YET}")
-    if getattr(model.model, "concat_keys", ()) or (SUPPORTED[family] != "SDXL"
+        raise ValueError(f"{TITLE}: this {family} model is not supported: it trains through SD1.x, SD2.x, SDXL, "
+                         f"Flux and SD3 models; {NOT_YET}")
+    if getattr(model.model, "concat_keys", ()) or (SUPPORTED[family] in ("SD1.x", "SD2.x")
                                                   and getattr(model.model, "adm_channels", 0)):
         raise ValueError(f"{TITLE}: this {family} model takes more than the text (an inpainting or image-conditioned "
                          "model); use the plain text-to-image checkpoint of the family, whose CLIP is the same")
@@ -123,9 +126,11 @@ class FewShotUnlearnConcept:
                 "resolution": ("INT", {"default": 512, "min": 64, "max": 2048, "step": 8,
                                        "tooltip": "Images are resized to this square (paper: 512)."}),
                 "batch_size": ("INT", {"default": 2, "min": 1, "max": 64, "tooltip": "Images per step (paper: 2)."}),
-                "text_encoders": (["all", "clip_l", "clip_g"], {"default": "all",
-                                                                "tooltip": "SDXL: train both encoders (all), or only "
-                                                                           "CLIP-L or bigG. One-encoder CLIPs: all."}),
+                "text_encoders": (list(TEXT_ENCODERS), {"default": "all",
+                                                        "tooltip": "all: every encoder of the CLIP (SDXL: CLIP-L "
+                                                                   "and bigG; Flux: CLIP-L and T5-XXL; SD3: all "
+                                                                   "three), or only one. T5-XXL is large: see the "
+                                                                   "docs for its memory."}),
                 "precision": (list(PRECISIONS), {"default": "float32",
                                                  "tooltip": "float32: exact. bf16: the models run under bfloat16 "
                                                             "autocast (faster, less memory on GPUs with bf16), "
@@ -164,6 +169,8 @@ class FewShotUnlearnConcept:
             raise ValueError(f"{TITLE}: resolution must be a multiple of 8 (the VAE's scale), got {resolution}")
         family, clip_keys = check_inputs(clip, model)
         keys = trainable_keys(clip_keys, parameters)
+        if text_encoders not in TEXT_ENCODERS:
+            raise ValueError(f"{TITLE}: text_encoders must be one of {', '.join(TEXT_ENCODERS)}, got {text_encoders!r}")
         if text_encoders != "all":
             keys = [k for k in keys if k.startswith(f"{text_encoders}.")]
             if not keys:
@@ -211,7 +218,7 @@ class FewShotUnlearnConcept:
 
         def denoise(x, sigma, context):
             rows, pooled = context
-            return den.denoised(x, sigma, rows, pooled=pooled if den.pooled else None)
+            return den.denoised(x, sigma, rows, pooled=pooled)
 
         sigmas = den.sigmas.detach().float().cpu()
         progress = run.Progress(epochs * -(-latents.shape[0] // batch_size))
@@ -231,7 +238,8 @@ class FewShotUnlearnConcept:
                   + (f"\ngradient checkpointing: {n_checkpointed} blocks of the model" if n_checkpointed
                      else "\ngradient checkpointing: off")
                   + ("\nlow VRAM: the model's blocks were held in CPU memory and moved to the GPU one at a time"
-                     if den.offload else ""))
+                     if den.offload else "\nlow VRAM: not available for this family (its blocks cannot be "
+                     "recomputed); the model's weights were held on the device" if low_vram == "on" else ""))
         return {"ui": ui_report({"concept": unlearning.concept, "epoch_losses": unlearning.epoch_losses,
                                  "seconds": round(unlearning.seconds, 3), "parameters": result.parameters,
                                  "parameter_set": parameters, "device": str(device)}),
@@ -263,19 +271,27 @@ def apply_unlearning(clip, u: Unlearning, strength: float, node: str):
 
 
 _LORA_KEY = re.compile(r"^clip_([lhg])\.transformer\.text_model\.encoder\.layers\.(\d+)\.(.+)\.(weight|bias)$")
+_T5_KEY = re.compile(r"^t5xxl\.transformer\.(.+)\.weight$")
+LORA_PREFIXES = {"SD1.x": {"l": "lora_te", "h": "lora_te"}, "SD2.x": {"l": "lora_te", "h": "lora_te"},
+                 "SDXL": {"l": "lora_te1", "g": "lora_te2"}, "Flux": {"l": "lora_te1", "t5xxl": "lora_te2"},
+                 "SD3": {"l": "lora_te1", "g": "lora_te2", "t5xxl": "lora_te3"}}
+"""The kohya/OneTrainer prefix ComfyUI's LoRA loader (``comfy.lora.model_lora_keys_clip``) maps to each encoder of
+a family's CLIP: T5-XXL is ``lora_te2`` next to CLIP-L alone (Flux), ``lora_te3`` next to CLIP-L and G (SD3)."""
 
 
 def lora_te_key(key: str, family: str = "SD1.x") -> tuple[str, str]:
     """``clip_l.transformer.text_model.encoder.layers.3.mlp.fc1.weight`` →
-    (``lora_te_text_model_encoder_layers_3_mlp_fc1``, ``diff``) (``diff_b`` for a bias): the kohya names
-    ComfyUI's LoRA loader maps to SD1.x's CLIP-L and SD2.x's CLIP-H; SDXL: ``lora_te1_`` (CLIP-L) and
-    ``lora_te2_`` (bigG)."""
-    m = _LORA_KEY.match(key)
-    if m is None or m[1] not in ({"l", "g"} if family == "SDXL" else {"l", "h"}):
-        raise ValueError(f"no LoRA text-encoder name for weight {key} of a {family} text encoder")
-    prefix = {"l": "lora_te1", "g": "lora_te2"}[m[1]] if family == "SDXL" else "lora_te"
-    return f"{prefix}_text_model_encoder_layers_{m[2]}_{m[3].replace('.', '_')}", \
-        "diff" if m[4] == "weight" else "diff_b"
+    (``lora_te_text_model_encoder_layers_3_mlp_fc1``, ``diff``) (``diff_b`` for a bias), with the family's
+    prefix (``LORA_PREFIXES``); ``t5xxl.transformer.encoder.block.0.layer.1.DenseReluDense.wo.weight`` →
+    (``lora_te2_encoder_block_0_layer_1_DenseReluDense_wo``, ``diff``) on Flux."""
+    prefixes = LORA_PREFIXES.get(family, {})
+    m, t5 = _LORA_KEY.match(key), _T5_KEY.match(key)
+    if m is not None and m[1] in prefixes:
+        return f"{prefixes[m[1]]}_text_model_encoder_layers_{m[2]}_{m[3].replace('.', '_')}", \
+            "diff" if m[4] == "weight" else "diff_b"
+    if t5 is not None and "t5xxl" in prefixes:
+        return f"{prefixes['t5xxl']}_{t5[1].replace('.', '_')}", "diff"
+    raise ValueError(f"no LoRA text-encoder name for weight {key} of a {family} text encoder")
 
 
 class SaveUnlearning:

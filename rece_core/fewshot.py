@@ -54,8 +54,13 @@ CONCEPT_TYPES = {"object": OBJECT_TEMPLATES, "style": STYLE_TEMPLATES}
 
 # which weights of a CLIP text encoder are trained (the paper's names; its default first)
 PARAMETER_SETS = ("mlp-final-attn", "mlp-only", "mlp-attn", "attn-only")
-_LAYER = re.compile(r"^(?P<prefix>.*\.encoder\.layers\.)(?P<i>\d+)\.(?P<part>mlp\.fc[12]|self_attn\.(?:q|k|v|out)_proj)"
-                    r"\.(?:weight|bias)$")
+_CLIP_LAYER = (r"(?P<prefix>.*\.encoder\.layers\.)(?P<i>\d+)\.(?P<part>mlp\.fc[12]|self_attn\.(?:q|k|v|out)_proj)"
+               r"\.(?:weight|bias)")
+# T5 (ComfyUI's comfy/text_encoders/t5.py): block N = layer.0 self-attention (q, k, v, o), layer.1 the MLP
+# (DenseReluDense: wi, or the gated wi_0 / wi_1, then wo); no biases
+_T5_LAYER = (r"(?P<t5prefix>.*\.encoder\.block\.)(?P<j>\d+)\.layer\.(?P<t5part>0\.SelfAttention\.[qkvo]"
+             r"|1\.DenseReluDense\.(?:wi|wi_0|wi_1|wo))\.weight")
+_LAYER = re.compile(f"^(?:{_CLIP_LAYER}|{_T5_LAYER})$")
 
 
 def trainable_keys(keys: Sequence[str], parameter_set: str) -> list[str]:
@@ -63,21 +68,29 @@ def trainable_keys(keys: Sequence[str], parameter_set: str) -> list[str]:
 
     ``mlp-final-attn``: every layer's MLP (``mlp.fc1``, ``mlp.fc2``) and the last layer's
     self-attention (``q/k/v/out_proj``); ``mlp-only``; ``mlp-attn`` (every MLP and attention);
-    ``attn-only``. The last layer is the highest index under each encoder's prefix.
+    ``attn-only``. The last layer is the highest index under each encoder's prefix. T5 blocks (Flux's and
+    SD3's ``t5xxl``) by the same rule: MLP = ``layer.1.DenseReluDense.*``, attention = ``layer.0.SelfAttention.*``.
     """
     if parameter_set not in PARAMETER_SETS:
         raise ValueError(f"parameters to train must be one of {', '.join(PARAMETER_SETS)}, got {parameter_set!r}")
     found = [(k, m) for k in keys if (m := _LAYER.match(k))]
     if not found:
-        raise ValueError("this text encoder has no CLIP-style layers (encoder.layers.N.mlp.fc1 / self_attn.q_proj); "
-                         "few-shot unlearning trains CLIP text encoders only")
+        raise ValueError("this text encoder has no CLIP or T5 layers (encoder.layers.N.mlp.fc1, encoder.block.N.layer"
+                         ".1.DenseReluDense); few-shot unlearning trains CLIP and T5 text encoders")
     last: dict[str, int] = {}
+
+    def where(m: re.Match) -> tuple[str, int, bool]:  # (encoder prefix, layer index, is the MLP)
+        if m["prefix"] is not None:
+            return m["prefix"], int(m["i"]), m["part"].startswith("mlp.")
+        return m["t5prefix"], int(m["j"]), m["t5part"].startswith("1.")
+
     for _, m in found:
-        last[m["prefix"]] = max(last.get(m["prefix"], -1), int(m["i"]))
+        prefix, i, _ = where(m)
+        last[prefix] = max(last.get(prefix, -1), i)
     out = []
     for k, m in found:
-        mlp = m["part"].startswith("mlp.")
-        final = int(m["i"]) == last[m["prefix"]]
+        prefix, i, mlp = where(m)
+        final = i == last[prefix]
         if (parameter_set == "mlp-final-attn" and (mlp or final)) or (parameter_set == "mlp-only" and mlp) \
                 or parameter_set == "mlp-attn" or (parameter_set == "attn-only" and not mlp):
             out.append(k)

@@ -211,7 +211,11 @@ def _checkpointed_forward(module: torch.nn.Module, depth: list[int], device: tor
 
         def fn(*a):
             moved = params if device is None else {k: v.to(device, non_blocking=True) for k, v in params.items()}
-            return torch.func.functional_call(run, moved, (a, kwargs))
+            # the module gets copies of its tensor inputs: a block that adds into its input in place (Flux's
+            # ``img += ...``) must not change the inputs the recompute starts from
+            a = tuple(t.clone() if isinstance(t, Tensor) else t for t in a)
+            kw = {k: v.clone() if isinstance(v, Tensor) else v for k, v in kwargs.items()}
+            return torch.func.functional_call(run, moved, (a, kw))
 
         if not torch.is_grad_enabled():
             return fn(*args)

@@ -14,6 +14,7 @@ trained tensors (LoRA factors, embeddings) and the loaded MODEL and CLIP are nev
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import types
 from collections.abc import Callable
@@ -143,6 +144,13 @@ class Denoiser:
         self.module.model_sampling = self.sampling = shadow(sampling)  # the MODEL's own (object patches)
         self.kind = parameterisation(self.sampling)
         self.pooled = bool(getattr(model.model, "adm_channels", 0)) and hasattr(model.model, "encode_adm")
+        try:
+            arch = architectures.detect(self.family, list(model.model.state_dict().keys()))[0]
+        except ValueError:  # no text reader this pack knows: trained through as a plain text-rows model
+            arch = None
+        self.guidance = arch.guidance if arch is not None else None  # Flux's distilled guidance (ComfyUI's default)
+        self.in_place = arch is not None and arch.name != "unet"  # DiT blocks add into saved tensors in place
+        self.recomputed = False
         block_classes = _block_classes(self.module.diffusion_model)
         self.blocks = [m for m in self.module.diffusion_model.modules() if type(m).__name__ in block_classes]
         in_blocks = {".".join(filter(None, ("m.diffusion_model", n, p)))
@@ -183,21 +191,35 @@ class Denoiser:
         self.call = _Call(self.module, self._apply)
 
     def _apply(self, m: nn.Module, x: Tensor, sigma: Tensor, cond: Tensor, pooled: Tensor | None) -> Tensor:
-        if not self.pooled:
-            return m.apply_model(x, sigma, c_crossattn=cond)
-        if pooled is None:
+        """ComfyUI's sampling call: ``y`` from the model's own ``encode_adm`` (SDXL: pooled bigG + the image size
+        as a plain generation's conditioning gives it; Flux, SD3: the pooled vector; SD1.x: none), Flux's
+        distilled guidance at ComfyUI's default."""
+        kwargs = {}
+        if pooled is not None:
+            h, w = x.shape[-2] * 8, x.shape[-1] * 8
+            y = m.encode_adm(pooled_output=pooled, width=w, height=h, crop_w=0, crop_h=0, target_width=w,
+                             target_height=h)
+            if y is not None:
+                kwargs["y"] = y
+        elif self.pooled:
             raise ValueError(f"this {self.family} model also reads the pooled text (SDXL's y); none was given")
-        h, w = x.shape[-2] * 8, x.shape[-1] * 8  # the image size, as the conditioning of a plain generation
-        y = m.encode_adm(pooled_output=pooled, width=w, height=h, crop_w=0, crop_h=0, target_width=w,
-                         target_height=h)
-        return m.apply_model(x, sigma, c_crossattn=cond, y=y)
+        if self.guidance is not None:
+            kwargs["guidance"] = torch.full((x.shape[0],), float(self.guidance), device=x.device)
+        return m.apply_model(x, sigma, c_crossattn=cond, **kwargs)
 
+    @contextlib.contextmanager
     def checkpointing(self, enabled: bool = True):
         """Context: the family's blocks run under gradient checkpointing (``rece_core.train.checkpointed``),
-        their weights moved to the device per call when offloaded; yields how many blocks. Off and not
-        offloaded: a no-op."""
+        their weights moved to the device per call when offloaded (so always checkpointed then); yields how
+        many blocks. Off and not offloaded: the blocks run as they are, and on the DiT families, whose blocks
+        add into tensors autograd saved (Flux's ``txt += ...``), what autograd saves is copied."""
         blocks = self.blocks if enabled or self.offload else []
-        return checkpointed(blocks, device=self.device if self.offload else None)
+        with checkpointed(blocks, device=self.device if self.offload else None) as n:
+            self.recomputed = n > 0
+            try:
+                yield n
+            finally:
+                self.recomputed = False
 
     def weight(self, key: str) -> Tensor:
         """``diffusion_model.*`` weight as the model uses it (the copy), float32, on the device."""
@@ -208,10 +230,12 @@ class Denoiser:
         """``D(x, σ)`` ``[B, C, h, w]`` under the text rows ``cond`` ``[B, T, d]`` (and SDXL's pooled text
         ``[B, d_pooled]``), with ``override`` (``diffusion_model.*`` → tensor) in place of those weights."""
         params = self.params if not override else {**self.params, **{f"m.{k}": v for k, v in override.items()}}
-        if self.autocast is None:
-            return functional_call(self.call, params, (x, sigma, cond, pooled), strict=False)
-        with torch.autocast(self.device.type, dtype=self.autocast):
-            return functional_call(self.call, params, (x, sigma, cond, pooled), strict=False).float()
+        copies = saved_copies() if self.in_place and not self.recomputed else contextlib.nullcontext()
+        with copies:
+            if self.autocast is None:
+                return functional_call(self.call, params, (x, sigma, cond, pooled), strict=False)
+            with torch.autocast(self.device.type, dtype=self.autocast):
+                return functional_call(self.call, params, (x, sigma, cond, pooled), strict=False).float()
 
     def loss(self, override: dict[str, Tensor] | None = None,
              overrides: Callable[[], dict[str, Tensor]] | None = None) -> Callable[..., Tensor]:

@@ -181,8 +181,8 @@ def test_bad_input_refused(kw, match):
 
 @pytest.mark.skipif(ff.REAL, reason="CI tier: the unsupported family is a stand-in config")
 def test_unsupported_family_refused():
-    clip, model, vae = ff.make(seed=0, config=ff.Flux)
-    with pytest.raises(ValueError, match="Flux model is not supported.*SD1.x, SD2.x and SDXL"):
+    clip, model, vae = ff.make(seed=0, config=type("QwenImage", (), {}))
+    with pytest.raises(ValueError, match="QwenImage model is not supported.*SD1.x, SD2.x, SDXL, Flux and SD3.*LLM"):
         run(clip, model, vae, ff.images(2, 64))
 
 

@@ -1,0 +1,315 @@
+"""Seeded Flux-family CLIP, MODEL and VAE for the few-shot unlearning tests, on whichever tier is on the path.
+
+Real tier: ComfyUI's own ``FluxClipModel`` (its CLIP-L ``SDClipModel`` and its ``T5`` classes, small configs)
+with ComfyUI's ``FluxTokenizer`` (T5 padded to 16 rows through its ``t5xxl_min_length`` knob), and ComfyUI's
+``Flux`` model (``supported_models.Flux``, tiny config of ``tests/dit_factory.py``), seeded.
+CI tier: small modules of our own with the same text path and key names: ``clip_l`` a CLIP text model
+(``fewshot_factory.ToyTextModel``), ``t5xxl`` a T5 encoder stack (``transformer.encoder.block.N.layer.0.
+SelfAttention.{q,k,v,o}``, ``layer.1.DenseReluDense.{wi_0,wi_1,wo}``), ``encode_token_weights`` returning T5's rows
+and CLIP-L's pooled vector as ``FluxClipModel`` does; a ``BaseModel``-shaped Flux whose ``encode_adm`` returns the
+pooled vector (ComfyUI's ``Flux.encode_adm``) and whose network reads the T5 rows (``txt_in``), the pooled vector
+(``vector_in``) and the distilled guidance (``guidance_in``).
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import torch
+from torch import nn
+
+from fewshot_factory import REAL, TINY_CLIP, ToyTextModel, seed_module
+
+T5_WIDTH = 256  # dit_factory's Flux: context_in_dim
+CLIP_WIDTH = 48  # dit_factory's Flux: vec_in_dim
+T5_ROWS = 16
+TINY_T5 = {"d_ff": 128, "d_kv": 32, "d_model": T5_WIDTH, "num_heads": 4, "num_layers": 2, "dense_act_fn": "gelu_pytorch_tanh",
+           "is_gated_act": True, "layer_norm_epsilon": 1e-6, "model_type": "t5", "relative_attention_num_buckets": 32,
+           "vocab_size": 32128, "pad_token_id": 0, "eos_token_id": 1, "decoder_start_token_id": 0,
+           "is_encoder_decoder": True, "tie_word_embeddings": False}
+
+
+# --------------------------------------------------------------------------- CI tier
+
+class _T5Attention(nn.Module):
+    def __init__(self, d: int, inner: int, heads: int) -> None:
+        super().__init__()
+        self.q, self.k, self.v = (nn.Linear(d, inner, bias=False) for _ in range(3))
+        self.o = nn.Linear(inner, d, bias=False)
+        self.heads = heads
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = (p(x).view(b, t, self.heads, -1).transpose(1, 2) for p in (self.q, self.k, self.v))
+        a = (q @ k.transpose(-1, -2)).softmax(-1) @ v  # T5: no 1/√d scaling
+        return self.o(a.transpose(1, 2).reshape(b, t, -1))
+
+
+class _T5Norm(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x):
+        return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+
+class _T5Layer0(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.layer_norm, self.SelfAttention = _T5Norm(d), _T5Attention(d, 2 * d, 2)
+
+    def forward(self, x):
+        return x + self.SelfAttention(self.layer_norm(x))
+
+
+class _GatedFF(nn.Module):
+    def __init__(self, d: int, ff: int) -> None:
+        super().__init__()
+        self.wi_0, self.wi_1, self.wo = nn.Linear(d, ff, bias=False), nn.Linear(d, ff, bias=False), nn.Linear(ff, d, bias=False)
+
+    def forward(self, x):
+        return self.wo(torch.nn.functional.gelu(self.wi_0(x), approximate="tanh") * self.wi_1(x))
+
+
+class _T5Layer1(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.layer_norm, self.DenseReluDense = _T5Norm(d), _GatedFF(d, 2 * d)
+
+    def forward(self, x):
+        return x + self.DenseReluDense(self.layer_norm(x))
+
+
+class _T5Block(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.layer = nn.ModuleList([_T5Layer0(d), _T5Layer1(d)])
+
+    def forward(self, x):
+        return self.layer[1](self.layer[0](x))
+
+
+class ToyT5(nn.Module):
+    """``t5xxl``: ``transformer.shared`` embedding, ``transformer.encoder.block.N``, final RMS norm (ComfyUI's T5)."""
+
+    def __init__(self, d: int = 32, layers: int = 2, vocab: int = 128) -> None:
+        super().__init__()
+        self.transformer = nn.Module()
+        self.transformer.shared = nn.Embedding(vocab, d)
+        self.transformer.encoder = nn.Module()
+        self.transformer.encoder.block = nn.ModuleList(_T5Block(d) for _ in range(layers))
+        self.transformer.encoder.final_layer_norm = _T5Norm(d)
+
+    def forward(self, ids):
+        x = self.transformer.shared(ids)
+        for block in self.transformer.encoder.block:
+            x = block(x)
+        return self.transformer.encoder.final_layer_norm(x)
+
+
+class ToyFluxClipModel(nn.Module):
+    """``FluxClipModel``: ``clip_l`` and ``t5xxl``; ``encode_token_weights`` → (T5's rows, CLIP-L's pooled)."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        self.clip_l = seed_module(ToyTextModel(d=CLIP_WIDTH // 2), seed, 1.0)
+        self.t5xxl = seed_module(ToyT5(d=32), seed + 1, 1.0)
+        self.options: dict = {}
+
+    def set_clip_options(self, options):
+        self.options.update(options)
+
+    def reset_clip_options(self):
+        self.options = {}
+
+    def encode_token_weights(self, token_weight_pairs):
+        t5 = torch.tensor([[t[0] for t in chunk] for chunk in token_weight_pairs["t5xxl"]])
+        rows = torch.cat(list(self.t5xxl(t5)), dim=0).unsqueeze(0)
+        ids = torch.tensor([[t[0] for t in chunk] for chunk in token_weight_pairs["l"]])
+        out = self.clip_l(ids)
+        return rows, out[0:1, ids[0].tolist().index(2)]
+
+
+class ToyFluxTokenizer:
+    """CLIP-L: 77 tokens (1 start, 2 end/pad); T5: words then 1 (end), padded with 0 to ``T5_ROWS``."""
+
+    def tokenize_with_weights(self, text: str, return_word_ids=False, **kwargs):
+        words = [3 + zlib.crc32(w.lower().encode()) % 125 for w in text.split()]
+        ids = [1] + words[:75] + [2]
+        ids += [2] * (77 - len(ids))
+        t5 = words + [1]
+        t5 += [0] * max(0, T5_ROWS - len(t5))
+        return {"l": [[(i, 1.0) for i in ids]], "t5xxl": [[(i, 1.0) for i in t5]]}
+
+
+class ToyFluxNet(nn.Module):
+    """Flux-shaped network: image in, txt_in over the T5 rows, vector_in over the pooled vector, guidance_in,
+    one joint attention, image out: ``[B, 16, h, w]``."""
+
+    def __init__(self, ch: int = 32) -> None:
+        super().__init__()
+        self.img_in = nn.Conv2d(16, ch, 1)
+        self.txt_in = nn.Linear(32, ch)
+        self.vector_in = nn.Linear(CLIP_WIDTH // 2, ch)
+        self.guidance_in = nn.Linear(1, ch)
+        self.time_in = nn.Linear(1, ch)
+        self.qkv = nn.Linear(ch, 3 * ch)
+        self.final = nn.Conv2d(ch, 16, 1)
+
+    def forward(self, x, timesteps, context=None, y=None, guidance=None, control=None, transformer_options={},
+                **kwargs):
+        b, _, h, w = x.shape
+        img = self.img_in(x).flatten(2).transpose(1, 2)
+        txt = self.txt_in(context)
+        vec = self.vector_in(y) + self.time_in(timesteps.float()[:, None] / 1000) + self.guidance_in(guidance.float()[:, None] / 10)
+        seq = torch.cat([txt, img], dim=1) * (1 + torch.tanh(vec))[:, None]
+        q, k, v = self.qkv(seq).chunk(3, dim=-1)
+        seq = seq + (q @ k.transpose(1, 2) / math.sqrt(q.shape[-1])).softmax(-1) @ v
+        out = seq[:, txt.shape[1]:].transpose(1, 2).reshape(b, -1, h, w)
+        return self.final(torch.nn.functional.silu(out))
+
+
+class _FluxLatent:
+    latent_channels = 16
+
+    def process_in(self, latent):
+        return (latent - 0.1159) * 0.3611  # Flux's shift and scale
+
+
+class ToyFluxModel(nn.Module):
+    """``comfy.model_base.Flux``-shaped: flow (CONST) sampling with Flux's shifted sigmas, ``encode_adm`` = the
+    pooled vector, ``apply_model(x, σ, c_crossattn, y, guidance)``."""
+
+    def __init__(self, seed: int = 0) -> None:
+        import comfy.model_sampling as ms
+
+        super().__init__()
+        self.diffusion_model = seed_module(ToyFluxNet(), seed + 7)
+        self.model_sampling = type("ModelSampling", (ms.ModelSamplingDiscreteFlow, ms.CONST), {})()
+        self.latent_format = _FluxLatent()
+        self.model_config = type("Flux", (), {"unet_config": {}})()
+        self.adm_channels = 0
+        self.device = torch.device("cpu")
+
+    def process_latent_in(self, latent):
+        return self.latent_format.process_in(latent)
+
+    def encode_adm(self, **kwargs):
+        return kwargs["pooled_output"]
+
+    def apply_model(self, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
+        xc = self.model_sampling.calculate_input(t, x)
+        timestep = self.model_sampling.timestep(t).float()
+        out = self.diffusion_model(xc, timestep, context=c_crossattn, y=kwargs.get("y"),
+                                   guidance=kwargs.get("guidance")).float()
+        return self.model_sampling.calculate_denoised(t, out, x)
+
+
+class ToyVAE16:
+    """``VAE.encode`` for a 16-channel latent space: 8×8 mean pool and a fixed mix."""
+
+    def __init__(self, seed: int = 0) -> None:
+        self.mix = torch.randn(16, 3, generator=torch.Generator().manual_seed(seed + 11))
+
+    def encode(self, pixel_samples):
+        x = torch.nn.functional.avg_pool2d(pixel_samples.movedim(-1, 1)[:, :3] * 2 - 1, 8)
+        return torch.einsum("oc,bchw->bohw", self.mix, x) * 3.0
+
+
+# --------------------------------------------------------------------------- real tier
+
+def real_flux_clip(seed: int = 0):
+    """ComfyUI's ``CLIP`` of ``FluxClipModel`` (CLIP-L 48 wide, T5 256 wide, 2 layers) and ``FluxTokenizer``."""
+    import comfy.sd
+    import comfy.sd1_clip
+    import comfy.text_encoders.flux
+    import comfy.text_encoders.t5
+
+    class TinyFluxClip(comfy.text_encoders.flux.FluxClipModel):
+        def __init__(self, device="cpu", dtype=None, model_options={}):
+            nn.Module.__init__(self)
+            self.clip_l = comfy.sd1_clip.SDClipModel(
+                device=device, dtype=dtype, return_projected_pooled=False, model_options=model_options,
+                textmodel_json_config=dict(TINY_CLIP, hidden_size=CLIP_WIDTH, intermediate_size=4 * CLIP_WIDTH,
+                                           projection_dim=CLIP_WIDTH))
+            # as comfy.text_encoders.sd3_clip.T5XXLModel, with a small config
+            self.t5xxl = comfy.sd1_clip.SDClipModel(
+                device=device, layer="last", textmodel_json_config=dict(TINY_T5), dtype=dtype,
+                special_tokens={"end": 1, "pad": 0}, model_class=comfy.text_encoders.t5.T5,
+                enable_attention_masks=False, return_attention_masks=False,
+                model_options={**model_options, "model_name": "t5xxl"})
+            self.dtypes = {dtype}
+
+    class Target:
+        clip = TinyFluxClip
+        tokenizer = comfy.text_encoders.flux.FluxTokenizer
+        params: dict = {}
+
+    clip = comfy.sd.CLIP(target=Target(), tokenizer_data={"t5xxl_min_length": T5_ROWS}, parameters=12_000_000)
+    seed_module(clip.cond_stage_model, seed)
+    return clip
+
+
+def real_flux_model(seed: int = 0):
+    """ComfyUI's ``Flux`` (``supported_models.Flux``, dit_factory's tiny config) in a ModelPatcher."""
+    from dit_factory import FAMILIES, _real_model
+
+    return _real_model(FAMILIES["flux"], seed)
+
+
+def make_flux(seed: int = 0):
+    """(clip, model, vae) of the Flux family for the tier in use."""
+    import comfy.model_patcher
+
+    if REAL:
+        return real_flux_clip(seed), real_flux_model(seed), ToyVAE16(seed)
+    clip = ToyFluxCLIP(seed)
+    model = comfy.model_patcher.ModelPatcher(ToyFluxModel(seed), load_device=torch.device("cpu"),
+                                             offload_device=torch.device("cpu"))
+    return clip, model, ToyVAE16(seed)
+
+
+class ToyFluxCLIP:
+    """``comfy.sd.CLIP``-shaped around ``ToyFluxClipModel`` (as ``fewshot_factory.ToyCLIP``)."""
+
+    def __init__(self, seed: int = 0, no_init: bool = False) -> None:
+        if no_init:
+            return
+        import comfy.model_patcher
+
+        self.cond_stage_model = ToyFluxClipModel(seed)
+        self.tokenizer = ToyFluxTokenizer()
+        self.patcher = comfy.model_patcher.ModelPatcher(self.cond_stage_model, load_device=torch.device("cpu"),
+                                                        offload_device=torch.device("cpu"))
+        self.layer_idx = None
+
+    def clone(self):
+        n = ToyFluxCLIP(no_init=True)
+        n.patcher, n.cond_stage_model, n.tokenizer, n.layer_idx = (self.patcher.clone(), self.cond_stage_model,
+                                                                    self.tokenizer, self.layer_idx)
+        return n
+
+    def add_patches(self, patches, strength_patch=1.0, strength_model=1.0):
+        return self.patcher.add_patches(patches, strength_patch, strength_model)
+
+    def load_model(self):
+        import comfy.model_management
+
+        comfy.model_management.load_model_gpu(self.patcher)
+        return self.patcher
+
+    def get_key_patches(self):
+        return self.patcher.get_key_patches()
+
+    def tokenize(self, text, return_word_ids=False, **kwargs):
+        return self.tokenizer.tokenize_with_weights(text, return_word_ids, **kwargs)
+
+    def encode_from_tokens(self, tokens, return_pooled=False, return_dict=False):
+        self.cond_stage_model.reset_clip_options()
+        self.load_model()
+        cond, pooled = self.cond_stage_model.encode_token_weights(tokens)[:2]
+        if return_dict:
+            return {"cond": cond, "pooled_output": pooled}
+        return (cond, pooled) if return_pooled else cond
