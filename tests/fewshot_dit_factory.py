@@ -132,6 +132,30 @@ class ToyFluxClipModel(nn.Module):
         return rows, out[0:1, ids[0].tolist().index(2)]
 
 
+SD3_PAD = 64  # the stand-in SD3's row width (ComfyUI pads CLIP-L+G's rows to T5-XXL's 4096)
+
+
+class ToySD3ClipModel(ToyFluxClipModel):
+    """``SD3ClipModel``: ``clip_l``, ``clip_g``, ``t5xxl``; rows = CLIP-L+G side by side, zero-padded to the T5
+    width, then T5's rows; pooled = CLIP-L's and G's pooled vectors side by side."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__(seed)
+        self.clip_g = seed_module(ToyTextModel(d=CLIP_WIDTH // 2), seed + 2, 1.0)
+        self.t5xxl = seed_module(ToyT5(d=SD3_PAD), seed + 1, 1.0)
+
+    def encode_token_weights(self, token_weight_pairs):
+        pooled, rows = [], []
+        for name in ("l", "g"):
+            ids = torch.tensor([[t[0] for t in chunk] for chunk in token_weight_pairs[name]])
+            out = getattr(self, f"clip_{name}")(ids)
+            rows.append(out[0])
+            pooled.append(out[0:1, ids[0].tolist().index(2)])
+        lg = torch.nn.functional.pad(torch.cat(rows, dim=-1), (0, SD3_PAD - 2 * rows[0].shape[-1]))
+        t5 = self.t5xxl(torch.tensor([[t[0] for t in chunk] for chunk in token_weight_pairs["t5xxl"]]))[0]
+        return torch.cat([lg, t5]).unsqueeze(0), torch.cat(pooled, dim=-1)
+
+
 class ToyFluxTokenizer:
     """CLIP-L: 77 tokens (1 start, 2 end/pad); T5: words then 1 (end), padded with 0 to ``T5_ROWS``."""
 
@@ -141,19 +165,25 @@ class ToyFluxTokenizer:
         ids += [2] * (77 - len(ids))
         t5 = words + [1]
         t5 += [0] * max(0, T5_ROWS - len(t5))
-        return {"l": [[(i, 1.0) for i in ids]], "t5xxl": [[(i, 1.0) for i in t5]]}
+        out = {"l": [[(i, 1.0) for i in ids]], "t5xxl": [[(i, 1.0) for i in t5]]}
+        if self.sd3:
+            out["g"] = out["l"]
+        return out
+
+    def __init__(self, sd3: bool = False) -> None:
+        self.sd3 = sd3
 
 
 class ToyFluxNet(nn.Module):
     """Flux-shaped network: image in, txt_in over the T5 rows, vector_in over the pooled vector, guidance_in,
     one joint attention, image out: ``[B, 16, h, w]``."""
 
-    def __init__(self, ch: int = 32) -> None:
+    def __init__(self, ch: int = 32, context: int = 32, pooled: int = CLIP_WIDTH // 2, guidance: bool = True) -> None:
         super().__init__()
         self.img_in = nn.Conv2d(16, ch, 1)
-        self.txt_in = nn.Linear(32, ch)
-        self.vector_in = nn.Linear(CLIP_WIDTH // 2, ch)
-        self.guidance_in = nn.Linear(1, ch)
+        self.txt_in = nn.Linear(context, ch)
+        self.vector_in = nn.Linear(pooled, ch)
+        self.guidance_in = nn.Linear(1, ch) if guidance else None
         self.time_in = nn.Linear(1, ch)
         self.qkv = nn.Linear(ch, 3 * ch)
         self.final = nn.Conv2d(ch, 16, 1)
@@ -163,7 +193,9 @@ class ToyFluxNet(nn.Module):
         b, _, h, w = x.shape
         img = self.img_in(x).flatten(2).transpose(1, 2)
         txt = self.txt_in(context)
-        vec = self.vector_in(y) + self.time_in(timesteps.float()[:, None] / 1000) + self.guidance_in(guidance.float()[:, None] / 10)
+        vec = self.vector_in(y) + self.time_in(timesteps.float()[:, None] / 1000)
+        if self.guidance_in is not None:
+            vec = vec + self.guidance_in(guidance.float()[:, None] / 10)
         seq = torch.cat([txt, img], dim=1) * (1 + torch.tanh(vec))[:, None]
         q, k, v = self.qkv(seq).chunk(3, dim=-1)
         seq = seq + (q @ k.transpose(1, 2) / math.sqrt(q.shape[-1])).softmax(-1) @ v
@@ -182,14 +214,15 @@ class ToyFluxModel(nn.Module):
     """``comfy.model_base.Flux``-shaped: flow (CONST) sampling with Flux's shifted sigmas, ``encode_adm`` = the
     pooled vector, ``apply_model(x, σ, c_crossattn, y, guidance)``."""
 
-    def __init__(self, seed: int = 0) -> None:
+    def __init__(self, seed: int = 0, family: str = "Flux") -> None:
         import comfy.model_sampling as ms
 
         super().__init__()
-        self.diffusion_model = seed_module(ToyFluxNet(), seed + 7)
+        net = ToyFluxNet() if family == "Flux" else ToyFluxNet(context=SD3_PAD, pooled=CLIP_WIDTH, guidance=False)
+        self.diffusion_model = seed_module(net, seed + 7)
         self.model_sampling = type("ModelSampling", (ms.ModelSamplingDiscreteFlow, ms.CONST), {})()
         self.latent_format = _FluxLatent()
-        self.model_config = type("Flux", (), {"unet_config": {}})()
+        self.model_config = type(family, (), {"unet_config": {}})()
         self.adm_channels = 0
         self.device = torch.device("cpu")
 
@@ -259,28 +292,85 @@ def real_flux_model(seed: int = 0):
     return _real_model(FAMILIES["flux"], seed)
 
 
-def make_flux(seed: int = 0):
-    """(clip, model, vae) of the Flux family for the tier in use."""
+def make_flux(seed: int = 0, family: str = "Flux"):
+    """(clip, model, vae) of the Flux family (or ``family="SD3"``) for the tier in use."""
     import comfy.model_patcher
 
     if REAL:
+        if family == "SD3":
+            return real_sd3_clip(seed), real_sd3_model(seed), ToyVAE16(seed)
         return real_flux_clip(seed), real_flux_model(seed), ToyVAE16(seed)
-    clip = ToyFluxCLIP(seed)
-    model = comfy.model_patcher.ModelPatcher(ToyFluxModel(seed), load_device=torch.device("cpu"),
+    clip = ToyFluxCLIP(seed, family=family)
+    model = comfy.model_patcher.ModelPatcher(ToyFluxModel(seed, family), load_device=torch.device("cpu"),
                                              offload_device=torch.device("cpu"))
     return clip, model, ToyVAE16(seed)
+
+
+SD3_T5 = dict(TINY_T5, d_model=4096, d_kv=16, num_heads=2, d_ff=32, num_layers=2)
+"""ComfyUI's SD3 encoder pads CLIP-L+G's rows to 4096 (T5-XXL's width) in its own code: the tiny T5 is 4096 wide."""
+
+
+def real_sd3_clip(seed: int = 0):
+    """ComfyUI's ``CLIP`` of ``SD3ClipModel`` (CLIP-L and G 24 wide each, T5 4096 wide, 2 layers) and
+    ``SD3Tokenizer`` (T5 padded to 16 rows)."""
+    import comfy.sd
+    import comfy.sd1_clip
+    import comfy.text_encoders.sd3_clip
+    import comfy.text_encoders.t5
+
+    half = CLIP_WIDTH // 2
+
+    class TinySD3Clip(comfy.text_encoders.sd3_clip.SD3ClipModel):
+        def __init__(self, device="cpu", dtype=None, model_options={}):
+            nn.Module.__init__(self)
+            tiny = dict(TINY_CLIP, hidden_size=half, intermediate_size=4 * half, projection_dim=half, num_attention_heads=2)
+            # as SD3ClipModel's CLIP-L (hidden layer -2, no final norm) and SDXLClipG (projected pooled output)
+            self.clip_l = comfy.sd1_clip.SDClipModel(layer="hidden", layer_idx=-2, device=device, dtype=dtype,
+                                                     layer_norm_hidden_state=False, return_projected_pooled=False,
+                                                     model_options=model_options, textmodel_json_config=tiny)
+            self.clip_g = comfy.sd1_clip.SDClipModel(layer="hidden", layer_idx=-2, device=device, dtype=dtype,
+                                                     textmodel_json_config=dict(tiny, hidden_act="gelu"),
+                                                     special_tokens={"start": 49406, "end": 49407, "pad": 0},
+                                                     layer_norm_hidden_state=False, return_projected_pooled=True,
+                                                     model_options={**model_options, "model_name": "clip_g"})
+            self.t5_attention_mask = False
+            self.t5xxl = comfy.sd1_clip.SDClipModel(
+                device=device, layer="last", textmodel_json_config=dict(SD3_T5), dtype=dtype,
+                special_tokens={"end": 1, "pad": 0}, model_class=comfy.text_encoders.t5.T5,
+                enable_attention_masks=False, return_attention_masks=False,
+                model_options={**model_options, "model_name": "t5xxl"})
+            self.dtypes = {dtype}
+
+    class Target:
+        clip = TinySD3Clip
+        tokenizer = comfy.text_encoders.sd3_clip.SD3Tokenizer
+        params: dict = {}
+
+    clip = comfy.sd.CLIP(target=Target(), tokenizer_data={"t5xxl_min_length": T5_ROWS}, parameters=140_000_000)
+    seed_module(clip.cond_stage_model, seed)
+    return clip
+
+
+def real_sd3_model(seed: int = 0):
+    """ComfyUI's ``SD3`` (dit_factory's tiny config, its context embedder 4096 wide, pooled CLIP-L+G 48 wide)."""
+    from dit_factory import FAMILIES, Family, _real_model
+
+    fam = FAMILIES["sd3"]
+    config = dict(fam.unet_config, adm_in_channels=CLIP_WIDTH, context_embedder_config={
+        "target": "torch.nn.Linear", "params": {"in_features": 4096, "out_features": 64}})
+    return _real_model(Family("sd3", "SD3", config, fam.latent, {}), seed)
 
 
 class ToyFluxCLIP:
     """``comfy.sd.CLIP``-shaped around ``ToyFluxClipModel`` (as ``fewshot_factory.ToyCLIP``)."""
 
-    def __init__(self, seed: int = 0, no_init: bool = False) -> None:
+    def __init__(self, seed: int = 0, no_init: bool = False, family: str = "Flux") -> None:
         if no_init:
             return
         import comfy.model_patcher
 
-        self.cond_stage_model = ToyFluxClipModel(seed)
-        self.tokenizer = ToyFluxTokenizer()
+        self.cond_stage_model = ToyFluxClipModel(seed) if family == "Flux" else ToySD3ClipModel(seed)
+        self.tokenizer = ToyFluxTokenizer(sd3=family == "SD3")
         self.patcher = comfy.model_patcher.ModelPatcher(self.cond_stage_model, load_device=torch.device("cpu"),
                                                         offload_device=torch.device("cpu"))
         self.layer_idx = None

@@ -43,8 +43,9 @@ def flux_loss(clip, model, vae, imgs, caption: str = f"a photo of a {CONCEPT}") 
             noise = torch.randn(x0.shape, generator=g)
             sigma = ms.sigmas.float()[torch.randint(0, ms.sigmas.shape[0], (b,), generator=g)]
             x = noise_latents("flow", x0, noise, sigma)
+            extra = {"guidance": torch.full((b,), 3.5)} if type(model.model.model_config).__name__ == "Flux" else {}
             d = model.model.apply_model(x, sigma, c_crossattn=context.float().expand(b, -1, -1),
-                                        y=pooled.float().expand(b, -1), guidance=torch.full((b,), 3.5))
+                                        y=pooled.float().expand(b, -1), **extra)
             total += float(denoising_mse("flow", d, x, x0, noise, sigma))
     return total / 4
 
@@ -88,6 +89,44 @@ def test_flux_refuses_an_encoder_it_does_not_have(flux):
     clip, model, vae, imgs = flux
     with pytest.raises(ValueError, match="this CLIP has no clip_g encoder"):
         run(clip, model, vae, imgs, text_encoders="clip_g")
+
+
+@pytest.fixture(scope="module")
+def sd3():
+    clip, model, vae = fdf.make_flux(seed=0, family="SD3")
+    return clip, model, vae, ff.images(2, 64)
+
+
+def test_sd3_unlearning_trains_its_three_encoders_and_exports_with_sd3_lora_names(sd3):
+    """SD3 reads CLIP-L+G's rows and T5's rows (one sequence) and the pooled CLIP-L+G through ``y``: all three
+    encoders are trained, the concept loss rises, the loaded CLIP and MODEL stay bit-identical; the LoRA names
+    are ``lora_te1_`` / ``lora_te2_`` / ``lora_te3_`` (real tier: mapped by ComfyUI's own loader to the weights
+    the node patched, with the same conditioning)."""
+    m = load_pack().nodes.fewshot
+    clip, model, vae, imgs = sd3
+    clip_before, model_before = snapshot(clip.cond_stage_model), snapshot(model.model)
+    before = flux_loss(clip, model, vae, imgs)
+    out, u, report = run(clip, model, vae, imgs)
+    assert u.family == "SD3" and u.parameterisation == "flow"
+    assert {k.split(".")[0] for k in u.deltas} == {"clip_l", "clip_g", "t5xxl"}
+    assert all(torch.equal(v, clip_before[k]) for k, v in snapshot(clip.cond_stage_model).items())
+    assert all(torch.equal(v, model_before[k]) for k, v in snapshot(model.model).items())
+    assert flux_loss(out, model, vae, imgs) > before * 1.01, report
+    lora = {}
+    for k, d in u.deltas.items():
+        name, kind = m.lora_te_key(k, "SD3")
+        lora[f"{name}.{kind}"] = d
+    assert {n.split("_")[1] for n in lora} == {"te1", "te2", "te3"}
+    assert all(n.startswith("lora_te3_encoder_block_") for n in lora if "DenseReluDense" in n)
+    if ff.REAL:
+        import comfy.sd
+
+        lora_clip = comfy.sd.load_lora_for_models(None, clip, lora, 0.0, 1.0)[1]
+        assert set(lora_clip.patcher.patches) == set(u.deltas)
+        text = f"a photo of a {CONCEPT}"
+        a = lora_clip.encode_from_tokens(lora_clip.tokenize(text), return_pooled=True)
+        b = out.encode_from_tokens(out.tokenize(text), return_pooled=True)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
 def test_flux_unlearning_saves_loads_and_exports_with_the_flux_lora_names(flux, tmp_path, monkeypatch):
