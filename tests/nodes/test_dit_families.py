@@ -345,6 +345,10 @@ def test_hidream_report_names_every_space_erased():
 
     _, partial, report = erase(model, NoLlama("hidream"))
     assert set(partial.spaces) == {"pooled"}
+    # the T5 rows' and the pooled vector's transforms are what they were without the Llama spaces
+    assert torch.equal(partial.transform.up, erasure.transform.up) and torch.equal(partial.transform.down,
+                                                                                     erasure.transform.down)
+    assert torch.equal(partial.spaces["pooled"].transform.up, erasure.spaces["pooled"].transform.up)
     assert "note: the Llama-3 layers are not erased: the CLIP's conditioning_llama3 rows are all zero" in report
     assert "not edited: 2 layer(s) reading other text spaces" in report
 
@@ -412,13 +416,21 @@ def test_hidream_llama_spaces_save_load_apply_undo_and_export(models_dir):
         up, down = lora[f"{name}.lora_up.weight"], lora[f"{name}.lora_down.weight"]
         assert rel(base[k] + float(lora[f"{name}.alpha"]) / down.shape[0] * up @ down, got[k]) < 1e-5
 
-    old = dataclasses.replace(loaded, spaces={"pooled": loaded.spaces["pooled"]})  # as written before this change
-    save_erasure(old, str(models_dir / "rece" / "old_hd.safetensors"))
-    older = LoadErasedWeights().load("old_hd.safetensors")["result"][0]
-    model2, report = ApplyErasedWeights().apply(model, older, 1.0)["result"]
-    assert "holds no transform of 2 of the Llama-3 layers" in report
-    after = effective_weights(model2)
-    assert all(torch.equal(after[f"diffusion_model.{k}"], base[f"diffusion_model.{k}"]) for k in LAYER_READERS["hidream"])
+    # files as written before this change: version 2 with the pooled space only, version 1 with the rows only
+    for name, spaces, version in (("old_v2", {"pooled": loaded.spaces["pooled"]}, "2"), ("old_v1", {}, "1")):
+        save_erasure(dataclasses.replace(loaded, spaces=spaces), str(models_dir / "rece" / f"{name}.safetensors"))
+        with safe_open(str(models_dir / "rece" / f"{name}.safetensors"), "pt") as f:
+            assert f.metadata()["format_version"] == version
+        older = LoadErasedWeights().load(f"{name}.safetensors")["result"][0]
+        assert set(older.spaces) == set(spaces)
+        model2, report = ApplyErasedWeights().apply(model, older, 1.0)["result"]
+        assert "holds no transform of 2 of the Llama-3 layers" in report
+        assert ("holds no transform of the pooled text" in report) == (version == "1")
+        after = effective_weights(model2)
+        for k in LAYER_READERS["hidream"]:
+            assert torch.equal(after[f"diffusion_model.{k}"], base[f"diffusion_model.{k}"])
+        t5 = f"diffusion_model.{next(iter(FAMILIES['hidream'].readers))}"
+        assert torch.equal(after[t5], got[t5])
 
 
 def test_hidream_derive_embedding_derives_in_every_llama_space():
