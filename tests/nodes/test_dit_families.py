@@ -552,3 +552,30 @@ def test_pooled_vectors_are_encoded_with_t5_cut_to_one_token(family):
         assert torch.allclose(encoding.pooled_many(clip, ["a cat", text], arch)[1], full, rtol=1e-5, atol=1e-6)
 
 
+
+
+def test_hidream_llama_layers_streamed_in_groups_give_the_same_erasure():
+    """Memory: with room for one layer's rows at a time, every layer is its own encoding pass (each prompt encoded
+    once per pass, only that layer kept) and the erasures are the same as with all layers from one pass."""
+    from rece_comfyui.nodes.host import weights
+    from rece_comfyui.nodes.rece import layer_erasures
+
+    model, clip = make_model("hidream"), DiTCLIP("hidream")
+    arch, keys = weights.architecture(model)
+    calls = []
+    clip.encode_from_tokens = (lambda f: lambda *a, **k: calls.append(1) or f(*a, **k))(clip.encode_from_tokens)
+    args = dict(lamb=0.1, erase_scale=1.0, preserve_scale=0.1, reg=0.1, epochs=1)
+    prompts = 4  # the concept, ' ' (its guide), '' and the preserved prompt
+
+    def run(keep):
+        calls.clear()
+        out, spaces, note = layer_erasures(model, clip, arch, keys, [CONCEPT], "", [PRESERVED], torch.device("cpu"),
+                                           lambda: None, keep_bytes=keep, **args)
+        return out, len(calls)
+
+    together, n_together = run(2**30)
+    apart, n_apart = run(1)
+    assert (n_together, n_apart) == (prompts, 2 * prompts)  # one pass; then one pass per layer (two layers)
+    assert set(together) == set(apart) == {"llama3.0", "llama3.2"}
+    for name in together:
+        assert torch.equal(together[name].transform.dense(), apart[name].transform.dense())
