@@ -300,7 +300,8 @@ class DiTCLIP:
                                                       te.clip_g.encode_token_weights(tokens["g"]))
             lg = torch.cat([l_rows[0], g_rows[0]], dim=-1)
             lg = torch.nn.functional.pad(lg, (0, D - lg.shape[-1]))
-            cond = torch.cat([lg, self.enc.rows(self._ids(tokens, "t5xxl"))])
+            # comfy/text_encoders/sd3_clip.py: every chunk's CLIP-L+G rows, then every chunk's T5 rows
+            cond = torch.cat([lg] + [self.enc.rows([t[0] for t in chunk]) for chunk in tokens["t5xxl"]])
             pooled = torch.cat([l_pooled, g_pooled], dim=-1)
         elif self.family == "qwen_image":
             ids = self._ids(tokens, "qwen25_7b")

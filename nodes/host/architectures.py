@@ -28,7 +28,9 @@ Each ``Architecture`` says:
 - ``refused``: families whose text is read inside the diffusion model itself: refused with the reason;
 - ``batch_encode``: ComfyUI's text encoder for the family (T5 alone, or Flux's CLIP-L + T5) encodes the
   chunks of a token list in one batch and concatenates their rows, so several prompts of one length go
-  in one call (as CLIP's); encoders that combine kinds of rows (SD3) or strip a template do not;
+  in one call (as CLIP's); encoders that strip a template do not; ``batch_blocks``: where the encoder
+  combines kinds of rows, the tokens-dict keys whose rows it puts one kind after another, each kind for every
+  chunk of the call (SD3: every chunk's CLIP-L+G rows, then every chunk's T5 rows);
 - ``guidance``: a conditioning key the model reads (Flux's distilled guidance);
 - ``space``: erasures apply between families of the same space and width.
 - ``left_alone``: layers (regex) that read another text space this pack does not edit (the Erase report lists
@@ -125,6 +127,7 @@ class Architecture:
     excludes: tuple[str, ...] = ()
     refused: str = ""
     batch_encode: bool = False
+    batch_blocks: tuple[str, ...] = ()
     guidance: float | None = None
     space: str = ""
     last_reader_only: bool = False
@@ -230,6 +233,8 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         "sd3", "SD3.x (context_embedder, CLIP-L+G rows then T5-XXL rows; pooled CLIP-L+G into y_embedder)",
         readers=r"^context_embedder\.weight$", configs=("SD3",), signature=("context_embedder.weight",),
         encoder="l", pooled=r"^y_embedder\.mlp\.0\.weight$", pooled_encoders=("l", "g"), space="sd3",
+        # comfy/text_encoders/sd3_clip.py: cat([CLIP-L+G rows of every chunk, T5 rows of every chunk], dim=-2)
+        batch_encode=True, batch_blocks=("l", "t5xxl"),
         note="rows are aligned on CLIP-L's tokens; the T5 rows follow the CLIP rows",
         ffn_out=r"^joint_blocks\.\d+\.(x_block|context_block)\.mlp\.fc2\.weight$"),
     Architecture(

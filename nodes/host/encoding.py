@@ -186,11 +186,12 @@ def encode_many(clip, texts: list[str], arch: Architecture | None = None, model=
     ComfyUI's CLIP encodes every chunk of a token list in one batch and concatenates their rows
     (``encode_from_tokens``, its public API), weighting each chunk against the same empty
     sequence; so the one-chunk token lists of several prompts, put one after another, give each
-    prompt's own rows. Prompts whose token lists differ in length go into separate calls, and
+    prompt's own rows (SD3's encoder gives every prompt's CLIP rows, then every prompt's T5 rows:
+    ``_split_batch``). Prompts whose token lists differ in length go into separate calls, and
     ``calls`` (default: one call per length) bounds how long each call takes. Rows stay as the
-    encoder returns them (its dtype, ComfyUI's intermediate device). Encoders that combine several
-    kinds of rows (SD3's CLIP + T5) or strip a template are encoded one prompt at a time. For T5 families
-    (``arch.batch_encode``) the first batch is checked against the last of its prompts encoded alone.
+    encoder returns them (its dtype, ComfyUI's intermediate device). Encoders that strip a template
+    are encoded one prompt at a time. For the DiT families (``arch.batch_encode``) the first batch
+    of each CLIP is checked against the last of its prompts encoded alone.
     """
     arch = arch or architectures.by_name("unet")
 
@@ -239,7 +240,7 @@ def _encode_batched(clip, texts: list[str], arch: Architecture, model, calls: En
             nonlocal checked
             part = members[start:stop]
             cond = clip.encode_from_tokens({name: [tokenized[i][0][name][0] for i in part] for name, _ in shape})
-            rows = cond[0].split(cond.shape[1] // len(part))
+            rows = _split_batch(cond[0], len(part), arch, dict(shape))
             if not checked and len(part) > 1:
                 alone = clip.encode_from_tokens(tokenized[part[-1]][0])[0]
                 if alone.shape != rows[-1].shape or not torch.allclose(alone.float(), rows[-1].float(), rtol=1e-3,
@@ -252,6 +253,22 @@ def _encode_batched(clip, texts: list[str], arch: Architecture, model, calls: En
 
         (calls or EncoderCalls(seconds=math.inf, first=len(members))).run(len(members), batch)
     return out
+
+
+def _split_batch(rows: Tensor, n: int, arch: Architecture, lengths: dict[str, int]) -> list[Tensor]:
+    """Each prompt's rows ``[T, d]`` of a call's rows ``[n·T, d]``: one block per prompt, or, where the encoder puts
+    one kind of rows after another (``arch.batch_blocks``, SD3), the prompt's rows of each kind, in order."""
+    if not arch.batch_blocks:
+        return list(rows.split(rows.shape[0] // n))
+    sizes = [lengths[k] for k in arch.batch_blocks if k in lengths]
+    if len(sizes) != len(arch.batch_blocks) or rows.shape[0] != n * sum(sizes):
+        raise _Unbatchable  # e.g. SD3 without its T5: not the layout this family's encoder gives
+    out, start = [[] for _ in range(n)], 0
+    for size in sizes:
+        for i, block in enumerate(rows[start:start + n * size].split(size)):
+            out[i].append(block)
+        start += n * size
+    return [torch.cat(parts) for parts in out]
 
 
 def encode_checked(clip, text: str, model, d: int, device: torch.device, arch: Architecture | None = None):

@@ -469,10 +469,11 @@ def test_cancel_between_dit_prompts():
     assert len(encoded) == 1  # checked before each prompt: stopped before the second (the first call holds four)
 
 
-@pytest.mark.parametrize("family", ["flux", "wan", "chroma"])
+@pytest.mark.parametrize("family", ["flux", "wan", "chroma", "sd3"])
 def test_t5_prompts_are_batched_with_the_rows_of_one_at_a_time_encoding(family):
     """T5 pads to a fixed length (Chroma's does not: one call per length): 100 prompts in a few encoder
-    calls, each prompt's rows equal to encoding it alone; Cancel is checked before every call."""
+    calls, each prompt's rows equal to encoding it alone; Cancel is checked before every call. SD3's encoder
+    gives every prompt's CLIP-L+G rows, then every prompt's T5 rows: each prompt's are picked from both."""
     from rece_comfyui.nodes.host import encoding
 
     model, clip, encoded, checks = make_model(family), DiTCLIP(family), [], []
