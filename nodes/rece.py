@@ -145,9 +145,9 @@ def layer_erasures(model, clip, arch, keys: list[str], names: list[str], guide: 
     spec = arch.layers
     guides = [guide.strip() or " "] * len(names)
     texts = list(dict.fromkeys(names + guides + ["", " "] + preserve))
-    tokens = encoding.pooled_tokens(clip, names[0]).get(spec.encoder) or [[0]]
+    length = max(len((encoding.pooled_tokens(clip, t).get(spec.encoder) or [[0]])[0]) for t in texts)
     width = {name: weights.in_features(model, ks[0]) for name, ks in spaces.items()}
-    per_layer = len(texts) * len(tokens[0]) * max(width.values()) * 4
+    per_layer = len(texts) * length * max(width.values()) * 4  # one layer's rows of every prompt, float32
     group = max(1, keep_bytes // max(per_layer, 1))
     order = list(spaces)
     out: dict[str, Erasure] = {}
@@ -164,7 +164,7 @@ def layer_erasures(model, clip, arch, keys: list[str], names: list[str], guide: 
                            found.__getitem__, names, guide, preserve, lamb=lamb, erase_scale=erase_scale,
                            preserve_scale=preserve_scale, reg=reg, epochs=epochs, device=device,
                            encode_many=lambda ts, f=found: [f[t] for t in ts], check=check)
-            out[name] = dataclasses.replace(erasure, transform=erasure.transform.compressed())
+            out[name] = erasure
         del rows
     return out, spaces, ""
 
@@ -220,7 +220,8 @@ class RECEEraseConcept:
                                            "Kandinsky 5, HunyuanVideo / HunyuanImage, Ideogram 4, ERNIE-Image, "
                                            "JoyImage, OmniGen2, Anima, Cosmos Predict2, AuraFlow, PixArt, LTX-Video, "
                                            "Mochi, Stable Cascade, LongCat-Image). Its pooled text path, where it has "
-                                           "one, is erased too."}),
+                                           "one, is erased too, and HiDream's Llama-3 layers, each in its own "
+                                           "space."}),
             "clip": ("CLIP", {"tooltip": "The text encoder that goes with the model."}),
             "concepts": ("STRING", {"multiline": True, "default": "nudity",
                                     "tooltip": "Concepts to erase, one per line."}),
