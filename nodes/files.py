@@ -246,24 +246,28 @@ class ExportErasureAsLoRA:
         weights.require_erasure(erasure, "Export Erasure as LoRA", model, keys)
         dtype = torch.float16 if precision == "fp16" else torch.float32
         out, worst = {}, 0.0
-        pooled = weights.pooled_keys(model, arch) if "pooled" in erasure.spaces else []
-        for key, w in weights.key_weights(model, keys + pooled, torch.device("cpu"), include_erasures=False):
+        # the readers of every other text space the erasure holds (pooled text, HiDream's Llama-3 layers): each its
+        # own space's transform (the pooled vector's columns only, where a layer reads more)
+        space_of = {k: name for name, ks in weights.space_keys(model, arch, keys).items() if name in erasure.spaces
+                    for k in ks}
+        others = list(space_of)
+        for key, w in weights.key_weights(model, keys + others, torch.device("cpu"), include_erasures=False):
             space = erasure
-            if key in pooled:  # the pooled readers: the pooled space's transform, on the pooled columns only
+            if key in space_of:
                 space = dataclasses.replace(erasure, transform=weights.widened(
-                    erasure.spaces["pooled"].transform, int(w.shape[1])))
+                    erasure.spaces[space_of[key]].transform, int(w.shape[1])))
             try:
                 up, down, err = lora_factors(space, w, rank, dtype)
             except ValueError as exc:
                 raise ValueError(f"Export Erasure as LoRA: {exc} (layer {key})") from None
-            name = lora_key(key, "dit" if key in pooled else arch.name)
+            name = lora_key(key, "dit" if key in space_of else arch.name)
             out[f"{name}.lora_up.weight"] = up.contiguous()
             out[f"{name}.lora_down.weight"] = down.clone()  # one copy per layer in the file
             out[f"{name}.alpha"] = torch.tensor(float(up.shape[1]), dtype=dtype)  # rank ≥ 1: never 0
             worst = max(worst, err)
         rel = save_new("loras", filename_prefix, lambda p: save_file(out, p, metadata={
             "rece_concepts": ", ".join(erasure.concepts), "ss_network_module": "networks.lora"}))
-        report = (f"exported {len(keys) + len(pooled)} layers to loras/{rel} at rank "
+        report = (f"exported {len(keys) + len(others)} layers to loras/{rel} at rank "
                   f"{rank if 0 < rank < erasure.rank else erasure.rank} ({precision}); "
                   + ("exact" if worst <= EXACT else f"largest relative error of a layer's delta {worst:.2e} "
                      f"(as written in {precision})"))

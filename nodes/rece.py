@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 import uuid
 
@@ -10,7 +11,7 @@ import torch
 
 import comfy.model_management
 
-from ..rece_core import PRESETS, Erasure, rece
+from ..rece_core import PRESETS, Erasure, LowRankTransform, rece
 from ..rece_core.derive import derive_with_transform, weighted_norm2
 from ..rece_core.pooled import rece_vectors
 from ..rece_core.procedure import fit_rows
@@ -30,35 +31,39 @@ def split_lines(text: str) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
-def patched(model, erasure: Erasure, keys: list[str], strength: float, pooled: list[str] = ()):
-    """A clone of ``model`` carrying ``erasure`` as a weight patch on every key, and its pooled-text erasure
-    on every ``pooled`` key (on the pooled vector's columns only); ``model`` untouched."""
+def patched(model, erasure: Erasure, keys: list[str], strength: float, spaces: dict[str, list[str]] | None = None):
+    """A clone of ``model`` carrying ``erasure`` as a weight patch on every key, and the transform of each of its
+    other text spaces on that space's readers (``spaces``: name → keys; the pooled vector's columns only, where a
+    layer reads more); ``model`` untouched."""
     out = model.clone()
     patch = ErasurePatch.of(erasure.transform)
     added = out.add_patches({k: patch for k in keys}, strength)
     if len(added) != len(keys):
         raise ValueError(f"only {len(added)} of {len(keys)} cross-attention weights could be patched")
-    if pooled and "pooled" in erasure.spaces:
-        t = erasure.spaces["pooled"].transform
-        added = out.add_patches({k: ErasurePatch.of(weights.widened(t, weights.in_features(model, k))) for k in pooled},
-                                strength)
-        if len(added) != len(pooled):
-            raise ValueError(f"only {len(added)} of {len(pooled)} pooled-text weights could be patched")
+    wanted = _space_patches(model, erasure, spaces or {})
+    if wanted:
+        added = out.add_patches({k: ErasurePatch.of(t) for k, t in wanted.items()}, strength)
+        if len(added) != len(wanted):
+            raise ValueError(f"only {len(added)} of {len(wanted)} weights reading the other text spaces could be patched")
     return out
 
 
-def undone(model, erasure: Erasure, keys: list[str], strength: float, pooled: list[str] = ()):
-    """A clone of ``model`` without the last patch of ``erasure`` at ``strength`` on every key: strength
-    −t of an erasure applied at t restores the weights exactly, as −1 cancels +1 for a LoRA.
+def _space_patches(model, erasure: Erasure, spaces: dict[str, list[str]]) -> dict[str, LowRankTransform]:
+    """Reader key → the transform of its text space, widened to the layer's columns (SDXL's ``label_emb``)."""
+    return {k: weights.widened(erasure.spaces[name].transform, weights.in_features(model, k))
+            for name, keys in spaces.items() if name in erasure.spaces for k in keys}
+
+
+def undone(model, erasure: Erasure, keys: list[str], strength: float, spaces: dict[str, list[str]] | None = None):
+    """A clone of ``model`` without the last patch of ``erasure`` at ``strength`` on every key (and on every reader
+    of its other text spaces): strength −t of an erasure applied at t restores the weights exactly, as −1 cancels
+    +1 for a LoRA.
 
     An erasure is a product ``W P`` whose ``P`` is close to singular (it folds the concept onto the
     guide: its smallest singular value is about 1e-8 on SD1.5), so no patch added on top can undo it;
     the erasure's own patch is taken off instead. Anything else is refused: a negative strength of an
     erasure the model does not carry at that strength would have no meaning."""
-    wanted = {k: erasure.transform for k in keys}
-    if pooled:  # the pooled-text patches carry the pooled transform, widened to the layer's columns
-        t = erasure.spaces["pooled"].transform
-        wanted |= {k: weights.widened(t, weights.in_features(model, k)) for k in pooled}
+    wanted = {k: erasure.transform for k in keys} | _space_patches(model, erasure, spaces or {})
     out = model.clone()
     for key, t in wanted.items():
         entries = out.patches.get(key, [])
@@ -121,6 +126,63 @@ def pooled_erasure(model, clip, arch, names: list[str], guide: str, preserve: li
     return erasure, keys, ""
 
 
+def layer_erasures(model, clip, arch, keys: list[str], names: list[str], guide: str, preserve: list[str], device,
+                   check, *, keep_bytes: int, lamb: float, erase_scale: float, preserve_scale: float, reg: float,
+                   epochs: int, calls: encoding.EncoderCalls | None = None
+                   ) -> tuple[dict[str, Erasure], dict[str, list[str]], str]:
+    """RECE in every encoder layer that is its own text space (HiDream's ``llama3.<layer>``):
+    ``(space → erasure, space → reader keys, note)``.
+
+    Each layer gets the closed form of the rows (``rece``) over that layer's rows of the concepts, guides, ``''``,
+    ``' '`` and the preserved prompts, with ``S = Σ WᵀW`` over that layer's readers. Memory: the layers are taken in
+    groups, as many per encoding pass as ``keep_bytes`` holds of every prompt's rows (float32); each pass encodes
+    every prompt once and keeps only its group's layers. A few prompts: one pass for all layers; 100 concepts on
+    HiDream (128 × 4096 rows per layer and prompt, 2 MiB): about 4 layers a pass within 1 GiB, 8 passes.
+    ``{}`` and a note where the CLIP gives no rows for them."""
+    spaces = weights.layer_keys(model, arch, keys)
+    if not spaces:
+        return {}, {}, ""
+    spec = arch.layers
+    guides = [guide.strip() or " "] * len(names)
+    texts = list(dict.fromkeys(names + guides + ["", " "] + preserve))
+    length = max(len((encoding.pooled_tokens(clip, t).get(spec.encoder) or [[0]])[0]) for t in texts)
+    width = {name: weights.in_features(model, ks[0]) for name, ks in spaces.items()}
+    per_layer = len(texts) * length * max(width.values()) * 4  # one layer's rows of every prompt, float32
+    group = max(1, keep_bytes // max(per_layer, 1))
+    order = list(spaces)
+    out: dict[str, Erasure] = {}
+    for start in range(0, len(order), group):
+        part = order[start:start + group]
+        rows = encoding.layer_rows(clip, texts, arch, [spec.layer(n) for n in part], calls)
+        if isinstance(rows, str):
+            return {}, {}, f"note: the {spec.title} are not erased: {rows}"
+        for name in part:
+            check()
+            found = dict(zip(texts, rows.pop(spec.layer(name))))
+            encoding.check_width(found[texts[0]].rows.shape[-1], width[name], model, arch)
+            erasure = rece(lambda ks=spaces[name]: weights.gram_of(model, ks, device, include_erasures=True),
+                           found.__getitem__, names, guide, preserve, lamb=lamb, erase_scale=erase_scale,
+                           preserve_scale=preserve_scale, reg=reg, epochs=epochs, device=device,
+                           encode_many=lambda ts, f=found: [f[t] for t in ts], check=check)
+            out[name] = erasure
+        del rows
+    return out, spaces, ""
+
+
+def layers_summary(title: str, erasures: dict[str, Erasure], spaces: dict[str, list[str]]) -> str:
+    """One report line for an encoder's layer spaces: how many, their readers, and the worst of the last step."""
+    readers = sorted((k.removeprefix("diffusion_model.") for ks in spaces.values() for k in ks),
+                     key=lambda k: [int(x) for x in re.findall(r"\d+", k)])
+    last = [e.rounds[-1] for e in erasures.values()]
+    ranks = [e.rank for e in erasures.values()]
+    names = list(erasures)
+    return (f"{title} ({len(names)} spaces, {names[0]} … {names[-1]}, read by {len(readers)} layers, "
+            f"{readers[0]} … {readers[-1]}), each its own transform: after the last step reach ≤ "
+            f"{max(max(r.reach) for r in last):.3f}, guide gap ≤ {max(max(r.guide_gap) for r in last):.3f}, max "
+            f"preserve drift {max((max(r.drift.values()) for r in last if r.drift), default=0.0):.4f}; rank "
+            f"{min(ranks)}–{max(ranks)} of {erasures[names[0]].dim}")
+
+
 def round_ui(erasure: Erasure) -> dict:
     """The report as plain JSON for the node's ``ui`` output (the canvas and the history API)."""
     return {
@@ -158,7 +220,8 @@ class RECEEraseConcept:
                                            "Kandinsky 5, HunyuanVideo / HunyuanImage, Ideogram 4, ERNIE-Image, "
                                            "JoyImage, OmniGen2, Anima, Cosmos Predict2, AuraFlow, PixArt, LTX-Video, "
                                            "Mochi, Stable Cascade, LongCat-Image). Its pooled text path, where it has "
-                                           "one, is erased too."}),
+                                           "one, is erased too, and HiDream's Llama-3 layers, each in its own "
+                                           "space."}),
             "clip": ("CLIP", {"tooltip": "The text encoder that goes with the model."}),
             "concepts": ("STRING", {"multiline": True, "default": "nudity",
                                     "tooltip": "Concepts to erase, one per line."}),
@@ -238,21 +301,28 @@ class RECEEraseConcept:
         pooled, pooled_keys, pooled_note = pooled_erasure(
             model, clip, arch, names, guide, split_lines(preserve), solve, interrupted, lamb=lamb,
             erase_scale=erase_scale, preserve_scale=preserve_scale, reg=reg, epochs=rounds)
+        layered, layer_spaces, layer_note = layer_erasures(
+            model, clip, arch, keys, names, guide, split_lines(preserve), solve, interrupted, keep_bytes=keep,
+            lamb=lamb, erase_scale=erase_scale, preserve_scale=preserve_scale, reg=reg, epochs=rounds, calls=calls)
         erasure = dataclasses.replace(
             erasure, seconds=time.perf_counter() - start, device=str(device),
             extra={"kind": concept_kind, "model": weights.model_type(model), "architecture": arch.name,
                    "fingerprint": weights.base_fingerprint(model, keys)},
-            spaces={"pooled": pooled} if pooled is not None else {})
-        out = patched(model, erasure, keys, 1.0, pooled_keys)
+            spaces=({"pooled": pooled} if pooled is not None else {}) | layered)
+        out = patched(model, erasure, keys, 1.0, ({"pooled": pooled_keys} if pooled is not None else {}) | layer_spaces)
         report = erasure.summary()
         if pooled is not None:
             report += (f"\npooled text ({', '.join(k.removeprefix('diffusion_model.') for k in pooled_keys)}), its "
                        f"own transform:\n" + "\n".join(pooled.summary().splitlines()[1:]))
         if pooled_note:
             report += "\n" + pooled_note
+        if layered:
+            report += "\n" + layers_summary(arch.layers.title, layered, layer_spaces)
+        if layer_note:
+            report += "\n" + layer_note
         if arch.note:
             report += f"\nnote ({arch.title}): {arch.note}"
-        left = arch.unedited(list(model.model.state_dict().keys()), keys,
+        left = arch.unedited(list(model.model.state_dict().keys()), keys + [k for ks in layer_spaces.values() for k in ks],
                              getattr(getattr(model.model, "model_config", None), "unet_config", None))
         if left:
             report += "\n" + left
@@ -309,7 +379,7 @@ class RECEDeriveEmbedding:
         solve = run.solve_device(device)
         progress = run.Progress(len(keys) + 1)
         emb, cond, extra = encoding.encode_checked(clip, text, model, d, solve, arch)
-        guide, _, _ = encoding.encode(clip, " ", solve, arch, model)
+        guide, _, guide_extra = encoding.encode(clip, " ", solve, arch, model)
         if torch.equal(emb.rows, guide.rows):
             raise ValueError(f"RECE Derive Embedding: {text!r} encodes like the empty prompt; there is no "
                              "concept to derive")
@@ -330,12 +400,35 @@ class RECEDeriveEmbedding:
             pp = weights.combined_transform([(weights.narrowed(t, width), x) for t, x in pooled_erasures], width, solve)
             pooled = extra["pooled_output"]
             pc = pooled.reshape(1, -1).to(device=solve, dtype=torch.float64)
-            pg = encoding.encode(clip, " ", solve, arch, model)[2]["pooled_output"].reshape(1, -1).to(pc)
+            pg = guide_extra["pooled_output"].reshape(1, -1).to(pc)
             pd = derive_with_transform(sp, pp, pc, reg=reg)
             miss = miss + weighted_norm2(pp.apply_rows(pd) - pc, sp)
             scale = scale + weighted_norm2(pc - pg, sp)
             extra["pooled_output"] = pd.reshape(pooled.shape).to(device=pooled.device, dtype=pooled.dtype)
             spaces = "rows + pooled vector"
+        # each encoder layer that is its own text space (HiDream's Llama-3): derived in that space, on its readers
+        layer_spaces = weights.layer_keys(model, arch, keys)
+        rows_of = extra.get(arch.layers.key) if arch.layers is not None else None
+        derived_layers = 0
+        if rows_of is not None and guide_extra.get(arch.layers.key) is not None:
+            layers_out = rows_of.clone()
+            for name, ks in layer_spaces.items():
+                erased = weights.applied_erasures(model, ks)
+                layer = arch.layers.layer(name)
+                if not erased or layer >= rows_of.shape[1]:
+                    continue
+                sl = weights.gram_of(model, ks, device).to(solve)
+                pl = weights.combined_transform(erased, sl.shape[0], solve)
+                lc = rows_of[0, layer].to(device=solve, dtype=torch.float64)
+                lg = guide_extra[arch.layers.key][0, layer].to(device=solve, dtype=torch.float64)
+                ld = derive_with_transform(sl, pl, lc, reg=reg)
+                miss = miss + weighted_norm2(pl.apply_rows(ld) - lc, sl)
+                scale = scale + weighted_norm2(lc - fit_rows(lg, lc.shape[0]), sl)
+                layers_out[0, layer] = ld.to(device=layers_out.device, dtype=layers_out.dtype)
+                derived_layers += 1
+            if derived_layers:
+                extra[arch.layers.key] = layers_out
+                spaces += f" + {derived_layers} {arch.layers.title}"
         value = float((1.0 - miss / scale.clamp_min(torch.finfo(torch.float64).tiny)).clamp(0.0, 1.0))
         progress.tick()
         report = (f"derived embedding for {text!r} (ρ={reg:g}; {spaces}) reaches {value:.1%} of it on the erased "
@@ -375,24 +468,40 @@ class ApplyErasedWeights:
         weights.require_erasure(erasure, "Apply Erased Weights")
         keys = weights.cross_attention_keys(model)
         weights.require_erasure(erasure, "Apply Erased Weights", model, keys)
-        pooled = weights.pooled_keys(model) if "pooled" in erasure.spaces else []
+        arch = weights.architecture(model)[0]
+        readers = weights.space_keys(model, arch, keys)
+        spaces = {name: ks for name, ks in readers.items() if name in erasure.spaces}
         if strength < 0:
-            out = undone(model, erasure, keys, -strength, pooled)
+            out = undone(model, erasure, keys, -strength, spaces)
             report = (f"undid the erasure of {', '.join(map(repr, erasure.concepts))} applied at strength "
                       f"{-strength:g}: its patches are removed, the weights are as before it")
             ui = {"concepts": list(erasure.concepts), "strength": strength, "weights": len(keys),
                   "file": erasure.extra.get("file", ""), "warning": None}
             return {"ui": ui_report(ui), "result": (out, report)}
-        out = patched(model, erasure, keys, strength, pooled)
+        out = patched(model, erasure, keys, strength, spaces)
         report = (f"applied erasure of {', '.join(map(repr, erasure.concepts))} at strength {strength:g} "
-                  f"to {len(keys)} weights that read the text ({weights.architecture(model)[0].title})")
-        if pooled:
-            report += f" and {len(pooled)} that read the pooled text"
-        elif weights.pooled_keys(model):
+                  f"to {len(keys)} weights that read the text ({arch.title})")
+        if "pooled" in spaces:
+            report += f" and {len(spaces['pooled'])} that read the pooled text"
+        elif "pooled" in readers:
             report += ("\nnote: this erasure holds no transform of the pooled text (made before this pack erased it), "
                        "so the model's pooled text path is left as it was")
+        layers = {name: ks for name, ks in spaces.items() if name != "pooled"}
+        if layers:
+            report += (f" and {sum(map(len, layers.values()))} that read the {arch.layers.title}, each layer's own "
+                       f"transform ({len(layers)} spaces, {next(iter(layers))} … {list(layers)[-1]})")
+        missing = [name for name in readers if name != "pooled" and name not in erasure.spaces]
+        if missing:
+            report += (f"\nnote: this erasure holds no transform of {len(missing)} of the {arch.layers.title} this model "
+                       f"reads ({missing[0]} … {missing[-1]}; made before this pack erased them, or the CLIP gave no "
+                       "rows for them), so their readers are left as they were")
+        unread = [name for name in erasure.spaces if name not in readers]
+        if unread:
+            report += (f"\nnote: {len(unread)} text space(s) of this erasure are not read by this model "
+                       f"({', '.join(unread[:4])}{' …' if len(unread) > 4 else ''}): not applied")
         config = getattr(getattr(model.model, "model_config", None), "unet_config", None)
-        left = weights.architecture(model)[0].unedited(list(model.model.state_dict().keys()), keys, config)
+        left = arch.unedited(list(model.model.state_dict().keys()),
+                             keys + [k for ks in layers.values() for k in ks], config)
         if left:
             report += "\n" + left
         made_on = erasure.extra.get("fingerprint")

@@ -11,7 +11,8 @@ Format (version 1):
   files written before it existed are ``unet``).
 
 Format version 2 (written when the erasure holds other text spaces; version 1 files still load): the
-same, plus for each other text space ``name`` (``pooled``: the pooled text vector) the tensors
+same, plus for each other text space ``name`` (``pooled``: the pooled text vector; ``llama3.<layer>``: one
+hidden layer of HiDream's Llama-3.1 encoder) the tensors
 ``<name>.up: [d', r']`` and ``<name>.down: [r', d']`` and, in ``rece``, ``spaces = {name: {"dim", "rank",
 "rounds"}}``.
 
@@ -25,6 +26,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import struct
 from collections.abc import Mapping
 from datetime import datetime, timezone
@@ -43,7 +45,8 @@ __all__ = ["FORMAT", "FORMAT_VERSION", "MAX_HEADER", "fingerprint", "load_erasur
 FORMAT = "rece-erasure"
 FORMAT_VERSION = 2
 READS = ("1", "2")
-SPACES = ("pooled",)  # the other text spaces an erasure file may hold
+SPACES = ("pooled", "llama3.<layer>")  # the other text spaces an erasure file may hold (as the refusals name them)
+SPACE_NAME = re.compile(r"pooled|llama3\.\d{1,3}")  # pooled text; HiDream's Llama-3 layer 0 … 999
 MAX_HEADER = 16 * 2**20  # a real header is a few KiB
 TENSORS = ("transform.down", "transform.up")
 FIELDS = {"concepts": list, "guides": list, "preserve": list, "lamb": (int, float), "erase_scale": (int, float),
@@ -79,7 +82,7 @@ def save_erasure(erasure: Erasure, path: str, *, pack_version: str = "") -> None
     check_transform(t.up, t.down)
     spaces = {name: e for name, e in erasure.spaces.items() if e.rank >= 1}
     for name, e in spaces.items():
-        if name not in SPACES:
+        if not SPACE_NAME.fullmatch(name):
             raise ValueError(f"unknown text space {name!r} (this pack writes {', '.join(SPACES)})")
         check_transform(e.transform.up, e.transform.down)
     meta = {
@@ -226,7 +229,8 @@ def load_erasure(path: str) -> Erasure:
                                      versioned="erasure")
     info = metadata_object(meta, "rece", name)
     spaces = info.get("spaces", {}) if meta["format_version"] == "2" else {}
-    if not isinstance(spaces, dict) or not all(k in SPACES and isinstance(v, dict) for k, v in spaces.items()):
+    if not isinstance(spaces, dict) or not all(isinstance(k, str) and SPACE_NAME.fullmatch(k) and isinstance(v, dict)
+                                               for k, v in spaces.items()):
         raise ValueError(f"{name}: metadata field 'spaces' must map text spaces ({', '.join(SPACES)}) to objects")
     expected = set(TENSORS) | {f"{k}.{part}" for k in spaces for part in ("up", "down")}
     keys = set(header)

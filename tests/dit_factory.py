@@ -90,14 +90,20 @@ FAMILIES = {
     "stable_cascade": Family("stable_cascade", "Stable_Cascade_C", {}, (1, 16, 8, 8), {"clip_txt_mapper.weight": (64, D)},
                              pooled="clip_txt_pooled_mapper.weight"),
     # comfy/ldm/hidream/model.py: caption_projection[-1] reads T5's rows, caption_projection[i] the Llama-3 layer
-    # llama_layers[i] of conditioning_llama3 (left alone: other spaces), p_embedder's pooled_embedder.linear_1 the
-    # pooled CLIP-L+G (the stand-in's forward reads the T5 rows and the pooled vector)
-    "hidream": Family("hidream", "HiDream", {"llama_layers": [0, 2]}, (1, 16, 8, 8),
+    # llama_layers[i] of conditioning_llama3 (each layer its own text space), p_embedder's pooled_embedder.linear_1
+    # the pooled CLIP-L+G. Real tier: ComfyUI 0.3.64's own HiDream class with this tiny config. CI tier: the
+    # stand-in's forward reads the text the same ways (T5 rows through the last projection, Llama layer
+    # llama_layers[i] through projection i, the pooled vector through p_embedder), with one attention over them
+    "hidream": Family("hidream", "HiDream", dict(
+        image_model="hidream", patch_size=2, in_channels=16, out_channels=16, num_layers=1, num_single_layers=1,
+        attention_head_dim=32, num_attention_heads=2, caption_channels=[D, D], text_emb_dim=POOLED["hidream"],
+        num_routed_experts=2, num_activated_experts=1, axes_dims_rope=[8, 12, 12], max_resolution=[16, 16],
+        llama_layers=[0, 2]), (1, 16, 8, 8),
                       {"caption_projection.2.linear.weight": (64, D)}, pooled="p_embedder.pooled_embedder.linear_1.weight",
                       extra_keys={"caption_projection.0.linear.weight": (64, D),
                                   "caption_projection.1.linear.weight": (64, D)}),
 }
-REAL_FAMILIES = ("flux", "sd3", "wan", "qwen_image", "hunyuan_video")
+REAL_FAMILIES = ("flux", "sd3", "wan", "qwen_image", "hunyuan_video", "hidream")
 
 
 # ---------------------------------------------------------------- text encoders
@@ -210,6 +216,14 @@ class SeededEncoder:
         words = torch.tensor([i not in (0, 151643) for i in ids])
         return x + 2 * torch.tanh(x[words].mean(0, keepdim=True) @ self.mix)
 
+    def causal_rows(self, ids: list[int], pad: int) -> torch.Tensor:
+        """As ``rows``, but each row sees only the tokens up to it, padding not counted (a decoder such as
+        Llama: the start token's row is the same for every prompt, a word's row does not see the words after it)."""
+        x = self.table[torch.tensor(ids) % 8191] + self.position[: len(ids)]
+        words = torch.tensor([float(i != pad) for i in ids]).unsqueeze(1)
+        mean = (x * words).cumsum(0) / words.cumsum(0).clamp_min(1.0)
+        return x + 2 * torch.tanh(mean @ self.mix)
+
 
 def _pool(enc: SeededEncoder, ids: list[int]) -> torch.Tensor:
     """CLIP's pooled vector ``[w]``: the end token's row, which (as in CLIP) carries the prompt's words."""
@@ -252,6 +266,8 @@ class DiTCLIP:
         self.enc = SeededEncoder(D, seed, positions=family in ("qwen_image", "lumina2", "qwen_image21", "hunyuan_video"))
         width = POOLED.get(family, 32) // (2 if family in ("sd3", "hidream") else 1)  # CLIP-L and G side by side
         self.clip_l, self.clip_g = SeededEncoder(width, seed + 1), SeededEncoder(width, seed + 2)
+        g = torch.Generator().manual_seed(seed + 3)  # HiDream's Llama-3 layers: each its own (nonlinear) space
+        self.llama_mix = [torch.randn(D, D, generator=g) / math.sqrt(D) for _ in range(HIDREAM_LLAMA_LAYERS)]
         if family == "stable_cascade":  # CLIP-G's rows (D wide) and its pooled vector
             self.subs = {"clip_g": StandinClipEncoder(self.enc, self.clip_l)}
         else:
@@ -284,7 +300,8 @@ class DiTCLIP:
                                                       te.clip_g.encode_token_weights(tokens["g"]))
             lg = torch.cat([l_rows[0], g_rows[0]], dim=-1)
             lg = torch.nn.functional.pad(lg, (0, D - lg.shape[-1]))
-            cond = torch.cat([lg, self.enc.rows(self._ids(tokens, "t5xxl"))])
+            # comfy/text_encoders/sd3_clip.py: every chunk's CLIP-L+G rows, then every chunk's T5 rows
+            cond = torch.cat([lg] + [self.enc.rows([t[0] for t in chunk]) for chunk in tokens["t5xxl"]])
             pooled = torch.cat([l_pooled, g_pooled], dim=-1)
         elif self.family == "qwen_image":
             ids = self._ids(tokens, "qwen25_7b")
@@ -299,8 +316,11 @@ class DiTCLIP:
             cond = self.enc.rows(self._ids(tokens, "t5xxl"))
             pooled = torch.cat([te.clip_l.encode_token_weights(tokens["l"])[1],
                                 te.clip_g.encode_token_weights(tokens["g"])[1]], dim=-1)
-            llama = self.enc.rows(self._ids(tokens, "llama"))[1:]
-            extra["conditioning_llama3"] = torch.stack([llama * (1 + k) for k in range(HIDREAM_LLAMA_LAYERS)])[None]
+            # comfy/text_encoders/hidream.py: every layer's rows ([1, 32, T, 4096]), the start token's row included
+            # (ComfyUI drops the first of the 33 hidden states, the embeddings, not a token)
+            llama = self.enc.causal_rows(self._ids(tokens, "llama"), pad=128009)
+            extra["conditioning_llama3"] = torch.stack([llama + (1 + k) * torch.tanh(llama @ m)
+                                                        for k, m in enumerate(self.llama_mix)])[None]
         elif self.family == "hunyuan_video":
             cond = self.enc.rows(self._ids(tokens, "llama"))
             pooled = te.clip_l.encode_token_weights(tokens["l"])[1]
@@ -407,6 +427,10 @@ def sample(model, family: str, positive: list, negative: list, seed: int = 42) -
         vec = extra["pooled_output"][0].float() @ w[fam.pooled].T if fam.pooled else 0.0
         for r in mean_readers:  # HunyuanVideo's c_embedder: the mean of the rows, into the modulation vector
             vec = vec + rows.mean(0) @ w[r].T
+        if family == "hidream":  # caption_projection[i] reads Llama-3 layer llama_layers[i]
+            llama = extra["conditioning_llama3"][0].float()
+            txt = torch.cat([txt] + [llama[layer] @ w[f"caption_projection.{i}.linear.weight"].T
+                                     for i, layer in enumerate(fam.unet_config["llama_layers"])])
         return txt, vec
 
     x = noise.reshape(16, -1).T @ w["img_in.weight"].T  # [tokens, 64]

@@ -28,12 +28,18 @@ Each ``Architecture`` says:
 - ``refused``: families whose text is read inside the diffusion model itself: refused with the reason;
 - ``batch_encode``: ComfyUI's text encoder for the family (T5 alone, or Flux's CLIP-L + T5) encodes the
   chunks of a token list in one batch and concatenates their rows, so several prompts of one length go
-  in one call (as CLIP's); encoders that combine kinds of rows (SD3) or strip a template do not;
+  in one call (as CLIP's); encoders that strip a template do not; ``batch_blocks``: where the encoder
+  combines kinds of rows, the tokens-dict keys whose rows it puts one kind after another, each kind for every
+  chunk of the call (SD3: every chunk's CLIP-L+G rows, then every chunk's T5 rows);
 - ``guidance``: a conditioning key the model reads (Flux's distilled guidance);
 - ``space``: erasures apply between families of the same space and width.
 - ``left_alone``: layers (regex) that read another text space this pack does not edit (the Erase report lists
   those the model has, less the edited readers); ``left_alone_layers``: the model config's list of the encoder
   layer each of them reads, in order (HiDream's ``llama_layers``);
+- ``layers``: a second encoder whose every hidden layer is its own text space (HiDream's Llama-3.1):
+  ``LayerSpaces`` says which conditioning entry holds them (``[1, layers, T, d]``), which tokens align them,
+  and which readers read which layer (``reader_of(i)`` reads the config's ``layers_config[i]``); each layer
+  ``L`` is the space ``<prefix>.<L>``, erased by its own transform over that layer's rows;
 - ``ffn_out``: the feed-forward output layers (weight keys, ``diffusion_model.`` stripped) that
   ConceptPrune records and prunes (``""``: ConceptPrune refuses the family); ``ffn_split``: those
   among them whose input is the attention output then the MLP's (Flux's ``single_blocks.*.linear2``,
@@ -55,13 +61,50 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["ARCHITECTURES", "Architecture", "NOT_TEXT_CONDITIONED", "REFUSED", "by_name", "detect", "norm_key",
+__all__ = ["ARCHITECTURES", "Architecture", "LayerSpaces", "NOT_TEXT_CONDITIONED", "REFUSED", "by_name", "detect", "norm_key",
            "rms_norm"]
 
 IM_END = 151645  # Qwen2.5 / Qwen3 / Qwen3-VL "<|im_end|>"
 EOT = 128009  # Llama-3 "<|eot_id|>" (HunyuanVideo's text encoder)
 SDXL_CONFIGS = ("SDXL", "SDXLRefiner", "SSD1B", "Segmind_Vega", "KOALA_700M", "KOALA_1B", "SDXL_instructpix2pix")
 FLUX_NORM = r"^txt_norm\.(weight|scale)$"
+
+
+@dataclass(frozen=True)
+class LayerSpaces:
+    """An encoder whose every hidden layer is its own text space (HiDream's Llama-3.1: ``conditioning_llama3``).
+
+    ``key``: the conditioning entry ``[1, layers, T, d]`` (every layer's rows of the prompt, start token
+    included: ComfyUI's HiDream encoder drops the embedding layer, not a token); ``encoder``: the key of the
+    tokens dict whose ids align the rows (a start token, words, then ``pad`` tokens; no end token);
+    ``reader``: the reader key of projection ``i`` (``{i}``); ``config``: the model config's list of the
+    encoder layer each projection reads, in order (projection ``i`` reads layer ``config[i]``); ``prefix``: the
+    spaces' names, ``<prefix>.<layer>``; ``title``: for reports."""
+
+    key: str
+    encoder: str
+    reader: str
+    config: str
+    prefix: str
+    title: str
+    pad: int
+
+    def readers(self, keys, config: dict | None) -> dict[str, list[str]]:
+        """Space name → the ``diffusion_model.*`` reader keys of that layer among ``keys`` (config order)."""
+        layers = (config or {}).get(self.config)
+        if not isinstance(layers, (list, tuple)):
+            return {}
+        present = set(keys)
+        out: dict[str, list[str]] = {}
+        for i, layer in enumerate(layers):
+            key = f"diffusion_model.{self.reader.format(i=i)}"
+            if key in present:
+                out.setdefault(f"{self.prefix}.{int(layer)}", []).append(key)
+        return dict(sorted(out.items(), key=lambda kv: int(kv[0].rsplit(".", 1)[1])))
+
+    def layer(self, space: str) -> int:
+        """The encoder layer of space ``<prefix>.<layer>``."""
+        return int(space.removeprefix(self.prefix + "."))
 
 
 @dataclass(frozen=True)
@@ -84,6 +127,7 @@ class Architecture:
     excludes: tuple[str, ...] = ()
     refused: str = ""
     batch_encode: bool = False
+    batch_blocks: tuple[str, ...] = ()
     guidance: float | None = None
     space: str = ""
     last_reader_only: bool = False
@@ -92,6 +136,7 @@ class Architecture:
     ffn_split: str = ""
     left_alone: str = ""
     left_alone_layers: str = ""
+    layers: LayerSpaces | None = None
     checkpoint_blocks: tuple[str, ...] = ()  # module classes recomputed in backward when training through the model
 
     def ffn_keys(self, keys: list[str]) -> list[str]:
@@ -188,6 +233,8 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         "sd3", "SD3.x (context_embedder, CLIP-L+G rows then T5-XXL rows; pooled CLIP-L+G into y_embedder)",
         readers=r"^context_embedder\.weight$", configs=("SD3",), signature=("context_embedder.weight",),
         encoder="l", pooled=r"^y_embedder\.mlp\.0\.weight$", pooled_encoders=("l", "g"), space="sd3",
+        # comfy/text_encoders/sd3_clip.py: cat([CLIP-L+G rows of every chunk, T5 rows of every chunk], dim=-2)
+        batch_encode=True, batch_blocks=("l", "t5xxl"),
         note="rows are aligned on CLIP-L's tokens; the T5 rows follow the CLIP rows",
         ffn_out=r"^joint_blocks\.\d+\.(x_block|context_block)\.mlp\.fc2\.weight$"),
     Architecture(
@@ -198,14 +245,15 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         encoder="umt5xxl", space="umt5xxl", batch_encode=True,
         ffn_out=r"^blocks\.\d+\.ffn\.2\.weight$"),
     Architecture(
-        "hidream", "HiDream (caption_projection of the T5-XXL rows; pooled CLIP-L+G into p_embedder)",
+        "hidream", "HiDream (caption_projection of the T5-XXL rows and of every Llama-3 layer; pooled CLIP-L+G into p_embedder)",
         readers=r"^caption_projection\.\d+\.linear\.weight$", configs=("HiDream",),
         signature=("caption_projection.0.linear.weight",), encoder="t5xxl", last_reader_only=True,
         pooled=r"^p_embedder\.pooled_embedder\.linear_1\.weight$", pooled_encoders=("l", "g"), space="hidream_t5",
         left_alone=r"^caption_projection\.\d+\.linear\.weight$", left_alone_layers="llama_layers",
-        note="the Llama-3 path is not edited: every caption_projection but the last reads one layer of the Llama-3 "
-             "encoder (conditioning_llama3), each layer its own embedding space, and the concept still reaches "
-             "the model through them (docs/families.md)"),
+        # comfy/ldm/hidream/model.py: caption_projection[i] reads conditioning_llama3[:, llama_layers[i]] for
+        # i < len(llama_layers); comfy/text_encoders/hidream.py: LLAMA3Tokenizer (start 128000, pad 128009 to 128)
+        layers=LayerSpaces(key="conditioning_llama3", encoder="llama", reader="caption_projection.{i}.linear.weight",
+                           config="llama_layers", prefix="llama3", title="Llama-3 layers", pad=128009)),
     Architecture(
         "lumina2", "Lumina 2 / Z-Image (cap_embedder.1 after its RMSNorm)",
         readers=r"^cap_embedder\.1\.weight$", configs=("Lumina2", "ZImage"),

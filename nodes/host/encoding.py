@@ -186,11 +186,12 @@ def encode_many(clip, texts: list[str], arch: Architecture | None = None, model=
     ComfyUI's CLIP encodes every chunk of a token list in one batch and concatenates their rows
     (``encode_from_tokens``, its public API), weighting each chunk against the same empty
     sequence; so the one-chunk token lists of several prompts, put one after another, give each
-    prompt's own rows. Prompts whose token lists differ in length go into separate calls, and
+    prompt's own rows (SD3's encoder gives every prompt's CLIP rows, then every prompt's T5 rows:
+    ``_split_batch``). Prompts whose token lists differ in length go into separate calls, and
     ``calls`` (default: one call per length) bounds how long each call takes. Rows stay as the
-    encoder returns them (its dtype, ComfyUI's intermediate device). Encoders that combine several
-    kinds of rows (SD3's CLIP + T5) or strip a template are encoded one prompt at a time. For T5 families
-    (``arch.batch_encode``) the first batch is checked against the last of its prompts encoded alone.
+    encoder returns them (its dtype, ComfyUI's intermediate device). Encoders that strip a template
+    are encoded one prompt at a time. For the DiT families (``arch.batch_encode``) the first batch
+    of each CLIP is checked against the last of its prompts encoded alone.
     """
     arch = arch or architectures.by_name("unet")
 
@@ -219,6 +220,10 @@ class _Unbatchable(Exception):
     pass
 
 
+class _NoRows(Exception):
+    pass
+
+
 _BATCHES_ALIKE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # CLIP → its batches were checked
 
 def _encode_batched(clip, texts: list[str], arch: Architecture, model, calls: EncoderCalls | None) -> list[TextEmbedding]:
@@ -235,7 +240,7 @@ def _encode_batched(clip, texts: list[str], arch: Architecture, model, calls: En
             nonlocal checked
             part = members[start:stop]
             cond = clip.encode_from_tokens({name: [tokenized[i][0][name][0] for i in part] for name, _ in shape})
-            rows = cond[0].split(cond.shape[1] // len(part))
+            rows = _split_batch(cond[0], len(part), arch, dict(shape))
             if not checked and len(part) > 1:
                 alone = clip.encode_from_tokens(tokenized[part[-1]][0])[0]
                 if alone.shape != rows[-1].shape or not torch.allclose(alone.float(), rows[-1].float(), rtol=1e-3,
@@ -248,6 +253,22 @@ def _encode_batched(clip, texts: list[str], arch: Architecture, model, calls: En
 
         (calls or EncoderCalls(seconds=math.inf, first=len(members))).run(len(members), batch)
     return out
+
+
+def _split_batch(rows: Tensor, n: int, arch: Architecture, lengths: dict[str, int]) -> list[Tensor]:
+    """Each prompt's rows ``[T, d]`` of a call's rows ``[n·T, d]``: one block per prompt, or, where the encoder puts
+    one kind of rows after another (``arch.batch_blocks``, SD3), the prompt's rows of each kind, in order."""
+    if not arch.batch_blocks:
+        return list(rows.split(rows.shape[0] // n))
+    sizes = [lengths[k] for k in arch.batch_blocks if k in lengths]
+    if len(sizes) != len(arch.batch_blocks) or rows.shape[0] != n * sum(sizes):
+        raise _Unbatchable  # e.g. SD3 without its T5: not the layout this family's encoder gives
+    out, start = [[] for _ in range(n)], 0
+    for size in sizes:
+        for i, block in enumerate(rows[start:start + n * size].split(size)):
+            out[i].append(block)
+        start += n * size
+    return [torch.cat(parts) for parts in out]
 
 
 def encode_checked(clip, text: str, model, d: int, device: torch.device, arch: Architecture | None = None):
@@ -413,3 +434,64 @@ def _note(memo: "weakref.WeakKeyDictionary", clip, alike: bool) -> None:
 
 
 _POOLED_ALIKE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # CLIP → its pooled batches were checked
+
+
+# ---------------------------------------------------------------- an encoder's layers, each its own text space
+
+def layer_last_token(ids: list, pad: int) -> int:
+    """Index of the last word token in a start-token, words, padding sequence with no end token (HiDream's
+    Llama-3 tokens: 128000, words, 128009 …): the token before the first ``pad`` after the start (the start
+    token itself for the empty prompt)."""
+    ids = [i if isinstance(i, int) else -1 for i in ids]
+    end = next((j for j in range(1, len(ids)) if ids[j] == pad), len(ids))
+    return max(end - 1, 0)
+
+
+def layer_rows(clip, texts: list[str], arch: Architecture, layers: list[int],
+               calls: EncoderCalls | None = None) -> dict[int, list[TextEmbedding]] | str:
+    """The rows of encoder layers ``layers`` (``arch.layers``: HiDream's ``conditioning_llama3``) of every prompt:
+    layer → one ``TextEmbedding`` per prompt (``[T, d]`` as the encoder returned them), aligned on the layer
+    encoder's tokens. Only these layers are kept: the others are dropped after each call.
+
+    One prompt per ``clip.encode_from_tokens`` call (ComfyUI's public call); T5 gets one token, its rows are
+    not used (as for the pooled vectors). A string says why there are no rows (the CLIP gives none, or fewer
+    layers than the model reads, or all-zero rows: ComfyUI's HiDream encoder without its Llama part)."""
+    spec = arch.layers
+    calls = calls or EncoderCalls(seconds=math.inf, first=max(len(texts), 1))
+    out: dict[int, list[TextEmbedding | None]] = {layer: [None] * len(texts) for layer in layers}
+    tokenizer = getattr(clip.tokenizer, spec.encoder, None) or getattr(clip.tokenizer, f"clip_{spec.encoder}", None)
+
+    def one(start: int, stop: int) -> None:
+        for i in range(start, stop):
+            calls.check()
+            text = texts[i]
+            tokens = pooled_tokens(clip, text)
+            chunks = tokens.get(spec.encoder)
+            if not chunks:
+                raise _NoRows(f"the CLIP gives no {spec.encoder!r} tokens")
+            if len(chunks) != 1:
+                raise ValueError(f"the prompt {text[:60]!r} is {len(chunks)} chunks for the {spec.title}; RECE aligns "
+                                 "their rows within one chunk, so shorten it")
+            special = special_tokens_in(text, tokenizer)
+            if special:
+                raise ValueError(f"the prompt {text[:60]!r} contains the special token {special[0]!r} of the "
+                                 f"{spec.title}' tokenizer; remove it, RECE aligns their rows on the prompt's last token")
+            got = clip.encode_from_tokens(tokens, return_pooled=True, return_dict=True)
+            rows = got.get(spec.key) if isinstance(got, dict) else None
+            if rows is None or rows.ndim != 4 or rows.shape[1] <= max(layers):
+                raise _NoRows(f"the CLIP gives no {spec.key}" if rows is None else
+                              f"the CLIP's {spec.key} has shape {tuple(rows.shape)}, the model reads layers up to "
+                              f"{max(layers)}")
+            last = layer_last_token([t[0] for t in chunks[0]], spec.pad)
+            for layer in layers:
+                r = rows[0, layer].detach().clone()  # a copy: the call's other layers are freed with it
+                out[layer][i] = TextEmbedding(r, min(last, r.shape[0] - 1))
+            del got, rows
+
+    try:
+        calls.run(len(texts), one)
+    except _NoRows as why:
+        return str(why)
+    if all(not bool(e.rows.any()) for e in out[layers[0]]):
+        return f"the CLIP's {spec.key} rows are all zero (a text encoder without its Llama part)"
+    return out

@@ -316,11 +316,14 @@ def require_erasure(erasure, node: str, model=None, keys: list[str] | None = Non
         raise ValueError(f"this erasure was made for {erasure.dim}-wide text embeddings but this "
                          f"{model_type(model)} model's {'cross-attention' if arch.name == 'unet' else 'text input'} "
                          f"reads {text_width(model, keys)}")
-    pooled = erasure.spaces.get("pooled")
-    readers = arch.pooled_keys(model_type(model), list(model.model.state_dict().keys())) if pooled else []
-    if readers and pooled.dim != pooled_width(model, arch, readers):
-        raise ValueError(f"{node}: this erasure's pooled-text transform is {pooled.dim} wide but this "
-                         f"{model_type(model)} model's pooled text path reads {pooled_width(model, arch, readers)}")
+    for name, readers in space_keys(model, arch, keys).items():
+        space = erasure.spaces.get(name)
+        width = space_width(model, arch, name, readers)
+        if space is not None and space.dim != width:
+            what = "pooled-text" if name == "pooled" else f"{name} (text space)"
+            reads = "pooled text path" if name == "pooled" else f"{name} readers"
+            raise ValueError(f"{node}: this erasure's {what} transform is {space.dim} wide but this "
+                             f"{model_type(model)} model's {reads} read {width}")
 
 
 class _Rows:
@@ -395,3 +398,29 @@ def pooled_gram(model, arch: Architecture, keys: list[str], device: torch.device
         return gram(weights)
     except ValueError as exc:
         raise ValueError(f"this model's {exc}") from None
+
+
+def layer_keys(model, arch: Architecture, edited: list[str] | None = None) -> dict[str, list[str]]:
+    """Space name → reader keys of each encoder layer that is its own text space (HiDream's ``llama3.<layer>``:
+    the ``caption_projection``s reading Llama-3 layer ``<layer>``), the rows' own readers ``edited`` left out;
+    ``{}`` where the family has none or the config does not list the layers."""
+    if arch.layers is None:
+        return {}
+    if edited is None:
+        edited = architecture(model)[1]
+    config = getattr(getattr(model.model, "model_config", None), "unet_config", None)
+    found = arch.layers.readers(list(model.model.state_dict().keys()), config)
+    skip = set(edited)
+    return {name: [k for k in keys if k not in skip] for name, keys in found.items() if any(k not in skip for k in keys)}
+
+
+def space_keys(model, arch: Architecture, edited: list[str] | None = None) -> dict[str, list[str]]:
+    """Every other text space of the model and its reader keys: ``pooled`` (where there is a pooled path) and
+    each encoder layer that is its own space (``layer_keys``)."""
+    pooled = arch.pooled_keys(model_type(model), list(model.model.state_dict().keys()))
+    return ({"pooled": pooled} if pooled else {}) | layer_keys(model, arch, edited)
+
+
+def space_width(model, arch: Architecture, name: str, keys: list[str]) -> int:
+    """The width of text space ``name`` as its readers read it (the pooled columns only, for ``pooled``)."""
+    return pooled_width(model, arch, keys) if name == "pooled" else in_features(model, keys[0])

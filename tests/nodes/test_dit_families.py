@@ -10,6 +10,7 @@ Qwen-Image 2.1 is newer than ComfyUI 0.3.64: its stand-in mirrors the current cl
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -32,6 +33,9 @@ ARGS = dict(concepts="nudity", guide="", preserve="", concept_kind="nudity", rou
             erase_scale=1.0, preserve_scale=0.1)
 ALL = list(FAMILIES)
 CONCEPT, PRESERVED = "nudity", "a photo of a cat"
+# HiDream: the Llama-3 readers and the space each reads (llama_layers [0, 2] of the tiny config)
+LAYER_READERS = {"hidream": {"caption_projection.0.linear.weight": "llama3.0",
+                             "caption_projection.1.linear.weight": "llama3.2"}}
 
 
 def erase(model, clip, **kw):
@@ -65,8 +69,11 @@ def test_detected_and_recorded(erased):
     assert arch.name == family and keys == reader_keys(family)
     assert erasure.extra["architecture"] == family and erasure.dim == D
     pooled = [f"diffusion_model.{FAMILIES[family].pooled}"] if FAMILIES[family].pooled else []
-    assert set(out.patches) == set(keys + pooled)  # only the text readers and pooled readers: norm, bias untouched
+    layers = [f"diffusion_model.{k}" for k in LAYER_READERS.get(family, {})]
+    # only the text readers, pooled readers and (HiDream) Llama-3 readers: norm, bias untouched
+    assert set(out.patches) == set(keys + pooled + layers)
     assert ("pooled" in erasure.spaces) == bool(pooled)
+    assert {n for n in erasure.spaces if n != "pooled"} == set(LAYER_READERS.get(family, {}).values())
 
 
 def test_concept_moves_preserved_barely_and_model_untouched(erased):
@@ -95,6 +102,12 @@ def test_edit_is_w_times_p_on_the_readers(erased):
         pp = erasure.spaces["pooled"].transform.dense().double()
         assert pp.shape[0] == base[k].shape[1] and not torch.allclose(pp, torch.eye(pp.shape[0], dtype=pp.dtype))
         assert rel(after[k], base[k].double() @ pp) < 1e-5
+        edited.append(k)
+    for key, space in LAYER_READERS.get(family, {}).items():  # HiDream: each Llama reader, W P of its own layer
+        k = f"diffusion_model.{key}"
+        pl = erasure.spaces[space].transform.dense().double()
+        assert not torch.allclose(pl, p.to(pl)) and rel(after[k], base[k]) > 1e-3
+        assert rel(after[k], base[k].double() @ pl) < 1e-5
         edited.append(k)
     for k in base:
         if k not in edited:
@@ -293,36 +306,144 @@ def test_last_word_token_found_with_comfyuis_tokenizer(family):
         assert at[0] == word_ids("car")[0] and at[1] in (1, 49407, 151645)
 
 
-def test_hidream_edits_only_the_t5_projection():
-    """HiDream's last caption_projection reads T5; the others read Llama-3 layers (other spaces)."""
+def test_hidream_rows_are_the_t5_projection_and_each_llama_layer_its_own_space():
+    """HiDream's last caption_projection reads T5 (the rows); projection i reads Llama-3 layer llama_layers[i],
+    so the projections reading one layer share its space (comfy/ldm/hidream/model.py)."""
     keys = [f"diffusion_model.caption_projection.{i}.linear.weight" for i in range(12)]
     arch, found = architectures.detect("HiDream", keys + ["diffusion_model.x_embedder.proj.weight"])
     assert arch.name == "hidream" and found == ["diffusion_model.caption_projection.11.linear.weight"]
-    assert "Llama" in arch.note
+    spaces = arch.layers.readers(keys, {"llama_layers": list(range(8)) + [7] * 3})
+    assert list(spaces) == [f"llama3.{i}" for i in range(8)]
+    assert spaces["llama3.7"] == [f"diffusion_model.caption_projection.{i}.linear.weight" for i in (7, 8, 9, 10)]
+    assert arch.unedited(keys, found + [k for ks in spaces.values() for k in ks], {"llama_layers": list(range(11))}) == ""
+    # with the Llama spaces not edited (a CLIP without them), the report line still names what is left
     line = arch.unedited(keys, found, {"llama_layers": list(range(8)) + [7] * 3})
-    assert line == ("not edited: 11 layer(s) reading other text spaces (caption_projection.0.linear.weight … "
-                    "caption_projection.10.linear.weight), which read 8 encoder layer(s) (llama_layers: 0 … 7), "
-                    "each its own embedding space")
+    assert line.startswith("not edited: 11 layer(s) reading other text spaces (caption_projection.0.linear.weight")
 
 
-def test_hidream_report_says_what_is_left_and_its_pooled_path_is_erased():
-    """The Erase report names the Llama-3 readers left alone; the T5 reader and the pooled CLIP-L+G reader
-    (p_embedder) are edited as W P; the Llama-3 readers are untouched."""
+def test_hidream_report_names_every_space_erased():
+    """The Erase report names the Llama-3 spaces erased (and no longer says they are left); Apply says it applies
+    them; a CLIP whose Llama rows are all zero (ComfyUI's HiDream encoder without Llama) leaves them, saying why."""
     model, clip = make_model("hidream"), DiTCLIP("hidream")
     out, erasure, report = erase(model, clip)
-    assert ("not edited: 2 layer(s) reading other text spaces (caption_projection.0.linear.weight … "
-            "caption_projection.1.linear.weight), which read 2 encoder layer(s) (llama_layers: 0 … 2)") in report
+    assert "not edited" not in report and "not erased" not in report
+    assert ("Llama-3 layers (2 spaces, llama3.0 … llama3.2, read by 2 layers, caption_projection.0.linear.weight … "
+            "caption_projection.1.linear.weight), each its own transform") in report
     assert "pooled text (p_embedder.pooled_embedder.linear_1.weight)" in report
-    before, after = effective_weights(model), effective_weights(out)
-    for i in (0, 1):
-        key = f"diffusion_model.caption_projection.{i}.linear.weight"
-        assert torch.equal(after[key], before[key])
-    key = "diffusion_model.p_embedder.pooled_embedder.linear_1.weight"
-    p = erasure.spaces["pooled"].transform.dense().double()
-    assert rel(after[key], before[key].double() @ p) < 1e-5 and rel(after[key], before[key]) > 1e-3
     applied = ApplyErasedWeights().apply(model, erasure, 1.0)["result"]
-    assert "and 1 that read the pooled text" in applied[1] and "not edited: 2 layer(s)" in applied[1]
-    assert torch.equal(effective_weights(applied[0])[key], after[key])
+    assert "and 1 that read the pooled text and 2 that read the Llama-3 layers" in applied[1]
+    assert "not edited" not in applied[1]
+    after = effective_weights(out)
+    assert all(torch.equal(v, after[k]) for k, v in effective_weights(applied[0]).items())
+
+    class NoLlama(DiTCLIP):
+        def encode_from_tokens(self, tokens, return_pooled=False, return_dict=False):
+            out = super().encode_from_tokens(tokens, return_pooled, return_dict)
+            if return_dict:
+                out["conditioning_llama3"] = torch.zeros(1, 32, 1, D)  # what ComfyUI gives without Llama
+            return out
+
+    _, partial, report = erase(model, NoLlama("hidream"))
+    assert set(partial.spaces) == {"pooled"}
+    # the T5 rows' and the pooled vector's transforms are what they were without the Llama spaces
+    assert torch.equal(partial.transform.up, erasure.transform.up) and torch.equal(partial.transform.down,
+                                                                                     erasure.transform.down)
+    assert torch.equal(partial.spaces["pooled"].transform.up, erasure.spaces["pooled"].transform.up)
+    assert "note: the Llama-3 layers are not erased: the CLIP's conditioning_llama3 rows are all zero" in report
+    assert "not edited: 2 layer(s) reading other text spaces" in report
+
+
+def test_hidream_llama_rows_alone_no_longer_move_toward_the_concept():
+    """With the empty prompt's T5 rows and pooled vector and the concept's Llama-3 layers, the original model's sample
+    moves toward the concept; the erased model's barely does (its move projected on the original's). A model carrying
+    only the Llama spaces' patches leaves a preserved prompt's Llama rows where they took the sample.
+
+    One RECE round: on this stand-in later rounds move the concept's Llama-only effect back (its projection on the
+    original move: 0.04 after the erase step, 0.02 after 1 round, 0.22 after 2, 0.47 after 3; its T5 rows alone:
+    −0.25, −0.58, −0.42, 0.27), see docs/families.md."""
+    from rece_comfyui.nodes.host import weights
+    from rece_comfyui.nodes.rece import patched
+
+    model, clip = make_model("hidream"), DiTCLIP("hidream")
+    out, erasure, _ = erase(model, clip, preserve=PRESERVED, rounds=1)
+    arch, keys = weights.architecture(model)
+    llama_only = patched(model, erasure, [], 1.0, weights.layer_keys(model, arch, keys))
+    empty, concept, kept = clip.conditioning(""), clip.conditioning(CONCEPT), clip.conditioning(PRESERVED)
+
+    def rows_of(cond):  # the empty prompt's T5 rows and pooled vector, this prompt's Llama-3 layers
+        return [[empty[0][0], empty[0][1] | {"conditioning_llama3": cond[0][1]["conditioning_llama3"]}]]
+
+    def move(m, cond):
+        return (sample(m, "hidream", rows_of(cond), empty) - sample(m, "hidream", empty, empty)).double()
+
+    original = move(model, concept)
+    assert float(original.norm()) > 0.1 * float(sample(model, "hidream", empty, empty).norm())
+    for name, m in (("erased", out), ("Llama spaces only", llama_only)):
+        after = move(m, concept)
+        toward = float((after * original).sum() / (original * original).sum())
+        print(f"hidream ({name}): the concept's Llama rows move the sample {toward:.3f} of the original move toward "
+              f"it ({float(after.norm() / original.norm()):.3f} as far)")
+        assert toward < 0.1 and float(after.norm()) < 0.5 * float(original.norm())
+    kept_before, kept_after = move(model, kept), move(llama_only, kept)
+    assert float((kept_after - kept_before).norm()) < 0.02 * float(kept_before.norm())
+
+
+def test_hidream_llama_spaces_save_load_apply_undo_and_export(models_dir):
+    """A file with Llama-3 spaces saves, loads and applies as the erasure itself (every reader the same weight);
+    strength −1 undoes it exactly; the LoRA holds each Llama reader's W (P_layer − I); an erasure without the
+    Llama spaces (an older file) still loads and applies, leaving the Llama readers as they were."""
+    model, clip = make_model("hidream"), DiTCLIP("hidream")
+    erasure = erase(model, clip, rounds=1)[1]
+    SaveErasedWeights().save(erasure, "hd")
+    loaded = LoadErasedWeights().load("hd_00001.safetensors")["result"][0]
+    assert set(loaded.spaces) == set(erasure.spaces) == {"pooled", "llama3.0", "llama3.2"}
+    with safe_open(str(models_dir / "rece" / "hd_00001.safetensors"), "pt") as f:
+        assert f.metadata()["format_version"] == "2"
+        assert {"llama3.0.up", "llama3.2.down"} <= set(f.keys())
+    direct = effective_weights(ApplyErasedWeights().apply(model, erasure, 1.0)["result"][0])
+    via_file = ApplyErasedWeights().apply(model, loaded, 1.0)["result"][0]
+    got = effective_weights(via_file)
+    assert all(rel(got[k], v) < 1e-6 if not torch.equal(got[k], v) else True for k, v in direct.items())
+    base = effective_weights(model)
+    undone = effective_weights(ApplyErasedWeights().apply(via_file, loaded, -1.0)["result"][0])
+    assert all(torch.equal(undone[k], base[k]) for k in base)
+
+    ExportErasureAsLoRA().export(model, loaded, "hd_lora", 0, "fp32")
+    lora = load_file(str(models_dir / "loras" / "hd_lora_00001.safetensors"))
+    for key in LAYER_READERS["hidream"]:
+        k = f"diffusion_model.{key}"
+        name = lora_key(k, "hidream")
+        up, down = lora[f"{name}.lora_up.weight"], lora[f"{name}.lora_down.weight"]
+        assert rel(base[k] + float(lora[f"{name}.alpha"]) / down.shape[0] * up @ down, got[k]) < 1e-5
+
+    # files as written before this change: version 2 with the pooled space only, version 1 with the rows only
+    for name, spaces, version in (("old_v2", {"pooled": loaded.spaces["pooled"]}, "2"), ("old_v1", {}, "1")):
+        save_erasure(dataclasses.replace(loaded, spaces=spaces), str(models_dir / "rece" / f"{name}.safetensors"))
+        with safe_open(str(models_dir / "rece" / f"{name}.safetensors"), "pt") as f:
+            assert f.metadata()["format_version"] == version
+        older = LoadErasedWeights().load(f"{name}.safetensors")["result"][0]
+        assert set(older.spaces) == set(spaces)
+        model2, report = ApplyErasedWeights().apply(model, older, 1.0)["result"]
+        assert "holds no transform of 2 of the Llama-3 layers" in report
+        assert ("holds no transform of the pooled text" in report) == (version == "1")
+        after = effective_weights(model2)
+        for k in LAYER_READERS["hidream"]:
+            assert torch.equal(after[f"diffusion_model.{k}"], base[f"diffusion_model.{k}"])
+        t5 = f"diffusion_model.{next(iter(FAMILIES['hidream'].readers))}"
+        assert torch.equal(after[t5], got[t5])
+
+
+def test_hidream_derive_embedding_derives_in_every_llama_space():
+    """Derive Embedding on an erased HiDream derives the Llama layers the model reads too: its conditioning carries
+    derived conditioning_llama3 rows on the layers read, the others as encoded."""
+    model, clip = make_model("hidream"), DiTCLIP("hidream")
+    out = erase(model, clip, rounds=1)[0]
+    cond, reach, report = RECEDeriveEmbedding().derive(out, clip, CONCEPT, 0.1)["result"]
+    assert "+ 2 Llama-3 layers" in report and 0.0 <= reach <= 1.0
+    encoded = clip.conditioning(CONCEPT)[0][1]["conditioning_llama3"]
+    derived = cond[0][1]["conditioning_llama3"]
+    assert derived.shape == encoded.shape and torch.equal(derived[0, 1], encoded[0, 1])
+    assert all(rel(derived[0, layer], encoded[0, layer]) > 1e-3 for layer in (0, 2))
 
 
 def test_cancel_between_dit_prompts():
@@ -348,10 +469,11 @@ def test_cancel_between_dit_prompts():
     assert len(encoded) == 1  # checked before each prompt: stopped before the second (the first call holds four)
 
 
-@pytest.mark.parametrize("family", ["flux", "wan", "chroma"])
+@pytest.mark.parametrize("family", ["flux", "wan", "chroma", "sd3"])
 def test_t5_prompts_are_batched_with_the_rows_of_one_at_a_time_encoding(family):
     """T5 pads to a fixed length (Chroma's does not: one call per length): 100 prompts in a few encoder
-    calls, each prompt's rows equal to encoding it alone; Cancel is checked before every call."""
+    calls, each prompt's rows equal to encoding it alone; Cancel is checked before every call. SD3's encoder
+    gives every prompt's CLIP-L+G rows, then every prompt's T5 rows: each prompt's are picked from both."""
     from rece_comfyui.nodes.host import encoding
 
     model, clip, encoded, checks = make_model(family), DiTCLIP(family), [], []
@@ -431,3 +553,30 @@ def test_pooled_vectors_are_encoded_with_t5_cut_to_one_token(family):
         assert torch.allclose(encoding.pooled_many(clip, ["a cat", text], arch)[1], full, rtol=1e-5, atol=1e-6)
 
 
+
+
+def test_hidream_llama_layers_streamed_in_groups_give_the_same_erasure():
+    """Memory: with room for one layer's rows at a time, every layer is its own encoding pass (each prompt encoded
+    once per pass, only that layer kept) and the erasures are the same as with all layers from one pass."""
+    from rece_comfyui.nodes.host import weights
+    from rece_comfyui.nodes.rece import layer_erasures
+
+    model, clip = make_model("hidream"), DiTCLIP("hidream")
+    arch, keys = weights.architecture(model)
+    calls = []
+    clip.encode_from_tokens = (lambda f: lambda *a, **k: calls.append(1) or f(*a, **k))(clip.encode_from_tokens)
+    args = dict(lamb=0.1, erase_scale=1.0, preserve_scale=0.1, reg=0.1, epochs=1)
+    prompts = 4  # the concept, ' ' (its guide), '' and the preserved prompt
+
+    def run(keep):
+        calls.clear()
+        out, spaces, note = layer_erasures(model, clip, arch, keys, [CONCEPT], "", [PRESERVED], torch.device("cpu"),
+                                           lambda: None, keep_bytes=keep, **args)
+        return out, len(calls)
+
+    together, n_together = run(2**30)
+    apart, n_apart = run(1)
+    assert (n_together, n_apart) == (prompts, 2 * prompts)  # one pass; then one pass per layer (two layers)
+    assert set(together) == set(apart) == {"llama3.0", "llama3.2"}
+    for name in together:
+        assert torch.equal(together[name].transform.dense(), apart[name].transform.dense())

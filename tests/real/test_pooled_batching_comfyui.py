@@ -13,6 +13,10 @@ import os
 import pytest
 import torch
 
+from conftest import load_pack
+
+load_pack()  # the pack as ComfyUI loads it (rece_comfyui), also when this file runs alone
+
 pytestmark = pytest.mark.skipif(not os.environ.get("COMFYUI_PATH"), reason="real tier: set COMFYUI_PATH")
 
 CLIP_CONFIG = {"hidden_size": 48, "intermediate_size": 96, "num_attention_heads": 2, "num_hidden_layers": 3,
@@ -23,8 +27,9 @@ PROMPTS = ["nudity", "Van Gogh", "a photo of a cat", "", " ", "(nudity:1.3) on a
            "a dog " * 60]
 
 
-def comfy_clip(family: str):
-    """ComfyUI's CLIP for ``family`` (its own classes and tokenizers), tiny and seeded."""
+def comfy_clip(family: str, options: dict | None = None):
+    """ComfyUI's CLIP for ``family`` (its own classes and tokenizers), tiny and seeded; ``sd3_t5``: SD3 with its
+    T5 (4096 wide, as SD3's encoder pads its CLIP rows to 4096 and puts the T5 rows after them)."""
     import sys
     from pathlib import Path
 
@@ -38,6 +43,7 @@ def comfy_clip(family: str):
 
     target = {"flux": (comfy.text_encoders.flux.flux_clip(), comfy.text_encoders.flux.FluxTokenizer),
               "sd3": (comfy.text_encoders.sd3_clip.sd3_clip(t5=False), comfy.text_encoders.sd3_clip.SD3Tokenizer),
+              "sd3_t5": (comfy.text_encoders.sd3_clip.sd3_clip(), comfy.text_encoders.sd3_clip.SD3Tokenizer),
               "sdxl": (comfy.sdxl_clip.SDXLClipModel, comfy.sdxl_clip.SDXLTokenizer)}[family]
 
     class Target:
@@ -45,7 +51,7 @@ def comfy_clip(family: str):
         params: dict = {}
 
     clip = comfy.sd.CLIP(target=Target(), tokenizer_data={"t5xxl_min_length": 16},
-                         model_options=OPTIONS | {"dtype": torch.float32})
+                         model_options=OPTIONS | (options or {}) | {"dtype": torch.float32})
     with torch.no_grad():
         seed_module(clip.cond_stage_model, torch.Generator().manual_seed(1))
     return clip
@@ -90,3 +96,28 @@ def test_a_hundred_flux_concepts_take_at_most_ten_encoder_calls_with_comfyuis_fl
                                                         1.0, 0.1)["result"]
     assert erasure.spaces["pooled"].concepts == tuple(names), report
     assert len(calls) <= 10, [len(t["t5xxl"][0]) for t in calls]
+
+
+def test_sd3_rows_batched_equal_comfyuis_one_at_a_time():
+    """ComfyUI's own SD3 encoder (CLIP-L + G + T5) gives every chunk's CLIP-L+G rows, then every chunk's T5 rows:
+    the rows of several prompts from one call, each picked from both blocks, equal each prompt encoded alone
+    (weighted and long prompts included; prompts of another length go in their own call)."""
+    from dit_factory import make_model
+    from rece_comfyui.nodes.host import encoding
+
+    t5 = {"t5xxl_model_config": T5_CONFIG | {"d_model": 4096}}  # SD3's rows are 4096 wide
+    clip, model = comfy_clip("sd3_t5", t5), make_model("sd3")
+    arch = arch_of("sd3")
+    texts = [t for t in PROMPTS if len(t) < 100] + [f"concept number {i}" for i in range(8)]
+    calls, encode = [], clip.encode_from_tokens
+    clip.encode_from_tokens = lambda tokens, *a, **kw: calls.append(tokens) or encode(tokens, *a, **kw)
+    with torch.no_grad():
+        got = encoding.encode_many(clip, texts, arch, model)
+        n_batched = len(calls)
+        alone = [encoding.encode(clip, t, torch.device("cpu"), arch, model)[0] for t in texts]
+    assert n_batched < len(texts) / 2, n_batched
+    for text, a, b in zip(texts, got, alone):
+        assert a.rows.shape == b.rows.shape and a.rows.shape[0] == 77 + 16, text
+        assert a.last_token == b.last_token
+        assert torch.allclose(a.rows.float(), b.rows, rtol=1e-4, atol=1e-5 * float(b.rows.abs().max())), text
+    assert len({tuple(e.rows[-1, :8].tolist()) for e in got}) >= 5  # the prompts' T5 rows differ

@@ -269,3 +269,31 @@ def test_fp16_lora_factors_that_overflow_are_refused():
         lora_factors(e, w, 0, torch.float16)
     up, down, err = lora_factors(e, w, 0, torch.float32)
     assert torch.isfinite(up).all() and err < 1e-6
+
+
+def test_llama_layer_spaces_round_trip_and_unknown_spaces_are_refused(erasure, tmp_path):
+    """HiDream's Llama-3 layer spaces (``llama3.<layer>``) are written and read back exactly, next to the pooled
+    space; a space name this pack does not know is refused on save and, in a file, on load, naming it."""
+    g = torch.Generator().manual_seed(3)
+    space = lambda d, r: dataclasses.replace(  # noqa: E731
+        erasure, transform=dataclasses.replace(erasure.transform, up=torch.randn(d, r, generator=g) * 0.01,
+                                               down=torch.randn(r, d, generator=g) * 0.01))
+    spaces = {"pooled": space(8, 2), "llama3.0": space(erasure.dim, 3), "llama3.31": space(erasure.dim, 1)}
+    path = str(tmp_path / "llama.safetensors")
+    save_erasure(dataclasses.replace(erasure, spaces=spaces), path)
+    loaded = load_erasure(path)
+    assert set(loaded.spaces) == set(spaces)
+    for name, e in spaces.items():
+        assert torch.equal(loaded.spaces[name].transform.up, e.transform.up)
+        assert torch.equal(loaded.spaces[name].transform.down, e.transform.down)
+    with pytest.raises(ValueError, match="unknown text space 'llama3.x'"):
+        save_erasure(dataclasses.replace(erasure, spaces={"llama3.x": space(8, 1)}), str(tmp_path / "x.safetensors"))
+    with open(path, "rb") as f:
+        raw = f.read()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = raw[8:8 + n].decode().replace("llama3.31", "llama4.31")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(struct.pack("<Q", len(header.encode())) + header.encode() + raw[8 + n:])
+    with pytest.raises(ValueError, match=r"bad.safetensors: metadata field 'spaces' must map text spaces \(pooled, "
+                                         r"llama3.<layer>\)"):
+        load_erasure(str(bad))
