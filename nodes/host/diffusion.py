@@ -163,10 +163,12 @@ class Denoiser:
         self.autocast = dtype if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) else None
         store = self.autocast or torch.float32
         keys = [f"diffusion_model.{n}" for n, _ in model.model.diffusion_model.named_parameters()]
-        if offload is None:
+        if device.type != "cpu":  # make room as ComfyUI does before a load: unload what it holds there
             size = sum(host_weights.logical_shape(host_weights.stored_weight(model, k)[0]).numel() for k in keys)
-            free = comfy.model_management.get_free_memory(device) if device.type != "cpu" else float("inf")
-            offload = bool(in_blocks) and size * torch.finfo(store).bits // 8 > free / 2
+            need = size * torch.finfo(store).bits // 8
+            comfy.model_management.free_memory(need * 2, device)
+            if offload is None:
+                offload = bool(in_blocks) and need > comfy.model_management.get_free_memory(device) / 2
         self.offload = bool(offload) and bool(in_blocks)
         self.params: dict[str, Tensor] = {}
         with torch.inference_mode(False), torch.no_grad():  # copies: no graph back to the loaded weights

@@ -84,3 +84,18 @@ def load_models_gpu(models, memory_required=0, force_patch_weights=False, minimu
 
 def load_model_gpu(model):
     return load_models_gpu([model])
+
+
+def free_memory(memory_required, device, keep_loaded=[]):
+    """As ComfyUI: unload loaded patchers on ``device`` (least recent first), except ``keep_loaded``, until
+    ``memory_required`` bytes are free; returns the unloaded ones."""
+    unloaded = []
+    for m in list(reversed(current_loaded_models)):
+        if get_free_memory(device) > memory_required:
+            break
+        if m in keep_loaded or torch.device(m.load_device).type != torch.device(device).type:
+            continue
+        m.unpatch_model()
+        current_loaded_models.remove(m)
+        unloaded.append(m)
+    return unloaded
