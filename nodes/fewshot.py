@@ -238,8 +238,8 @@ class FewShotUnlearnConcept:
                   + (f"\ngradient checkpointing: {n_checkpointed} blocks of the model" if n_checkpointed
                      else "\ngradient checkpointing: off")
                   + ("\nlow VRAM: the model's blocks were held in CPU memory and moved to the GPU one at a time"
-                     if den.offload else "\nlow VRAM: not available for this family (its blocks cannot be "
-                     "recomputed); the model's weights were held on the device" if low_vram == "on" else ""))
+                     if den.offload else "\nlow VRAM: not available for this model (no blocks known to stream); "
+                     "the model's weights were held on the device" if low_vram == "on" else ""))
         return {"ui": ui_report({"concept": unlearning.concept, "epoch_losses": unlearning.epoch_losses,
                                  "seconds": round(unlearning.seconds, 3), "parameters": result.parameters,
                                  "parameter_set": parameters, "device": str(device)}),

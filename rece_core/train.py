@@ -154,7 +154,9 @@ def checkpointed(modules: list[torch.nn.Module], device: torch.device | None = N
     The tensors each module holds *when it is called* (e.g. those ``torch.func.functional_call`` put in
     place) are the ones the recompute uses, so it works inside ``functional_call``. The modules are left
     as they were on exit (an instance ``forward`` is set for the context's duration only). Modules
-    called inside another checkpointed module are not checkpointed again.
+    called inside another checkpointed module are not checkpointed again. Only for modules that do not
+    change tensors autograd saved in place (a recompute would read them changed): ComfyUI's Flux and SD3
+    blocks do (``txt += ...``), its UNet blocks do not (gradients checked against the uncheckpointed run).
 
     ``device``: the modules' tensors are held elsewhere (CPU memory) and moved to ``device`` for each call
     and each recompute, then dropped: only the running module's weights are on ``device`` (low-VRAM
@@ -211,11 +213,7 @@ def _checkpointed_forward(module: torch.nn.Module, depth: list[int], device: tor
 
         def fn(*a):
             moved = params if device is None else {k: v.to(device, non_blocking=True) for k, v in params.items()}
-            # the module gets copies of its tensor inputs: a block that adds into its input in place (Flux's
-            # ``img += ...``) must not change the inputs the recompute starts from
-            a = tuple(t.clone() if isinstance(t, Tensor) else t for t in a)
-            kw = {k: v.clone() if isinstance(v, Tensor) else v for k, v in kwargs.items()}
-            return torch.func.functional_call(run, moved, (a, kw))
+            return torch.func.functional_call(run, moved, (a, kwargs))
 
         if not torch.is_grad_enabled():
             return fn(*args)

@@ -138,6 +138,7 @@ class Architecture:
     left_alone_layers: str = ""
     layers: LayerSpaces | None = None
     checkpoint_blocks: tuple[str, ...] = ()  # module classes recomputed in backward when training through the model
+    offload_blocks: tuple[str, ...] = ()  # module classes whose weights low-VRAM training streams (not recomputable)
 
     def ffn_keys(self, keys: list[str]) -> list[str]:
         """The ``diffusion_model.*`` feed-forward output weight keys among a model's keys (sorted)."""
@@ -213,7 +214,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         norm=FLUX_NORM, norm_optional=True,
         pooled=r"^vector_in\.in_layer\.weight$", pooled_encoders=("l",), guidance=3.5, space="t5xxl", batch_encode=True,
         ffn_out=r"^(double_blocks\.\d+\.(img|txt)_mlp\.2|single_blocks\.\d+\.linear2)\.weight$",
-        ffn_split=r"^single_blocks\.\d+\.linear2\.weight$"),
+        ffn_split=r"^single_blocks\.\d+\.linear2\.weight$", offload_blocks=("DoubleStreamBlock", "SingleStreamBlock")),
     Architecture(
         "chroma", "Chroma (txt_in, T5-XXL rows)",
         readers=r"^txt_in\.weight$", configs=("Chroma", "ChromaRadiance"),
@@ -236,7 +237,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         # comfy/text_encoders/sd3_clip.py: cat([CLIP-L+G rows of every chunk, T5 rows of every chunk], dim=-2)
         batch_encode=True, batch_blocks=("l", "t5xxl"),
         note="rows are aligned on CLIP-L's tokens; the T5 rows follow the CLIP rows",
-        ffn_out=r"^joint_blocks\.\d+\.(x_block|context_block)\.mlp\.fc2\.weight$"),
+        ffn_out=r"^joint_blocks\.\d+\.(x_block|context_block)\.mlp\.fc2\.weight$", offload_blocks=("JointBlock",)),
     Architecture(
         "wan", "Wan 2.x (text_embedding.0, UMT5-XXL rows)",
         readers=r"^text_embedding\.0\.weight$", signature=("text_embedding.0.weight",),

@@ -111,11 +111,79 @@ def _module_of(root: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (root.get_submodule(owner) if owner else root), leaf
 
 
-def _block_classes(diffusion_model: nn.Module) -> tuple[str, ...]:
-    """The checkpoint-block class names (``architectures``) of the family this diffusion model's modules are."""
+def _block_classes(diffusion_model: nn.Module) -> tuple[tuple[str, ...], bool]:
+    """The block class names of the family this diffusion model's modules are (``architectures``), and whether
+    they can be recomputed in the backward pass (checkpoint blocks) or only have their weights streamed
+    (offload blocks: the DiTs, whose blocks add into saved tensors in place)."""
     names = {type(m).__name__ for m in diffusion_model.modules()}
-    return next((a.checkpoint_blocks for a in architectures.ARCHITECTURES
-                 if a.checkpoint_blocks and names.intersection(a.checkpoint_blocks)), ())
+    for a in architectures.ARCHITECTURES:
+        if a.checkpoint_blocks and names.intersection(a.checkpoint_blocks):
+            return a.checkpoint_blocks, True
+    for a in architectures.ARCHITECTURES:
+        if a.offload_blocks and names.intersection(a.offload_blocks):
+            return a.offload_blocks, False
+    return (), False
+
+
+_STREAMED = object()
+
+
+class _SavedTensors(torch.autograd.graph.saved_tensors_hooks):
+    """What autograd saves for the backward pass: a weight streamed to the device (``moved``: its storage →
+    the CPU copy it came from) is kept as a reference to that copy and moved again when the backward pass
+    needs it, so the device does not hold every block's weights until then; with ``copy`` every other tensor
+    is saved as a copy (a block that adds into a saved tensor in place cannot change it)."""
+
+    def __init__(self, moved: dict[int, Tensor], copy: bool, device: torch.device) -> None:
+        def pack(t: Tensor):
+            src = moved.get(_storage(t)) if moved else None
+            if src is not None:
+                return (_STREAMED, src, t.size(), t.stride(), t.storage_offset())
+            return t.clone() if copy else t
+
+        def unpack(p):
+            if isinstance(p, tuple) and len(p) == 5 and p[0] is _STREAMED:
+                return p[1].to(device, non_blocking=True).as_strided(p[2], p[3], p[4])
+            return p
+
+        super().__init__(pack, unpack)
+
+
+def _storage(t: Tensor) -> int | None:
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # a tensor without plain storage
+        return None
+
+
+@contextlib.contextmanager
+def _streamed(blocks: list[nn.Module], device: torch.device, moved: dict[int, Tensor]):
+    """Context: each block's weights are moved to ``device`` when it runs (a forward pre-hook on our shadow) and
+    put back after it (post-hook); ``moved`` maps each moved weight's storage to its CPU copy meanwhile."""
+
+    def pre(block, _args):
+        for owner in block.modules():
+            for leaf, t in list(owner._parameters.items()):
+                if t is not None and t.device.type == "cpu" and not t.requires_grad:  # (trained tensors stay)
+                    on = t.to(device, non_blocking=True)
+                    owner._parameters[leaf] = on
+                    vars(owner).setdefault("_rece_cpu", {})[leaf] = t
+                    moved[_storage(on)] = t
+
+    def post(block, _args, _out):
+        for owner in block.modules():
+            for leaf, t in vars(owner).pop("_rece_cpu", {}).items():
+                moved.pop(_storage(owner._parameters[leaf]), None)
+                owner._parameters[leaf] = t
+
+    handles = [h for b in blocks for h in (b.register_forward_pre_hook(pre), b.register_forward_hook(post))]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for b in blocks:
+            post(b, None, None)
 
 
 class Denoiser:
@@ -127,9 +195,9 @@ class Denoiser:
     read, and it need not be loaded: a model ComfyUI holds partially on the GPU, or not at all, is read
     where it is.
 
-    ``offload``: the weights of the family's checkpoint blocks (``architectures.checkpoint_blocks``) stay in
-    CPU memory and each block's are moved to ``device`` when it runs (again when it is recomputed in the
-    backward pass, see :meth:`checkpointing`), so the GPU holds one block's weights at a time, as ComfyUI's
+    ``offload``: the weights of the family's blocks (``architectures.checkpoint_blocks`` / ``offload_blocks``)
+    stay in CPU memory and each block's are moved to ``device`` when it runs (again when the backward pass
+    needs them, see :meth:`checkpointing`), so the GPU holds one block's weights at a time, as ComfyUI's
     low-VRAM mode does; ``None`` chooses it when the copies would not fit in half of the device's free memory.
     """
 
@@ -151,7 +219,9 @@ class Denoiser:
         self.guidance = arch.guidance if arch is not None else None  # Flux's distilled guidance (ComfyUI's default)
         self.in_place = arch is not None and arch.name != "unet"  # DiT blocks add into saved tensors in place
         self.recomputed = False
-        block_classes = _block_classes(self.module.diffusion_model)
+        block_classes, self.recomputable = _block_classes(self.module.diffusion_model)
+        self.moved: dict[int, Tensor] = {}
+        self.streaming = False
         self.blocks = [m for m in self.module.diffusion_model.modules() if type(m).__name__ in block_classes]
         in_blocks = {".".join(filter(None, ("m.diffusion_model", n, p)))
                      for n, m in self.module.diffusion_model.named_modules()
@@ -211,10 +281,22 @@ class Denoiser:
 
     @contextlib.contextmanager
     def checkpointing(self, enabled: bool = True):
-        """Context: the family's blocks run under gradient checkpointing (``rece_core.train.checkpointed``),
-        their weights moved to the device per call when offloaded (so always checkpointed then); yields how
-        many blocks. Off and not offloaded: the blocks run as they are, and on the DiT families, whose blocks
-        add into tensors autograd saved (Flux's ``txt += ...``), what autograd saves is copied."""
+        """Context for training through the model; yields how many blocks are checkpointed.
+
+        UNet families: the blocks run under gradient checkpointing (``rece_core.train.checkpointed``) when
+        ``enabled`` or offloaded, their weights moved to the device per call when offloaded. DiT families
+        (Flux, SD3): their blocks add into tensors autograd saved (``txt += ...``), which a recompute would
+        read changed (measured: gradients 2% off finite differences), so they are never recomputed: what
+        autograd saves is copied, and when offloaded each block's weights are moved to the device as it runs
+        and saved for the backward pass as references to their CPU copies (:class:`_SavedTensors`)."""
+        if not self.recomputable:
+            with _streamed(self.blocks, self.device, self.moved) if self.offload else contextlib.nullcontext():
+                self.streaming = self.offload
+                try:
+                    yield 0
+                finally:
+                    self.streaming = False
+            return
         blocks = self.blocks if enabled or self.offload else []
         with checkpointed(blocks, device=self.device if self.offload else None) as n:
             self.recomputed = n > 0
@@ -232,8 +314,9 @@ class Denoiser:
         """``D(x, σ)`` ``[B, C, h, w]`` under the text rows ``cond`` ``[B, T, d]`` (and SDXL's pooled text
         ``[B, d_pooled]``), with ``override`` (``diffusion_model.*`` → tensor) in place of those weights."""
         params = self.params if not override else {**self.params, **{f"m.{k}": v for k, v in override.items()}}
-        copies = saved_copies() if self.in_place and not self.recomputed else contextlib.nullcontext()
-        with copies:
+        copy = self.in_place and not self.recomputed
+        saved = _SavedTensors(self.moved, copy, self.device) if copy or self.streaming else contextlib.nullcontext()
+        with saved:
             if self.autocast is None:
                 return functional_call(self.call, params, (x, sigma, cond, pooled), strict=False)
             with torch.autocast(self.device.type, dtype=self.autocast):

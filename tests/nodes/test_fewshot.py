@@ -388,7 +388,7 @@ def test_gradient_checkpointing_gives_the_same_result(monkeypatch):
     really were checkpointed (real tier: ComfyUI's ResBlocks and SpatialTransformers; CI tier: the
     stand-in UNet as one block), and the loaded model is left without instance forwards."""
     if not ff.REAL:  # the stand-in UNet as one block
-        monkeypatch.setattr(load_pack().nodes.host.diffusion, "_block_classes", lambda _: ("ToyUNet",))
+        monkeypatch.setattr(load_pack().nodes.host.diffusion, "_block_classes", lambda _: (("ToyUNet",), True))
     clip, model, vae = ff.make(seed=3)
     imgs = ff.images(2, 64)
     _, off, report_off = run(clip, model, vae, imgs, epochs=1, gradient_checkpointing=False)
@@ -438,7 +438,7 @@ def test_low_vram_keeps_the_models_blocks_in_cpu_memory_and_gives_the_same_resul
     change is bit-identical to the run that holds every weight on the device."""
     diffusion = load_pack().nodes.host.diffusion
     if not ff.REAL:  # the stand-in UNet as one block
-        monkeypatch.setattr(diffusion, "_block_classes", lambda _: ("ToyUNet",))
+        monkeypatch.setattr(diffusion, "_block_classes", lambda _: (("ToyUNet",), True))
     clip, model, vae = ff.make(seed=4)
     imgs = ff.images(2, 64)
     moved = []
