@@ -252,12 +252,17 @@ class CLIP:
         self.cond_stage_model.requires_grad_(True)
         self.tokenizer = SD1Tokenizer()
         self.layer_idx = None
+        cpu = torch.device("cpu")  # comfy.sd.CLIP's patcher over its cond_stage_model
+        self.patcher = comfy.model_patcher.ModelPatcher(self.cond_stage_model, load_device=cpu, offload_device=cpu)
 
     def tokenize(self, text: str, return_word_ids=False, **kwargs):
         return self.tokenizer.tokenize_with_weights(text, return_word_ids, **kwargs)
 
     def load_model(self):
-        pass
+        import comfy.model_management
+
+        comfy.model_management.load_model_gpu(self.patcher)
+        return self.patcher
 
     def encode_from_tokens(self, tokens, return_pooled=False, return_dict=False):
         self.cond_stage_model.reset_clip_options()

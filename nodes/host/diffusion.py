@@ -435,27 +435,10 @@ class TokenEncoder:
         self.width = int(table.weight.shape[1])
         with torch.inference_mode(False):
             self.init = table.weight[ids[self.position]].detach().to(device=device, dtype=torch.float32, copy=True)
-        if hasattr(clip, "load_model"):
-            clip.load_model()
-        self.params = None
-        self.call = _Call(cond, lambda m, toks: m.encode_token_weights(toks))
-
-    def _params(self) -> dict[str, Tensor]:
-        if self.params is None:
-            with torch.inference_mode(False):
-                self.params = {f"m.{k}": v.detach().clone() for k, v in
-                               list(self.cond.named_parameters()) + list(self.cond.named_buffers())}
-        return self.params
+        self.encoder = TextEncoder(clip, device)
 
     def _rows(self, toks) -> Tensor:
-        self.cond.reset_clip_options()
-        if getattr(self.clip, "layer_idx", None) is not None:
-            self.cond.set_clip_options({"layer": self.clip.layer_idx})
-        # ComfyUI's CLIP adds its residuals in place (x += ...), which autograd refuses for tensors it
-        # saved: every tensor saved for backward is saved as a copy (the CLIP's activations, twice)
-        with saved_copies():
-            out = functional_call(self.call, self._params(), (toks,), strict=False)
-        return out[0] if isinstance(out, (tuple, list)) else out
+        return self.encoder.encode(toks)[0]
 
     def tokens_with(self, v: Tensor) -> dict:
         toks = copy.copy(self.tokens)
