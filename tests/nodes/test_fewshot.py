@@ -130,9 +130,11 @@ def test_concept_conditioning_moved(trained):
 
 
 # pre-training that makes the seeded tiny UNet (and CLIP) read the class words: benchmarks/fewshot_specificity.py
-READS_TEXT = dict(steps=500, lr=1e-2 if not ff.REAL else 2e-3, clip_lr=1e-3)
+READS_TEXT = dict(steps=500, lr=1e-2, clip_lr=1e-3)
 
 
+@pytest.mark.skipif(ff.REAL, reason="CI tier: ComfyUI's small SD1 UNet denoises the synthetic classes from the "
+                                    "image alone and does not come to read its text (docs/fewshot.md)")
 def test_unlearning_is_specific_on_a_model_that_reads_its_text():
     """The issue's claim, on a tiny model that reads its text (a random one barely does, see above):
     the seeded UNet and CLIP pre-trained on two synthetic image classes, each captioned with its own
