@@ -61,7 +61,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--pretrain-steps", type=int, default=500)
     p.add_argument("--pretrain-lr", type=float, default=None,
-                   help="UNet pre-training lr (default 1e-2 CI tier, 2e-3 real tier: 1e-2 diverges there)")
+                   help="UNet pre-training lr (default 1e-2 CI tier, 2e-3 real tier: the figures in docs/fewshot.md)")
     p.add_argument("--classes", type=int, default=2)
     p.add_argument("--clip-lr", type=float, default=1e-3, help="pre-train the text encoder too at this lr (0: UNet only)")
     p.add_argument("--prediction", choices=("eps", "v", "flow"), default="eps")

@@ -6,6 +6,8 @@ CI tier: small modules of our own shaped like ComfyUI's (``comfy.sd.CLIP`` with 
 ``model_sampling`` of ``comfy.model_sampling``'s classes; ``VAE.encode``), over the stand-in's patcher.
 Real tier: ComfyUI's own ``CLIP`` (SD1 CLIP-L classes and tokenizer, small width), ``BaseModel`` of
 ``supported_models.SD15`` (small UNet), ``VAE``; all seeded (norms 1, linear fan-in scaled).
+``make_text_sensitive`` pre-trains them on synthetic image classes (``class_images``, captions naming
+``CLASS_WORDS``) so that the model reads its text; ``caption_loss`` measures how much a caption helps.
 """
 
 from __future__ import annotations
