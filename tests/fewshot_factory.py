@@ -6,6 +6,8 @@ CI tier: small modules of our own shaped like ComfyUI's (``comfy.sd.CLIP`` with 
 ``model_sampling`` of ``comfy.model_sampling``'s classes; ``VAE.encode``), over the stand-in's patcher.
 Real tier: ComfyUI's own ``CLIP`` (SD1 CLIP-L classes and tokenizer, small width), ``BaseModel`` of
 ``supported_models.SD15`` (small UNet), ``VAE``; all seeded (norms 1, linear fan-in scaled).
+``make_text_sensitive`` pre-trains them on synthetic image classes (``class_images``, captions naming
+``CLASS_WORDS``) so that the model reads its text; ``caption_loss`` measures how much a caption helps.
 """
 
 from __future__ import annotations
@@ -426,3 +428,116 @@ def images(n: int = 4, size: int = 64, seed: int = 3) -> torch.Tensor:
     yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
     blob = torch.exp(-((xx - 0.2) ** 2 + yy ** 2) * 6)[None, :, :, None]
     return (0.6 * blob * torch.tensor([1.0, 0.4, 0.1]) + 0.2 * torch.rand(n, size, size, 3, generator=g)).clamp(0, 1)
+
+
+# --------------------------------------------------------------------------- a tiny model that reads its text
+
+CLASS_WORDS = ("zorblat", "quintaveer", "velthorn")  # one made-up name per synthetic image class
+
+
+def class_images(k: int, n: int = 4, size: int = 64, seed: int = 0) -> torch.Tensor:
+    """``n`` IMAGEs ``[n, size, size, 3]`` of synthetic class ``k``: 0 a warm blob on the left, 1 blue
+    horizontal stripes, 2 a green checkerboard; each image shifted at random and with a little noise."""
+    g = torch.Generator().manual_seed(1000 * k + seed)
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
+    out = []
+    for _ in range(n):
+        dx, dy = (0.3 * (torch.rand(2, generator=g) - 0.5)).tolist()
+        if k == 0:
+            pattern = torch.exp(-((xx + 0.4 - dx) ** 2 + (yy - dy) ** 2) * 4)[..., None] * torch.tensor([1.0, 0.5, 0.1])
+        elif k == 1:
+            pattern = (torch.sin((yy - dy) * 3 * math.pi) > 0).float()[..., None] * torch.tensor([0.1, 0.3, 1.0])
+        else:
+            checker = ((torch.sin((xx - dx) * 2 * math.pi) > 0) ^ (torch.sin((yy - dy) * 2 * math.pi) > 0)).float()
+            pattern = checker[..., None] * torch.tensor([0.1, 0.9, 0.2])
+        out.append(0.8 * pattern + 0.1 + 0.1 * torch.rand(size, size, 3, generator=g))
+    return torch.stack(out).clamp(0, 1)
+
+
+def encode_batch(clip, texts: list[str]) -> torch.Tensor:
+    """``[len(texts), L, d]`` float32: each text's conditioning (one chunk each), in one call of the encoder
+    (``encode_token_weights`` encodes a prompt's chunks as one batch; here each chunk is one text).
+    Differentiable with respect to the encoder's weights when gradients are on."""
+    tokens = [clip.tokenize(t) for t in texts]
+    batch = {name: [chunk for tk in tokens for chunk in tk[name]] for name in tokens[0]}
+    cond = clip.cond_stage_model.encode_token_weights(batch)[0]
+    return cond.float().reshape(len(texts), -1, cond.shape[-1])
+
+
+def caption_conditioning(clip, texts: list[str]) -> torch.Tensor:
+    """``[len(texts), L, d]`` float32: the CLIP's conditioning of each text (no gradients)."""
+    with torch.no_grad():
+        return torch.cat([clip.encode_from_tokens(clip.tokenize(t)).float() for t in texts])
+
+
+def make_text_sensitive(clip, model, vae, classes: int = 2, steps: int = 150, lr: float = 3e-3, seed: int = 0,
+                        size: int = 64, per_class: int = 8, templates: int = 8, clip_lr: float = 0.0) -> None:
+    """Pre-train ``model``'s diffusion model (in place; nothing else) to read its text: images of each of
+    ``classes`` synthetic classes paired with captions naming the class's own word (the first
+    ``templates`` object templates), the model's ordinary denoising loss, Adam. SD1-style models only."""
+    from rece_core.fewshot import OBJECT_TEMPLATES
+    from rece_core.train import denoising_mse, noise_latents, saved_copies
+
+    kind = {"EPS": "eps", "V_PREDICTION": "v", "CONST": "flow"}
+    ms = model.get_model_object("model_sampling")
+    param = next((v for k, v in kind.items() if any(c.__name__ == k for c in type(ms).__mro__)), "eps")
+    base = model.model
+    with torch.no_grad():
+        x0 = torch.cat([base.process_latent_in(vae.encode(class_images(k, per_class, size, seed))).float()
+                        for k in range(classes)])
+    labels = torch.arange(classes).repeat_interleave(per_class)
+    conds = caption_conditioning(clip, [t.format(CLASS_WORDS[k]) for k in range(classes)
+                                        for t in OBJECT_TEMPLATES[:templates]]).unflatten(0, (classes, templates))
+    g = torch.Generator().manual_seed(seed)
+    net = base.diffusion_model
+    params = [p for p in net.parameters() if p.dtype.is_floating_point]
+    te = [p for p in clip.cond_stage_model.parameters() if p.dtype.is_floating_point] if clip_lr else []
+    flags = [p.requires_grad for p in params + te]
+    for p in params + te:
+        p.requires_grad_(True)
+    # eps 1e-4 for the encoder: ComfyUI keeps it in float16 on the CPU, where Adam's 1e-8 is 0 (0/0 = NaN)
+    opt = torch.optim.Adam([{"params": params, "lr": lr}] + ([{"params": te, "lr": clip_lr, "eps": 1e-4}] if te else []))
+    texts = [[t.format(CLASS_WORDS[k]) for t in OBJECT_TEMPLATES[:templates]] for k in range(classes)]
+    sigmas = ms.sigmas.float()
+    with torch.enable_grad():
+        for _ in range(steps):
+            t = torch.randint(0, templates, (x0.shape[0],), generator=g)
+            noise = torch.randn(x0.shape, generator=g)
+            sigma = sigmas[torch.randint(0, sigmas.shape[0], (x0.shape[0],), generator=g)]
+            x = noise_latents(param, x0, noise, sigma)
+            if te:  # the text encoder trained too: encode with gradients
+                with saved_copies():  # ComfyUI's CLIP layers add in place
+                    context = encode_batch(clip, [c for row in texts for c in row]).unflatten(0, (classes, templates))
+                context = context[labels, t]
+            else:
+                context = conds[labels, t]
+            d = base.apply_model(x, sigma, c_crossattn=context)
+            loss = denoising_mse(param, d, x, x0, noise, sigma)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    for p, flag in zip(params + te, flags):
+        p.grad = None
+        p.requires_grad_(flag)
+
+
+def caption_loss(clip, model, vae, imgs: torch.Tensor, text: str, draws: int = 8, seed: int = 123) -> float:
+    """Mean denoising MSE of ``imgs`` under ``text`` (SD1-style model), over ``draws`` fixed draws of noise
+    and timestep (the same for every call with the same seed): lower = the caption helps more."""
+    from rece_core.train import denoising_mse, noise_latents
+
+    ms = model.get_model_object("model_sampling")
+    param = "v" if any(c.__name__ == "V_PREDICTION" for c in type(ms).__mro__) else \
+        "flow" if any(c.__name__ == "CONST" for c in type(ms).__mro__) else "eps"
+    base = model.model
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        x0 = base.process_latent_in(vae.encode(imgs)).float()
+        context = caption_conditioning(clip, [text]).expand(x0.shape[0], -1, -1)
+        total = 0.0
+        for _ in range(draws):
+            noise = torch.randn(x0.shape, generator=g)
+            sigma = ms.sigmas.float()[torch.randint(0, ms.sigmas.shape[0], (x0.shape[0],), generator=g)]
+            x = noise_latents(param, x0, noise, sigma)
+            total += float(denoising_mse(param, base.apply_model(x, sigma, c_crossattn=context), x, x0, noise, sigma))
+    return total / draws

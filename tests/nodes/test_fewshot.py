@@ -110,13 +110,11 @@ def prompt_rows(clip, text: str) -> torch.Tensor:
 def test_concept_conditioning_moved(trained):
     """The concept prompt's conditioning moved (and only through the output CLIP), on its own word rows too.
 
-    Not asserted: that it moved *more* than an unrelated prompt's. On seeded random tiny encoders no
-    measure we tried shows that robustly (docs/fewshot.md, "Specificity"): over the whole 77 rows the
-    padding every prompt shares dominates (0.97 vs 0.96 here); over the prompt's own word rows the
-    concept prompt moved more on 4/4 seeds in the CI tier but 2/4 in the real tier (lr 1e-4: ratios
-    0.90 to 1.52); the images' denoising loss rises as much under an unrelated caption (×1.236 vs
-    ×1.227). What holds in both tiers, and is asserted: the concept prompt's word rows moved by at
-    least 0.8× what an unrelated prompt's did (seed 0 here: 0.83 vs 0.75 CI, 0.83 vs 0.66 real).
+    On these random tiny models specificity does not show (a random UNet barely reads the text: the
+    images' loss is 2.71 vs 2.67 under two captions; whole conditioning moved 0.97 vs 0.96), so only
+    the weak statement is asserted here: the concept prompt's word rows moved by at least 0.8× an
+    unrelated prompt's (seed 0: 0.83 vs 0.75 CI, 0.83 vs 0.66 real). The issue's claim is asserted on a
+    model that reads its text: test_unlearning_is_specific_on_a_model_that_reads_its_text.
     """
     clip, model, vae, imgs, before, out, unlearning, report = trained
     moved = float((encode(out, f"a photo of a {CONCEPT}") - before["concept"]).norm() / before["concept"].norm())
@@ -129,6 +127,41 @@ def test_concept_conditioning_moved(trained):
 
     concept, unrelated = rows_moved(f"a photo of a {CONCEPT}"), rows_moved(UNRELATED)
     assert concept > 1e-2 and concept > 0.8 * unrelated, (concept, unrelated)
+
+
+# pre-training that makes the seeded tiny UNet (and CLIP) read the class words: benchmarks/fewshot_specificity.py
+READS_TEXT = dict(steps=500, lr=1e-2, clip_lr=1e-3)
+
+
+@pytest.mark.skipif(ff.REAL, reason="CI tier: ComfyUI's small SD1 UNet denoises the synthetic classes from the "
+                                    "image alone and does not come to read its text (docs/fewshot.md)")
+def test_unlearning_is_specific_on_a_model_that_reads_its_text():
+    """The issue's claim, on a tiny model that reads its text (a random one barely does, see above):
+    the seeded UNet and CLIP pre-trained on two synthetic image classes, each captioned with its own
+    made-up word ('a photo of a zorblat' / '... quintaveer'). Unlearning 'zorblat' from four new
+    zorblat images (lr 1e-4, 3 epochs) then (a) raises the zorblat caption's loss on them, (b) moves
+    the zorblat prompt's conditioning more than the quintaveer prompt's, and (c) raises the quintaveer
+    images' loss under their own caption by clearly less than (a). Seeds 0-5 (docs/fewshot.md): (a)
+    ×1.05-1.36, (b) 1.14-2.5× the other prompt's move, (c) at most 0.78× the rise of (a); seed 0 is the
+    weakest and is the one run here."""
+    clip, model, vae = ff.make(seed=0)
+    ff.make_text_sensitive(clip, model, vae, seed=0, **READS_TEXT)
+    w0, w1 = ff.CLASS_WORDS[:2]
+    concept, other = f"a photo of a {w0}", f"a photo of a {w1}"
+    imgs0, imgs1 = ff.class_images(0, 4, seed=100), ff.class_images(1, 4, seed=100)
+    loss0, loss1 = ff.caption_loss(clip, model, vae, imgs0, concept), ff.caption_loss(clip, model, vae, imgs1, other)
+    # the precondition: each class's images are denoised clearly better under their own caption
+    assert loss0 < 0.7 * ff.caption_loss(clip, model, vae, imgs0, other), loss0
+    assert loss1 < 0.7 * ff.caption_loss(clip, model, vae, imgs1, concept), loss1
+    before = ff.caption_conditioning(clip, [concept, other])
+    out = run(clip, model, vae, imgs0, concept=w0, learning_rate=1e-4)[0]
+    after = ff.caption_conditioning(out, [concept, other])
+    rise0 = ff.caption_loss(out, model, vae, imgs0, concept) / loss0 - 1
+    rise1 = ff.caption_loss(out, model, vae, imgs1, other) / loss1 - 1
+    moved = ((after - before).flatten(1).norm(dim=1) / before.flatten(1).norm(dim=1)).tolist()
+    assert rise0 > 0.03, rise0                                      # (a)
+    assert moved[0] > 1.1 * moved[1], moved                         # (b) whole 77-row conditioning
+    assert rise1 < 0.85 * rise0, (rise0, rise1)                     # (c)
 
 
 def test_trained_keys_are_the_paper_default(trained):
