@@ -19,7 +19,7 @@ import zlib
 import torch
 from torch import nn
 
-from fewshot_factory import REAL, TINY_CLIP, ToyTextModel, seed_module
+from fewshot_factory import REAL, TINY_CLIP, ToyCLIP, ToyTextModel, ToyVAE, seed_module
 
 T5_WIDTH = 256  # dit_factory's Flux: context_in_dim
 CLIP_WIDTH = 48  # dit_factory's Flux: vec_in_dim
@@ -240,18 +240,37 @@ class ToyFluxModel(nn.Module):
         return self.model_sampling.calculate_denoised(t, out, x)
 
 
-class ToyVAE16:
-    """``VAE.encode`` for a 16-channel latent space: 8×8 mean pool and a fixed mix."""
-
-    def __init__(self, seed: int = 0) -> None:
-        self.mix = torch.randn(16, 3, generator=torch.Generator().manual_seed(seed + 11))
-
-    def encode(self, pixel_samples):
-        x = torch.nn.functional.avg_pool2d(pixel_samples.movedim(-1, 1)[:, :3] * 2 - 1, 8)
-        return torch.einsum("oc,bchw->bohw", self.mix, x) * 3.0
+def ToyVAE16(seed: int = 0) -> ToyVAE:
+    """``fewshot_factory.ToyVAE`` for a 16-channel latent space (Flux, SD3)."""
+    return ToyVAE(seed, channels=16)
 
 
 # --------------------------------------------------------------------------- real tier
+
+def _t5(config: dict, device, dtype, model_options: dict):
+    """ComfyUI's ``T5XXLModel`` (comfy/text_encoders/sd3_clip.py) with a small config."""
+    import comfy.sd1_clip
+    import comfy.text_encoders.t5
+
+    return comfy.sd1_clip.SDClipModel(device=device, layer="last", textmodel_json_config=dict(config), dtype=dtype,
+                                      special_tokens={"end": 1, "pad": 0}, model_class=comfy.text_encoders.t5.T5,
+                                      enable_attention_masks=False, return_attention_masks=False,
+                                      model_options={**model_options, "model_name": "t5xxl"})
+
+
+def _seeded_clip(model_class, tokenizer_class, parameters: int, seed: int):
+    """``comfy.sd.CLIP`` of ``model_class`` and ``tokenizer_class`` (T5 padded to ``T5_ROWS``), seeded."""
+    import comfy.sd
+
+    class Target:
+        clip = model_class
+        tokenizer = tokenizer_class
+        params: dict = {}
+
+    clip = comfy.sd.CLIP(target=Target(), tokenizer_data={"t5xxl_min_length": T5_ROWS}, parameters=parameters)
+    seed_module(clip.cond_stage_model, seed)
+    return clip
+
 
 def real_flux_clip(seed: int = 0):
     """ComfyUI's ``CLIP`` of ``FluxClipModel`` (CLIP-L 48 wide, T5 256 wide, 2 layers) and ``FluxTokenizer``."""
@@ -267,22 +286,10 @@ def real_flux_clip(seed: int = 0):
                 device=device, dtype=dtype, return_projected_pooled=False, model_options=model_options,
                 textmodel_json_config=dict(TINY_CLIP, hidden_size=CLIP_WIDTH, intermediate_size=4 * CLIP_WIDTH,
                                            projection_dim=CLIP_WIDTH))
-            # as comfy.text_encoders.sd3_clip.T5XXLModel, with a small config
-            self.t5xxl = comfy.sd1_clip.SDClipModel(
-                device=device, layer="last", textmodel_json_config=dict(TINY_T5), dtype=dtype,
-                special_tokens={"end": 1, "pad": 0}, model_class=comfy.text_encoders.t5.T5,
-                enable_attention_masks=False, return_attention_masks=False,
-                model_options={**model_options, "model_name": "t5xxl"})
+            self.t5xxl = _t5(TINY_T5, device, dtype, model_options)
             self.dtypes = {dtype}
 
-    class Target:
-        clip = TinyFluxClip
-        tokenizer = comfy.text_encoders.flux.FluxTokenizer
-        params: dict = {}
-
-    clip = comfy.sd.CLIP(target=Target(), tokenizer_data={"t5xxl_min_length": T5_ROWS}, parameters=12_000_000)
-    seed_module(clip.cond_stage_model, seed)
-    return clip
+    return _seeded_clip(TinyFluxClip, comfy.text_encoders.flux.FluxTokenizer, 12_000_000, seed)
 
 
 def real_flux_model(seed: int = 0):
@@ -334,21 +341,10 @@ def real_sd3_clip(seed: int = 0):
                                                      layer_norm_hidden_state=False, return_projected_pooled=True,
                                                      model_options={**model_options, "model_name": "clip_g"})
             self.t5_attention_mask = False
-            self.t5xxl = comfy.sd1_clip.SDClipModel(
-                device=device, layer="last", textmodel_json_config=dict(SD3_T5), dtype=dtype,
-                special_tokens={"end": 1, "pad": 0}, model_class=comfy.text_encoders.t5.T5,
-                enable_attention_masks=False, return_attention_masks=False,
-                model_options={**model_options, "model_name": "t5xxl"})
+            self.t5xxl = _t5(SD3_T5, device, dtype, model_options)
             self.dtypes = {dtype}
 
-    class Target:
-        clip = TinySD3Clip
-        tokenizer = comfy.text_encoders.sd3_clip.SD3Tokenizer
-        params: dict = {}
-
-    clip = comfy.sd.CLIP(target=Target(), tokenizer_data={"t5xxl_min_length": T5_ROWS}, parameters=140_000_000)
-    seed_module(clip.cond_stage_model, seed)
-    return clip
+    return _seeded_clip(TinySD3Clip, comfy.text_encoders.sd3_clip.SD3Tokenizer, 140_000_000, seed)
 
 
 def real_sd3_model(seed: int = 0):
@@ -361,8 +357,9 @@ def real_sd3_model(seed: int = 0):
     return _real_model(Family("sd3", "SD3", config, fam.latent, {}), seed)
 
 
-class ToyFluxCLIP:
-    """``comfy.sd.CLIP``-shaped around ``ToyFluxClipModel`` (as ``fewshot_factory.ToyCLIP``)."""
+class ToyFluxCLIP(ToyCLIP):
+    """``comfy.sd.CLIP``-shaped around ``ToyFluxClipModel`` / ``ToySD3ClipModel`` (``fewshot_factory.ToyCLIP``'s
+    patcher, clone, tokenize and encode)."""
 
     def __init__(self, seed: int = 0, no_init: bool = False, family: str = "Flux") -> None:
         if no_init:
@@ -374,32 +371,3 @@ class ToyFluxCLIP:
         self.patcher = comfy.model_patcher.ModelPatcher(self.cond_stage_model, load_device=torch.device("cpu"),
                                                         offload_device=torch.device("cpu"))
         self.layer_idx = None
-
-    def clone(self):
-        n = ToyFluxCLIP(no_init=True)
-        n.patcher, n.cond_stage_model, n.tokenizer, n.layer_idx = (self.patcher.clone(), self.cond_stage_model,
-                                                                    self.tokenizer, self.layer_idx)
-        return n
-
-    def add_patches(self, patches, strength_patch=1.0, strength_model=1.0):
-        return self.patcher.add_patches(patches, strength_patch, strength_model)
-
-    def load_model(self):
-        import comfy.model_management
-
-        comfy.model_management.load_model_gpu(self.patcher)
-        return self.patcher
-
-    def get_key_patches(self):
-        return self.patcher.get_key_patches()
-
-    def tokenize(self, text, return_word_ids=False, **kwargs):
-        return self.tokenizer.tokenize_with_weights(text, return_word_ids, **kwargs)
-
-    def encode_from_tokens(self, tokens, return_pooled=False, return_dict=False):
-        self.cond_stage_model.reset_clip_options()
-        self.load_model()
-        cond, pooled = self.cond_stage_model.encode_token_weights(tokens)[:2]
-        if return_dict:
-            return {"cond": cond, "pooled_output": pooled}
-        return (cond, pooled) if return_pooled else cond

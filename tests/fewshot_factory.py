@@ -171,7 +171,7 @@ class ToyCLIP:
         self.layer_idx = None
 
     def clone(self):
-        n = ToyCLIP(no_init=True)
+        n = type(self)(no_init=True)
         n.patcher = self.patcher.clone()
         n.cond_stage_model = self.cond_stage_model
         n.tokenizer = self.tokenizer
@@ -285,10 +285,10 @@ class ToyBaseModel(nn.Module):
 
 
 class ToyVAE:
-    """``VAE.encode(pixels [B, H, W, 3] in [0, 1]) → [B, 4, H/8, W/8]``: 8×8 mean pool and a fixed mix."""
+    """``VAE.encode(pixels [B, H, W, 3] in [0, 1]) → [B, channels, H/8, W/8]``: 8×8 mean pool and a fixed mix."""
 
-    def __init__(self, seed: int = 0) -> None:
-        self.mix = torch.randn(4, 3, generator=torch.Generator().manual_seed(seed + 11))
+    def __init__(self, seed: int = 0, channels: int = 4) -> None:
+        self.mix = torch.randn(channels, 3, generator=torch.Generator().manual_seed(seed + 11))
 
     def encode(self, pixel_samples):
         x = torch.nn.functional.avg_pool2d(pixel_samples.movedim(-1, 1)[:, :3] * 2 - 1, 8)
