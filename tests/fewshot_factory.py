@@ -471,10 +471,12 @@ def caption_conditioning(clip, texts: list[str]) -> torch.Tensor:
 
 
 def make_text_sensitive(clip, model, vae, classes: int = 2, steps: int = 150, lr: float = 3e-3, seed: int = 0,
-                        size: int = 64, per_class: int = 8, templates: int = 8, clip_lr: float = 0.0) -> None:
+                        size: int = 64, per_class: int = 8, templates: int = 8, clip_lr: float = 0.0,
+                        t_min: float = 0.0) -> None:
     """Pre-train ``model``'s diffusion model (in place; nothing else) to read its text: images of each of
     ``classes`` synthetic classes paired with captions naming the class's own word (the first
-    ``templates`` object templates), the model's ordinary denoising loss, Adam. SD1-style models only."""
+    ``templates`` object templates), the model's ordinary denoising loss at timesteps drawn uniformly from
+    the top ``1 - t_min`` of the schedule, Adam. SD1-style models only."""
     from rece_core.fewshot import OBJECT_TEMPLATES
     from rece_core.train import denoising_mse, noise_latents, saved_copies
 
@@ -503,7 +505,7 @@ def make_text_sensitive(clip, model, vae, classes: int = 2, steps: int = 150, lr
         for _ in range(steps):
             t = torch.randint(0, templates, (x0.shape[0],), generator=g)
             noise = torch.randn(x0.shape, generator=g)
-            sigma = sigmas[torch.randint(0, sigmas.shape[0], (x0.shape[0],), generator=g)]
+            sigma = sigmas[torch.randint(int(t_min * sigmas.shape[0]), sigmas.shape[0], (x0.shape[0],), generator=g)]
             x = noise_latents(param, x0, noise, sigma)
             if te:  # the text encoder trained too: encode with gradients
                 with saved_copies():  # ComfyUI's CLIP layers add in place
@@ -521,9 +523,11 @@ def make_text_sensitive(clip, model, vae, classes: int = 2, steps: int = 150, lr
         p.requires_grad_(flag)
 
 
-def caption_loss(clip, model, vae, imgs: torch.Tensor, text: str, draws: int = 8, seed: int = 123) -> float:
+def caption_loss(clip, model, vae, imgs: torch.Tensor, text: str, draws: int = 8, seed: int = 123,
+                 t_min: float = 0.0) -> float:
     """Mean denoising MSE of ``imgs`` under ``text`` (SD1-style model), over ``draws`` fixed draws of noise
-    and timestep (the same for every call with the same seed): lower = the caption helps more."""
+    and timestep (from the top ``1 - t_min`` of the schedule; the same for every call with the same seed):
+    lower = the caption helps more."""
     from rece_core.train import denoising_mse, noise_latents
 
     ms = model.get_model_object("model_sampling")
@@ -537,7 +541,8 @@ def caption_loss(clip, model, vae, imgs: torch.Tensor, text: str, draws: int = 8
         total = 0.0
         for _ in range(draws):
             noise = torch.randn(x0.shape, generator=g)
-            sigma = ms.sigmas.float()[torch.randint(0, ms.sigmas.shape[0], (x0.shape[0],), generator=g)]
+            n = ms.sigmas.shape[0]
+            sigma = ms.sigmas.float()[torch.randint(int(t_min * n), n, (x0.shape[0],), generator=g)]
             x = noise_latents(param, x0, noise, sigma)
             total += float(denoising_mse(param, base.apply_model(x, sigma, c_crossattn=context), x, x0, noise, sigma))
     return total / draws

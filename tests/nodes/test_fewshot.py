@@ -129,35 +129,45 @@ def test_concept_conditioning_moved(trained):
     assert concept > 1e-2 and concept > 0.8 * unrelated, (concept, unrelated)
 
 
-# pre-training that makes the seeded tiny UNet (and CLIP) read the class words: benchmarks/fewshot_specificity.py
-READS_TEXT = dict(steps=500, lr=1e-2, clip_lr=1e-3)
+# pre-training that makes the seeded tiny UNet (and CLIP) read the class words: benchmarks/fewshot_specificity.py.
+# CI tier: eps-prediction, every timestep. Real tier: ComfyUI's SD1 UNet tells the classes apart from the
+# noisy image at all but the highest noise, where only a v-prediction loss still rewards reading the caption:
+# v-prediction, pre-trained (and its loss measured) on the top 30 % of the schedule (docs/fewshot.md).
+if ff.REAL:
+    PREDICTION, READS_TEXT, NOISE, UNLEARN_LR = "v", dict(steps=300, lr=2e-3, clip_lr=1e-3, t_min=0.7), 0.7, 2e-3
+else:
+    PREDICTION, READS_TEXT, NOISE, UNLEARN_LR = "eps", dict(steps=500, lr=1e-2, clip_lr=1e-3), 0.0, 1e-4
 
 
-@pytest.mark.skipif(ff.REAL, reason="CI tier: ComfyUI's small SD1 UNet denoises the synthetic classes from the "
-                                    "image alone and does not come to read its text (docs/fewshot.md)")
 def test_unlearning_is_specific_on_a_model_that_reads_its_text():
     """The issue's claim, on a tiny model that reads its text (a random one barely does, see above):
     the seeded UNet and CLIP pre-trained on two synthetic image classes, each captioned with its own
     made-up word ('a photo of a zorblat' / '... quintaveer'). Unlearning 'zorblat' from four new
-    zorblat images (lr 1e-4, 3 epochs) then (a) raises the zorblat caption's loss on them, (b) moves
+    zorblat images (3 epochs) then (a) raises the zorblat caption's loss on them, (b) moves
     the zorblat prompt's conditioning more than the quintaveer prompt's, and (c) raises the quintaveer
-    images' loss under their own caption by clearly less than (a). Seeds 0-5 (docs/fewshot.md): (a)
-    ×1.05-1.36, (b) 1.14-2.5× the other prompt's move, (c) at most 0.78× the rise of (a); seed 0 is the
-    weakest and is the one run here."""
-    clip, model, vae = ff.make(seed=0)
+    images' loss under their own caption by clearly less than (a). CI tier (lr 1e-4), seeds 0-5
+    (docs/fewshot.md): (a) ×1.05-1.36, (b) 1.14-2.5× the other prompt's move, (c) at most 0.78× the
+    rise of (a); seed 0 is the weakest and is the one run here. Real tier (v-prediction, lr 2e-3,
+    losses at the top 30 % of noise), seeds 0-5: (a) ×1.07-37.6, (b) 1.53-3.59×, (c) at most 0.21×;
+    seed 0 (×1.52, 1.65×, 0.00) run here."""
+    clip, model, vae = ff.make(seed=0, prediction=PREDICTION)
     ff.make_text_sensitive(clip, model, vae, seed=0, **READS_TEXT)
+
+    def loss(clip, imgs, text):
+        return ff.caption_loss(clip, model, vae, imgs, text, t_min=NOISE)
+
     w0, w1 = ff.CLASS_WORDS[:2]
     concept, other = f"a photo of a {w0}", f"a photo of a {w1}"
     imgs0, imgs1 = ff.class_images(0, 4, seed=100), ff.class_images(1, 4, seed=100)
-    loss0, loss1 = ff.caption_loss(clip, model, vae, imgs0, concept), ff.caption_loss(clip, model, vae, imgs1, other)
+    loss0, loss1 = loss(clip, imgs0, concept), loss(clip, imgs1, other)
     # the precondition: each class's images are denoised clearly better under their own caption
-    assert loss0 < 0.7 * ff.caption_loss(clip, model, vae, imgs0, other), loss0
-    assert loss1 < 0.7 * ff.caption_loss(clip, model, vae, imgs1, concept), loss1
+    assert loss0 < 0.7 * loss(clip, imgs0, other), loss0
+    assert loss1 < 0.7 * loss(clip, imgs1, concept), loss1
     before = ff.caption_conditioning(clip, [concept, other])
-    out = run(clip, model, vae, imgs0, concept=w0, learning_rate=1e-4)[0]
+    out = run(clip, model, vae, imgs0, concept=w0, learning_rate=UNLEARN_LR)[0]
     after = ff.caption_conditioning(out, [concept, other])
-    rise0 = ff.caption_loss(out, model, vae, imgs0, concept) / loss0 - 1
-    rise1 = ff.caption_loss(out, model, vae, imgs1, other) / loss1 - 1
+    rise0 = loss(out, imgs0, concept) / loss0 - 1
+    rise1 = loss(out, imgs1, other) / loss1 - 1
     moved = ((after - before).flatten(1).norm(dim=1) / before.flatten(1).norm(dim=1)).tolist()
     assert rise0 > 0.03, rise0                                      # (a)
     assert moved[0] > 1.1 * moved[1], moved                         # (b) whole 77-row conditioning
