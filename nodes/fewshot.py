@@ -207,7 +207,7 @@ class FewShotUnlearnConcept:
         # the frozen model and text encoder as differentiable copies (patches applied, any storage ComfyUI or
         # ComfyUI-GGUF loads); the loaded MODEL and CLIP are only read, and need not be on the GPU
         den = diffusion.Denoiser(model, device, offload=None if low_vram == "auto" else low_vram == "on")
-        te = diffusion.TextEncoder(clip, device)
+        te = diffusion.TextEncoder(clip, device, float32=keys)  # the trained weights exact, the rest as stored
         initial = {k: te.params[k] for k in keys}
 
         def encode(w, captions):

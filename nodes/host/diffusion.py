@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import torch
 from torch import Tensor, nn
@@ -71,12 +71,61 @@ _HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_a
                "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
 
 
+def _cast(t: Tensor | None, x: Tensor) -> Tensor | None:
+    """``t`` in ``x``'s dtype and device (a no-op when they match), as ComfyUI's cast layers compute."""
+    return None if t is None else t.to(device=x.device, dtype=x.dtype)
+
+
 def _linear(module: nn.Module, x: Tensor, *args, **kwargs) -> Tensor:
     """A ComfyUI linear layer's forward on the tensors it holds, as plain torch (AWQ input scale kept)."""
     scale = getattr(module, "pre_quant_scale", None)
     if scale is not None:
         x = x * scale.to(x.device, x.dtype)
-    return torch.nn.functional.linear(x, module.weight, module.bias)
+    return torch.nn.functional.linear(x, _cast(module.weight, x), _cast(module.bias, x))
+
+
+def _conv(module: nn.Module, x: Tensor, *args, **kwargs) -> Tensor:
+    extra = {"autopad": kwargs["autopad"]} if "autopad" in kwargs else {}  # ComfyUI's Conv3d (video models)
+    return module._conv_forward(x, _cast(module.weight, x), _cast(module.bias, x), **extra)
+
+
+def _group_norm(module: nn.Module, x: Tensor) -> Tensor:
+    return torch.nn.functional.group_norm(x, module.num_groups, _cast(module.weight, x), _cast(module.bias, x),
+                                          module.eps)
+
+
+def _layer_norm(module: nn.Module, x: Tensor) -> Tensor:
+    return torch.nn.functional.layer_norm(x, module.normalized_shape, _cast(module.weight, x),
+                                          _cast(module.bias, x), module.eps)
+
+
+def _rms_norm(module: nn.Module, x: Tensor) -> Tensor:
+    return torch.nn.functional.rms_norm(x, module.normalized_shape, _cast(module.weight, x), module.eps)
+
+
+def _embedding(module: nn.Module, ids: Tensor, out_dtype: torch.dtype | None = None) -> Tensor:
+    out = torch.nn.functional.embedding(ids, module.weight, module.padding_idx, module.max_norm, module.norm_type,
+                                        module.scale_grad_by_freq, module.sparse)
+    return out if out_dtype is None else out.to(out_dtype)
+
+
+def _plain_forward(module: nn.Module):
+    """The forward of one of ComfyUI's cast layers as plain torch on the tensors the layer holds, weights cast
+    to the input's dtype as ComfyUI's ``manual_cast`` layers do (so frozen copies may stay in a smaller dtype);
+    ``None`` for other layers (their own forward's plain path is used)."""
+    if isinstance(module, nn.Embedding):
+        return _embedding
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return _conv
+    if isinstance(module, nn.GroupNorm):
+        return _group_norm
+    if isinstance(module, nn.LayerNorm):
+        return _layer_norm
+    if hasattr(nn, "RMSNorm") and isinstance(module, nn.RMSNorm):
+        return _rms_norm
+    if hasattr(module, "in_features") and hasattr(module, "out_features") and "weight" in module._parameters:
+        return _linear  # nn.Linear, and current ComfyUI's quantized Linear (not an nn.Linear)
+    return None
 
 
 def shadow(module: nn.Module) -> nn.Module:
@@ -86,9 +135,10 @@ def shadow(module: nn.Module) -> nn.Module:
     pointing at the loaded tensors until the caller puts others in) and its own hook dicts. ComfyUI's
     per-layer loading state is switched off on the copies: ``comfy_cast_weights`` false, no
     ``weight_function``/``bias_function`` (the patches of a partial load, which would be applied a second
-    time on weights we already patched), and linear layers compute ``F.linear`` on the tensors they hold
-    (current ComfyUI's quantized and dynamic-VRAM layers otherwise read their own resident copies). So the
-    copy computes plain torch on the tensors we give it, and nothing is ever set on the loaded module.
+    time on weights we already patched), and linear, convolution, norm and embedding layers compute plain
+    torch on the tensors they hold (``_plain_forward``; current ComfyUI's quantized and dynamic-VRAM layers
+    otherwise read their own resident copies). So the copy computes on the tensors we give it, and nothing
+    is ever set on the loaded module.
     """
     new = copy.copy(module)
     d = vars(new)
@@ -101,8 +151,9 @@ def shadow(module: nn.Module) -> nn.Module:
     if hasattr(module, "comfy_cast_weights"):  # one of ComfyUI's (or ComfyUI-GGUF's) cast-aware layers
         d["comfy_cast_weights"] = False
         d["weight_function"], d["bias_function"] = [], []
-        if hasattr(module, "in_features") and hasattr(module, "out_features") and "weight" in module._parameters:
-            d["forward"] = types.MethodType(_linear, new)
+        forward = _plain_forward(module)
+        if forward is not None:
+            d["forward"] = types.MethodType(forward, new)
     return new
 
 
@@ -344,21 +395,31 @@ class Denoiser:
         return fn
 
 
+def _stored_dtype(patcher, key: str) -> torch.dtype:
+    """The floating dtype a plain stored weight has (fp32/fp16/bf16/fp8); float32 for packed storage."""
+    w = host_weights.stored_weight(patcher, key)[0]
+    return w.dtype if type(w) in (Tensor, nn.Parameter) and w.is_floating_point() else torch.float32
+
+
 class TextEncoder:
     """A CLIP's ``encode_token_weights`` (what ``CLIP.encode_from_tokens`` runs) on a :func:`shadow` of its
     ``cond_stage_model`` whose weights are float32 copies on ``device`` as the CLIP uses them (its patches
     applied: a LoRA, an earlier unlearning); ``encode(tokens, override)`` puts ``override`` (state-dict key
     → tensor, e.g. trained weights) in their place. Gradients reach ``override``; the loaded CLIP is only read.
+    ``float32``: the keys copied in float32 (default every one); the others keep the CLIP's stored dtype.
     """
 
-    def __init__(self, clip, device: torch.device) -> None:
+    def __init__(self, clip, device: torch.device, float32: Collection[str] | None = None) -> None:
         self.clip, self.device = clip, device
         loaded = clip.cond_stage_model
         self.module = shadow(loaded)
         keys = [n for n, _ in loaded.named_parameters()]
+        exact = set(keys if float32 is None else float32)
         with torch.inference_mode(False), torch.no_grad():
-            self.params = {k: w.detach() for k, w in host_weights.key_weights(clip.patcher, keys, device,
-                                                                               include_erasures=True)}
+            # weights not trained keep the dtype the CLIP stores them in (T5-XXL in fp16/fp8 is 9.5/4.8 GB,
+            # 19 GB in float32); the shadow's layers cast them to the input's dtype as ComfyUI's do
+            self.params = {k: w.detach() if k in exact else w.detach().to(_stored_dtype(clip.patcher, k))
+                           for k, w in host_weights.key_weights(clip.patcher, keys, device, include_erasures=True)}
             for n, t in loaded.named_buffers():
                 self.params.setdefault(n, t.detach().to(device=device, copy=True))
         for name, t in self.params.items():

@@ -228,3 +228,23 @@ def test_flux_trains_the_same_with_checkpointing_on_or_off_and_with_its_blocks_s
     for other in (on, streamed):
         assert other.epoch_losses == off.epoch_losses
         assert all(torch.equal(other.deltas[k], off.deltas[k]) for k in off.deltas)
+
+
+@pytest.mark.skipif(not ff.REAL, reason="real tier: ComfyUI's own cast layers (the stand-in's are plain torch layers)")
+def test_untrained_encoders_keep_their_stored_dtype_and_encode_the_same():
+    """Training CLIP-L on Flux, T5's copies keep the dtype ComfyUI stores T5 in (bf16 here; T5-XXL is 19 GB in
+    float32): the shadow's layers cast them to the input's dtype, so the rows and pooled vector are bit-identical
+    to those from float32 copies of the same weights."""
+    diffusion = load_pack().nodes.host.diffusion
+    clip = fdf.real_flux_clip(seed=2)
+    clip.cond_stage_model.t5xxl.to(torch.bfloat16)
+    trained = [k for k in clip.cond_stage_model.state_dict() if k.startswith("clip_l.") and ".mlp." in k]
+    lean = diffusion.TextEncoder(clip, torch.device("cpu"), float32=trained)
+    full = diffusion.TextEncoder(clip, torch.device("cpu"))
+    assert {lean.params[k].dtype for k in lean.params if k.startswith("t5xxl.") and k.endswith("weight")} == \
+        {torch.bfloat16}
+    assert all(lean.params[k].dtype == torch.float32 for k in trained)
+    tokens = clip.tokenize(f"a photo of a {CONCEPT}")
+    with torch.no_grad():
+        (a_rows, a_pooled), (b_rows, b_pooled) = lean.encode(tokens), full.encode(tokens)
+    assert torch.equal(a_rows, b_rows) and torch.equal(a_pooled, b_pooled)
