@@ -22,7 +22,7 @@ import comfy.model_management
 from ..rece_core import __version__
 from ..rece_core.fewshot import (CONCEPT_TYPES, PARAMETER_SETS, Denoiser, Unlearning, load_unlearning, prepare_images,
                                  save_unlearning, trainable_keys, unlearn, zero_shot_latents)
-from ..rece_core.train import AdamSettings
+from ..rece_core.train import AdamSettings, TrainingOutOfMemory
 from . import files
 from .checks import check_widgets, ui_report
 from .host import diffusion, run, weights
@@ -222,11 +222,17 @@ class FewShotUnlearnConcept:
 
         sigmas = den.sigmas.detach().float().cpu()
         progress = run.Progress(epochs * -(-latents.shape[0] // batch_size))
-        with den.checkpointing(gradient_checkpointing) as n_checkpointed:
-            result = unlearn(initial, encode, Denoiser(denoise, sigmas, kind, sigma_data), latents, concept.strip(),
-                             concept_type, epochs=epochs, batch_size=batch_size, adam=AdamSettings(lr=learning_rate),
-                             seed=seed, device=device, autocast_dtype=PRECISIONS[precision],
-                             callback=lambda p: progress.at(p.step, p.total))
+        try:
+            with den.checkpointing(gradient_checkpointing) as n_checkpointed:
+                result = unlearn(initial, encode, Denoiser(denoise, sigmas, kind, sigma_data), latents,
+                                 concept.strip(), concept_type, epochs=epochs, batch_size=batch_size,
+                                 adam=AdamSettings(lr=learning_rate), seed=seed, device=device,
+                                 autocast_dtype=PRECISIONS[precision], callback=lambda p: progress.at(p.step, p.total))
+        except TrainingOutOfMemory as exc:
+            t5 = sum(initial[k].numel() for k in keys if k.startswith("t5xxl."))
+            hint = (f"; {t5:,} of the trained parameters are T5-XXL's: text_encoders = clip_l trains CLIP-L alone "
+                    "(see the docs for what that leaves)") if t5 else ""
+            raise TrainingOutOfMemory(f"{TITLE}: {exc}{hint}") from exc
         deltas = {k: v.detach().to("cpu", torch.float32) for k, v in result.deltas().items()}
         unlearning = Unlearning(
             deltas=deltas, concept=concept.strip(), concept_type=concept_type, parameters=parameters, epochs=epochs,

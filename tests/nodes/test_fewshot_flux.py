@@ -248,3 +248,22 @@ def test_untrained_encoders_keep_their_stored_dtype_and_encode_the_same():
     with torch.no_grad():
         (a_rows, a_pooled), (b_rows, b_pooled) = lean.encode(tokens), full.encode(tokens)
     assert torch.equal(a_rows, b_rows) and torch.equal(a_pooled, b_pooled)
+
+
+def test_out_of_memory_on_flux_names_t5_and_the_way_out(flux, monkeypatch):
+    """Training T5-XXL needs about 50 GB: out of memory, the message says how much of the training is T5's and
+    that text_encoders = clip_l trains CLIP-L alone."""
+    m = load_pack().nodes.fewshot
+    from rece_comfyui.rece_core.train import TrainingOutOfMemory  # the pack's own class, as the node raises it
+
+    def full(*args, **kwargs):
+        raise TrainingOutOfMemory("out of memory on cuda at step 1 of 2 while training ...")
+
+    monkeypatch.setattr(m, "unlearn", full)
+    clip, model, vae, imgs = flux
+    with pytest.raises(TrainingOutOfMemory, match="Few-shot Unlearn Concept: out of memory.*are T5-XXL's: "
+                                                  "text_encoders = clip_l trains CLIP-L alone"):
+        run(clip, model, vae, imgs, epochs=1)
+    with pytest.raises(TrainingOutOfMemory) as clip_only:
+        run(clip, model, vae, imgs, epochs=1, text_encoders="clip_l")
+    assert "T5-XXL" not in str(clip_only.value)
