@@ -25,20 +25,10 @@ import statistics
 import sys
 import threading
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "tests"), os.environ.get("COMFYUI_PATH") or str(ROOT / "tests" / "standin"), str(ROOT)]
-if not os.environ.get("COMFYUI_PATH"):
-    sys.path.insert(3, str(ROOT / "tests" / "standin"))
+from _host import ROOT  # noqa: E402  (sys.path: tests/ and the ComfyUI tier; ComfyUI on the CPU without CUDA)
 
 import torch  # noqa: E402
-
-if os.environ.get("COMFYUI_PATH"):
-    import comfy.cli_args
-
-    if not torch.cuda.is_available():
-        comfy.cli_args.args.cpu = True
 
 from conftest import load_pack  # noqa: E402
 from factory import FakeCLIP, make_model  # noqa: E402

@@ -17,19 +17,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "nodes"),
-                os.environ.get("COMFYUI_PATH") or str(ROOT / "tests" / "standin"), str(ROOT)]
+from _host import ROOT  # noqa: E402  (sys.path: tests/ and the ComfyUI tier; ComfyUI on the CPU without CUDA)
+
+sys.path.insert(0, str(ROOT / "tests" / "nodes"))  # the node tests' helpers
 
 import torch  # noqa: E402
-
-if os.environ.get("COMFYUI_PATH"):
-    import comfy.cli_args
-
-    if not torch.cuda.is_available():
-        comfy.cli_args.args.cpu = True
 
 import fewshot_dit_factory as fdf  # noqa: E402
 import fewshot_factory as ff  # noqa: E402

@@ -20,22 +20,10 @@ caption's loss on its images after/before, (c) class 1's loss under its own capt
 from __future__ import annotations
 
 import argparse
-import os
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "tests"), os.environ.get("COMFYUI_PATH") or str(ROOT / "tests" / "standin"), str(ROOT)]
-if not os.environ.get("COMFYUI_PATH"):
-    sys.path.insert(3, str(ROOT / "tests" / "standin"))
+import _host  # noqa: E402,F401  (sys.path: tests/ and the ComfyUI tier; ComfyUI on the CPU without CUDA)
 
 import torch  # noqa: E402
-
-if os.environ.get("COMFYUI_PATH"):
-    import comfy.cli_args
-
-    if not torch.cuda.is_available():
-        comfy.cli_args.args.cpu = True
 
 import fewshot_factory as ff  # noqa: E402
 from conftest import load_pack  # noqa: E402

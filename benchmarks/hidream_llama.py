@@ -12,19 +12,10 @@ concept); the same with the concept's T5 rows alone, for comparison. docs/famili
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "tests"), os.environ.get("COMFYUI_PATH") or str(ROOT / "tests" / "standin"), str(ROOT)]
+import _host  # noqa: E402,F401  (sys.path: tests/ and the ComfyUI tier; ComfyUI on the CPU without CUDA)
 
 import torch  # noqa: E402
-
-if os.environ.get("COMFYUI_PATH"):
-    import comfy.cli_args
-
-    if not torch.cuda.is_available():
-        comfy.cli_args.args.cpu = True
 
 from conftest import load_pack  # noqa: E402
 from dit_factory import DiTCLIP, make_model, sample  # noqa: E402

@@ -15,19 +15,8 @@ relative to the concept's distance from the empty prompt on the original model `
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "tests"), os.environ.get("COMFYUI_PATH") or str(ROOT / "tests" / "standin"), str(ROOT)]
-
-import torch  # noqa: E402
-
-if os.environ.get("COMFYUI_PATH"):
-    import comfy.cli_args
-
-    if not torch.cuda.is_available():
-        comfy.cli_args.args.cpu = True
+import _host  # noqa: E402,F401  (sys.path: tests/ and the ComfyUI tier; ComfyUI on the CPU without CUDA)
 
 from conftest import load_pack  # noqa: E402
 from dit_factory import DiTCLIP, make_model, sample  # noqa: E402

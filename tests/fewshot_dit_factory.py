@@ -19,7 +19,7 @@ import zlib
 import torch
 from torch import nn
 
-from fewshot_factory import REAL, TINY_CLIP, ToyCLIP, ToyTextModel, ToyVAE, seed_module
+from fewshot_factory import REAL, TINY_CLIP, ToyCLIP, ToyClipModel, ToyTextModel, ToyVAE, seed_module
 
 T5_WIDTH = 256  # dit_factory's Flux: context_in_dim
 CLIP_WIDTH = 48  # dit_factory's Flux: vec_in_dim
@@ -109,20 +109,15 @@ class ToyT5(nn.Module):
         return self.transformer.encoder.final_layer_norm(x)
 
 
-class ToyFluxClipModel(nn.Module):
-    """``FluxClipModel``: ``clip_l`` and ``t5xxl``; ``encode_token_weights`` → (T5's rows, CLIP-L's pooled)."""
+class ToyFluxClipModel(ToyClipModel):
+    """``FluxClipModel``: ``clip_l`` and ``t5xxl``; ``encode_token_weights`` → (T5's rows, CLIP-L's pooled)
+    (clip options as ``fewshot_factory.ToyClipModel``)."""
 
     def __init__(self, seed: int = 0) -> None:
-        super().__init__()
+        nn.Module.__init__(self)
         self.clip_l = seed_module(ToyTextModel(d=CLIP_WIDTH // 2), seed, 1.0)
         self.t5xxl = seed_module(ToyT5(d=32), seed + 1, 1.0)
         self.options: dict = {}
-
-    def set_clip_options(self, options):
-        self.options.update(options)
-
-    def reset_clip_options(self):
-        self.options = {}
 
     def encode_token_weights(self, token_weight_pairs):
         t5 = torch.tensor([[t[0] for t in chunk] for chunk in token_weight_pairs["t5xxl"]])
