@@ -268,9 +268,10 @@ class Denoiser:
         except ValueError:  # no text reader this pack knows: trained through as a plain text-rows model
             arch = None
         self.guidance = arch.guidance if arch is not None else None  # Flux's distilled guidance (ComfyUI's default)
-        self.in_place = arch is not None and arch.name != "unet"  # DiT blocks add into saved tensors in place
         self.recomputed = False
         block_classes, self.recomputable = _block_classes(self.module.diffusion_model)
+        # blocks that cannot be recomputed add into tensors autograd saved (Flux's, SD3's): saved as copies
+        self.in_place = bool(block_classes) and not self.recomputable
         self.moved: dict[int, Tensor] = {}
         self.streaming = False
         self.blocks = [m for m in self.module.diffusion_model.modules() if type(m).__name__ in block_classes]
