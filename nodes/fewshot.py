@@ -206,8 +206,10 @@ class FewShotUnlearnConcept:
         device = run.compute_device()
         # the frozen model and text encoder as differentiable copies (patches applied, any storage ComfyUI or
         # ComfyUI-GGUF loads); the loaded MODEL and CLIP are only read, and need not be on the GPU
-        den = diffusion.Denoiser(model, device, offload=None if low_vram == "auto" else low_vram == "on")
-        te = diffusion.TextEncoder(clip, device, float32=keys)  # the trained weights exact, the rest as stored
+        cancel = comfy.model_management.throw_exception_if_processing_interrupted  # checked per weight read
+        den = diffusion.Denoiser(model, device, tick=cancel,
+                                 offload=None if low_vram == "auto" else low_vram == "on")
+        te = diffusion.TextEncoder(clip, device, float32=keys, tick=cancel)  # trained weights exact, the rest as stored
         initial = {k: te.params[k] for k in keys}
 
         def encode(w, captions):

@@ -410,7 +410,8 @@ class TextEncoder:
     ``float32``: the keys copied in float32 (default every one); the others keep the CLIP's stored dtype.
     """
 
-    def __init__(self, clip, device: torch.device, float32: Collection[str] | None = None) -> None:
+    def __init__(self, clip, device: torch.device, float32: Collection[str] | None = None,
+                 tick: Callable[[], None] | None = None) -> None:
         self.clip, self.device = clip, device
         loaded = clip.cond_stage_model
         self.module = shadow(loaded)
@@ -420,7 +421,8 @@ class TextEncoder:
             # weights not trained keep the dtype the CLIP stores them in (T5-XXL in fp16/fp8 is 9.5/4.8 GB,
             # 19 GB in float32); the shadow's layers cast them to the input's dtype as ComfyUI's do
             self.params = {k: w.detach() if k in exact else w.detach().to(_stored_dtype(clip.patcher, k))
-                           for k, w in host_weights.key_weights(clip.patcher, keys, device, include_erasures=True)}
+                           for k, w in host_weights.key_weights(clip.patcher, keys, device, include_erasures=True,
+                                                                tick=tick)}
             for n, t in loaded.named_buffers():
                 self.params.setdefault(n, t.detach().to(device=device, copy=True))
         for name, t in self.params.items():

@@ -229,24 +229,30 @@ def test_unsupported_family_refused():
         run(clip, model, vae, ff.images(2, 64))
 
 
-def test_cancel_within_training_leaves_inputs_untouched(monkeypatch):
+@pytest.mark.parametrize("moment", ["reading the weights", "inside the first step"])
+def test_cancel_within_training_leaves_inputs_untouched(monkeypatch, moment):
+    """Cancel is checked for every weight read into the training copies and inside each step (between the
+    encoder and the model); either way the loaded CLIP and MODEL are left as they were."""
     import comfy.model_management
 
     clip, model, vae = ff.make(seed=0)
     imgs = ff.images(4, 64)
     ref_clip, ref_model = snapshot(clip.cond_stage_model), snapshot(model.model)
+    reads = len(list(model.model.diffusion_model.parameters())) + len(list(clip.cond_stage_model.parameters()))
+    at = 2 if moment == "reading the weights" else reads + 2  # one check per weight read, then the steps
     calls = []
     real = comfy.model_management.throw_exception_if_processing_interrupted
 
     def interrupt():
         calls.append(1)
-        if len(calls) == 2:  # inside the first step, between the encoder and the model
+        if len(calls) == at:
             raise comfy.model_management.InterruptProcessingException()
         return real()
 
     monkeypatch.setattr(comfy.model_management, "throw_exception_if_processing_interrupted", interrupt)
     with pytest.raises(comfy.model_management.InterruptProcessingException):
         run(clip, model, vae, imgs)
+    assert len(calls) == at
     assert all(torch.equal(v, ref_clip[k]) for k, v in snapshot(clip.cond_stage_model).items())
     assert all(torch.equal(v, ref_model[k]) for k, v in snapshot(model.model).items())
 
