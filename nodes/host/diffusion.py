@@ -254,7 +254,6 @@ class Denoiser:
 
     def __init__(self, model, device: torch.device, tick: Callable[[], None] | None = None, *,
                  offload: bool | None = None) -> None:
-        self.model = model
         self.module = shadow(model.model)
         self.family = host_weights.model_type(model)
         self.device = device
@@ -262,7 +261,8 @@ class Denoiser:
             else model.model.model_sampling
         self.module.model_sampling = self.sampling = shadow(sampling)  # the MODEL's own (object patches)
         self.kind = parameterisation(self.sampling)
-        self.pooled = bool(getattr(model.model, "adm_channels", 0)) and hasattr(model.model, "encode_adm")
+        # SDXL's UNet reads the pooled text through y (label_emb): a call without it is refused
+        self.needs_pooled = bool(getattr(model.model, "adm_channels", 0)) and hasattr(model.model, "encode_adm")
         try:
             arch = architectures.detect(self.family, list(model.model.state_dict().keys()))[0]
         except ValueError:  # no text reader this pack knows: trained through as a plain text-rows model
@@ -325,7 +325,7 @@ class Denoiser:
                              target_height=h)
             if y is not None:
                 kwargs["y"] = y
-        elif self.pooled:
+        elif self.needs_pooled:
             raise ValueError(f"this {self.family} model also reads the pooled text (SDXL's y); none was given")
         if self.guidance is not None:
             kwargs["guidance"] = torch.full((x.shape[0],), float(self.guidance), device=x.device)
